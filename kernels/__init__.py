@@ -1,0 +1,1 @@
+"""Host-independent token operations and methods: nothing here imports ComfyUI."""

@@ -1,0 +1,105 @@
+"""Progress through denoising, and the per-layer x per-progress ratio schedule.
+
+Progress p in [0, 1] is ComfyUI's "percent": 0 at the first (noisiest) sigma
+of a full schedule, 1 at sigma 0. It is read from sigma through the model's own
+model_sampling, never from a step counter, so that any sampler, scheduler,
+step count and denoise < 1 see the same stage boundaries.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class ProgressMap:
+    """sigma -> percent, by inverting a monotone `percent_to_sigma` once."""
+
+    def __init__(self, percent_to_sigma: Callable[[float], float], points: int = 1001):
+        percents = [i / (points - 1) for i in range(points)]
+        sigmas = [float(percent_to_sigma(p)) for p in percents]
+        # percent_to_sigma is decreasing; store ascending sigmas for searchsorted.
+        self._sigmas = torch.tensor(sigmas[::-1], dtype=torch.float64)
+        self._percents = torch.tensor(percents[::-1], dtype=torch.float64)
+
+    def __call__(self, sigma) -> float:
+        s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        sig, pct = self._sigmas, self._percents
+        if s <= sig[0]:
+            return float(pct[0])
+        if s >= sig[-1]:
+            return float(pct[-1])
+        j = int(torch.searchsorted(sig, torch.tensor(s, dtype=torch.float64)))
+        s0, s1 = float(sig[j - 1]), float(sig[j])
+        w = 0.0 if s1 == s0 else (s - s0) / (s1 - s0)
+        return float(pct[j - 1] + w * (pct[j] - pct[j - 1]))
+
+
+def flow_percent_to_sigma(percent: float) -> float:
+    """Unshifted rectified-flow schedule (sigma = 1 - percent): the embedded model's."""
+    return min(max(1.0 - percent, 0.0), 1.0)
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+@dataclass
+class TokenRatioSchedule:
+    """Compression ratio (fraction of image tokens removed) per depth and progress.
+
+    depth: normalised block depth in [0, 1] (block / (blocks - 1)), so that one
+    schedule fits models of any depth. ratios[i][j] is the ratio at depth[i] and
+    progress[j]; values in between are bilinear, outside are clamped.
+    """
+
+    depth: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    progress: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    ratios: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0], [0.0, 0.0]])
+    name: str = "custom"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        for axis, pts in (("depth", self.depth), ("progress", self.progress)):
+            if not pts or any(not (0.0 <= p <= 1.0) for p in pts) or any(b <= a for a, b in zip(pts, pts[1:])):
+                raise ValueError(f"schedule {axis} points must be strictly increasing values in [0, 1], got {pts}")
+        if len(self.ratios) != len(self.depth) or any(len(r) != len(self.progress) for r in self.ratios):
+            raise ValueError(
+                f"schedule ratios must be a {len(self.depth)} x {len(self.progress)} table (depth x progress)")
+        for row in self.ratios:
+            for r in row:
+                if not (0.0 <= r < 1.0) or math.isnan(r):
+                    raise ValueError(f"schedule ratios must lie in [0, 1), got {r}")
+
+    def ratio(self, depth: float, progress: float) -> float:
+        per_depth = [_interp(self.progress, row, progress) for row in self.ratios]
+        return _interp(self.depth, per_depth, depth)
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "depth": self.depth, "progress": self.progress, "ratios": self.ratios})
+
+    @classmethod
+    def from_json(cls, text: str) -> "TokenRatioSchedule":
+        try:
+            d = json.loads(text)
+            return cls(depth=[float(x) for x in d["depth"]], progress=[float(x) for x in d["progress"]],
+                       ratios=[[float(x) for x in row] for row in d["ratios"]], name=str(d.get("name", "custom")))
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not a token ratio schedule: {e}") from e
+
+
+def block_depth(block: int, num_blocks: int) -> float:
+    return 0.0 if num_blocks <= 1 else block / (num_blocks - 1)

@@ -1,0 +1,163 @@
+"""Find and import the ComfyUI host for host tests; build tiny models of its own classes.
+
+The host is found through COMFYUI_PATH, else the ComfyUI checkout this pack
+sits in (ComfyUI/custom_nodes/<pack>), else ~/ComfyUI. Tests that need it skip
+with the reason when it is missing.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+PACK_NAME = "token_reduction_pack"
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(("COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"])))
+    if PACK_ROOT.parent.name == "custom_nodes":
+        candidates.append(("the checkout this pack sits in", PACK_ROOT.parent.parent))
+    candidates.append(("~/ComfyUI", Path.home() / "ComfyUI"))
+    tried = []
+    for how, path in candidates:
+        if (path / "comfy" / "model_patcher.py").is_file():
+            return path, how
+        tried.append(f"{how} ({path})")
+    return None, "no ComfyUI checkout found; looked at " + ", ".join(tried)
+
+
+_host_error: str | None = None
+_host_ready = False
+
+
+def import_host() -> str | None:
+    """Import ComfyUI in this process (CPU, SDPA attention). Returns an error string or None."""
+    global _host_error, _host_ready
+    if _host_ready or _host_error:
+        return _host_error
+    path, how = find_comfyui()
+    if path is None:
+        _host_error = how
+        return _host_error
+    try:
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        argv = sys.argv
+        sys.argv = [argv[0], "--cpu", "--use-pytorch-cross-attention"]
+        try:
+            import comfy.cli_args  # noqa: F401  (parses the flags above)
+        finally:
+            sys.argv = argv
+        import comfy.model_management  # noqa: F401
+        import comfy.model_patcher  # noqa: F401
+        import comfy.sample  # noqa: F401
+        import comfy.supported_models  # noqa: F401
+    except Exception as e:  # the host is there but unusable here: say why
+        _host_error = f"ComfyUI found at {path} ({how}) but failed to import: {type(e).__name__}: {e}"
+        return _host_error
+    _host_ready = True
+    return None
+
+
+def load_pack():
+    """Import this pack as a package, the way ComfyUI's loader names it."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, PACK_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def pack_nodes():
+    """{node_id: node class} of this pack, from its V3 entrypoint."""
+    pack = load_pack()
+    ext = asyncio.run(pack.comfy_entrypoint())
+    nodes = asyncio.run(ext.get_node_list())
+    return {n.define_schema().node_id: n for n in nodes}
+
+
+def run_node(node_cls, **inputs):
+    """Execute a V3 node the way the executor does (class clone, locked methods)."""
+    from comfy_api.latest import io  # noqa: F401
+    clone = node_cls.PREPARE_CLASS_CLONE(inputs) if hasattr(node_cls, "PREPARE_CLASS_CLONE") else node_cls
+    out = clone.execute(**inputs)
+    return out.args if hasattr(out, "args") else out
+
+
+# ---- tiny models of the host's own classes -------------------------------------------------
+
+def _init_weights(model, seed: int):
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p.shape[-1]) ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def tiny_flux(seed: int = 0, depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 2,
+              dtype=None):
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+        "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": hidden, "mlp_ratio": 4.0,
+        "num_heads": heads, "depth": depth, "depth_single_blocks": depth_single,
+        "axes_dim": [hidden // heads // 4, hidden // heads * 3 // 8, hidden // heads * 3 // 8],
+        "theta": 10000, "patch_size": 2, "qkv_bias": True,
+    }
+    return _build(comfy.supported_models.Flux(unet_config), seed, dtype or torch.float32)
+
+
+def tiny_sd3(seed: int = 0, depth: int = 2, dtype=None):
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth,
+        "pos_embed_max_size": 64, "num_patches": 64 * 64, "adm_in_channels": 32,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": 32, "out_features": 64 * depth}},
+        "qk_norm": "rms",
+    }
+    return _build(comfy.supported_models.SD3(unet_config), seed, dtype or torch.float32)
+
+
+def _build(config, seed, dtype):
+    import torch
+    import comfy.model_patcher
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    model.diffusion_model.to(dtype)
+    _init_weights(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int = 64, width: int = 64,
+           batch: int = 1, denoise: float = 1.0, latent=None, context_len: int = 16, sampler: str = "euler",
+           scheduler: str = "simple"):
+    """comfy.sample.sample with CFG and random text conditioning; returns the latent."""
+    import torch
+    import comfy.sample
+    gen = torch.Generator().manual_seed(1234)
+    ctx_dim = 32
+    pos = [[torch.randn(1, context_len, ctx_dim, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+    neg = [[torch.randn(1, context_len, ctx_dim, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+    if latent is None:
+        latent = torch.zeros(batch, 16, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
+                               denoise=denoise, disable_pbar=True, seed=seed)
