@@ -93,6 +93,8 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
         # pe: (B or 1, 1, tokens of cat(txt, img), ...); image tokens follow the text.
         p0 = span.n_txt + a
         p1 = p0 + span.n_img
+        if pe.shape[0] != x.shape[0]:  # a batch-shared table: give every row its own image part
+            pe = pe.expand(x.shape[0], *pe.shape[1:])
         new_args["pe"] = torch.cat([pe[:, :, :p0], plan.take_rep(pe[:, :, p0:p1], dim=2), pe[:, :, p1:]], dim=2)
     if key_bias is not None:
         new_args["transformer_options"] = _with_key_bias(args.get("transformer_options") or {}, key_bias,

@@ -45,9 +45,9 @@ class SDTMConfig:
     seed: int = 0
 
     def validate(self) -> "SDTMConfig":
-        top = max_merge_ratio((self.window, self.window))
         if self.window < 2:
             raise ValueError(f"SDTM: window must be at least 2 (got {self.window})")
+        top = max_merge_ratio((self.window, self.window))
         if not (0.0 <= self.ratio <= top):
             raise ValueError(f"SDTM: ratio must lie in [0, {top:.2f}] for a {self.window}x{self.window} window, got {self.ratio}")
         if self.ratio_adjust and (self.ratio - self.deviation < 0.0 or self.ratio + self.deviation > top):

@@ -91,6 +91,9 @@ def window_layout(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
     ragged edge that fill no whole window (odd grid sizes), which never act as
     merge destinations. Cached per grid, so no per-step device sync.
     """
+    if torch.device(device).type != "cpu":
+        idx, border = window_layout(grid, window, torch.device("cpu"))
+        return idx.to(device), border.to(device)
     grid = tuple(int(g) for g in grid)
     window = tuple(int(w) for w in window)
     if len(window) != len(grid):
@@ -127,9 +130,18 @@ def _normalized(metric: torch.Tensor) -> torch.Tensor:
 
 
 def random_window_positions(n_win: int, k: int, seed: int, batch: int, device) -> torch.Tensor:
-    """Deterministic per-window choice in [0, k) for every batch row."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed) & 0x7FFFFFFF)
-    return torch.randint(k, (batch, n_win), generator=gen).to(device)
+    """Deterministic per-window choice in [0, k), shared by every batch row.
+
+    One draw for the whole batch keeps each row's plan independent of whether
+    ComfyUI batches cond and uncond together or calls them one by one.
+    """
+    device = torch.device(device)
+    if device.type == "meta":  # shape-only runs (FLOP counting)
+        return torch.zeros(batch, n_win, dtype=torch.long, device=device)
+    # Drawn on the tokens' own device: a host-to-device copy here would stall
+    # the GPU queue once per block.
+    gen = torch.Generator(device=device).manual_seed(int(seed) & 0x7FFFFFFF)
+    return torch.randint(k, (1, n_win), generator=gen, device=device).expand(batch, n_win)
 
 
 def window_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, seed: int = 0) -> MergePlan | None:
@@ -193,9 +205,9 @@ def bipartite_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, se
 
 @functools.lru_cache(maxsize=16)
 def _other_positions(k: int, device) -> torch.Tensor:
-    """Row p lists the K-1 window positions other than p."""
-    full = torch.arange(k, device=device).expand(k, k)
-    return full[~torch.eye(k, dtype=torch.bool, device=device)].reshape(k, k - 1)
+    """Row p lists the K-1 window positions other than p (built on the CPU, cached per device)."""
+    full = torch.arange(k).expand(k, k)
+    return full[~torch.eye(k, dtype=torch.bool)].reshape(k, k - 1).to(device)
 
 
 def max_merge_ratio(window) -> float:

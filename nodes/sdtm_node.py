@@ -35,8 +35,9 @@ class SDTMPatchModel(io.ComfyNode):
                                tooltip="Denoising progress where the structure stage (whole-window merging) "
                                        "hands over to the detail stage (fine per-token matching)."),
                 io.Int.Input("window", default=d.window, min=2, max=4,
-                             tooltip="Merge window on the token grid (2 = 2x2). Tokens only merge into a "
-                                     "representative of a nearby window cell, which keeps layouts intact."),
+                             tooltip="Merge window on the token grid (2 = 2x2). The structure stage merges whole "
+                                     "windows; the detail stage keeps one destination per window and merges "
+                                     "other tokens into their most similar destination anywhere in the image."),
                 io.Int.Input("skip_first_blocks", default=d.skip_first_blocks, min=0, max=64,
                              tooltip="Run this many first transformer blocks at full density."),
                 io.Int.Input("skip_last_blocks", default=d.skip_last_blocks, min=0, max=64,

@@ -105,6 +105,11 @@ def _init_weights(model, seed: int):
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p.shape[-1]) ** 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        # Models are built with uninitialised storage: fill floating buffers too
+        # (SD3's pos_embed is one), or outputs depend on leftover memory.
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.02)
 
 
 def tiny_flux(seed: int = 0, depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 2,

@@ -1,0 +1,219 @@
+"""The example workflows in workflows/ load in ComfyUI's frontend and validate against the host.
+
+- Core (no host): every file is JSON in the frontend's UI format (what "Save" writes and
+  drag-and-drop reads), with links that agree with the nodes' input and output slots.
+- Host: every node type is registered (ComfyUI's built-in nodes, comfy_extras included, plus this
+  pack's nodes), every link carries the type its source declares and its target accepts, and the
+  widgets_values of each node fit the node's widget inputs, in order.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+IDS = [p.name for p in WORKFLOWS]
+
+# Nodes that only exist in the frontend: they have no Python class and never reach the server.
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# Model file combos list the files under ComfyUI/models/, which is empty here: such values
+# cannot be checked against the options, only their type.
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def load(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---- core: the UI format itself ----------------------------------------------------------------
+
+def test_workflows_present():
+    assert WORKFLOWS, "workflows/ holds no .json example"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_ui_format(path):
+    wf = load(path)
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
+        assert key in wf, f"{path.name}: missing top-level {key!r}"
+    assert wf["version"] == 0.4
+    nodes = {}
+    for n in wf["nodes"]:
+        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties"):
+            assert key in n, f"{path.name}: node {n.get('id')} lacks {key!r}"
+        assert n["id"] not in nodes, f"{path.name}: duplicate node id {n['id']}"
+        assert len(n["pos"]) == 2 and len(n["size"]) == 2
+        assert n["mode"] == 0, f"{path.name}: node {n['id']} is muted or bypassed"
+        assert isinstance(n.get("widgets_values", []), list)
+        if n["type"] not in FRONTEND_ONLY:
+            assert n["properties"].get("Node name for S&R") == n["type"]
+        # Model download hints the frontend shows for missing files: each names a file the node uses.
+        for m in n["properties"].get("models", []):
+            assert set(m) == {"name", "url", "directory"} and m["url"].startswith("https://"), m
+            assert m["name"] in n.get("widgets_values", []), f"{path.name}: node {n['id']} hint {m['name']}"
+        nodes[n["id"]] = n
+    assert wf["last_node_id"] >= max(nodes)
+    assert sorted(n["order"] for n in nodes.values()) == list(range(len(nodes)))
+
+    links = {}
+    for link in wf["links"]:
+        assert len(link) == 6, f"{path.name}: link {link} is not [id, from, from_slot, to, to_slot, type]"
+        lid, src, src_slot, dst, dst_slot, typ = link
+        assert lid not in links, f"{path.name}: duplicate link id {lid}"
+        links[lid] = link
+        assert src in nodes and dst in nodes, f"{path.name}: link {lid} joins unknown nodes"
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert lid in (out.get("links") or []), f"{path.name}: output {src}:{src_slot} does not list link {lid}"
+        assert inp.get("link") == lid, f"{path.name}: input {dst}:{dst_slot} does not point at link {lid}"
+        assert out["type"] == typ == inp["type"], f"{path.name}: link {lid} types {out['type']}/{typ}/{inp['type']}"
+        assert nodes[src]["order"] < nodes[dst]["order"], f"{path.name}: link {lid} runs against the order"
+    assert wf["last_link_id"] >= max(links, default=0)
+    # The other direction: every slot that names a link names one that exists and ends there.
+    for n in nodes.values():
+        for slot, inp in enumerate(n["inputs"]):
+            if inp.get("link") is not None:
+                assert links[inp["link"]][3:5] == [n["id"], slot], f"{path.name}: input {n['id']}:{slot}"
+        for slot, out in enumerate(n["outputs"]):
+            for lid in out.get("links") or []:
+                assert links[lid][1:3] == [n["id"], slot], f"{path.name}: output {n['id']}:{slot}"
+
+
+# ---- host: node types, link types, widget values -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def registry(host):
+    """{node type: class}: ComfyUI's NODE_CLASS_MAPPINGS with comfy_extras loaded, plus this pack."""
+    comfy_root = host.find_comfyui()[0].resolve()
+    if "nodes" not in sys.modules:
+        # ComfyUI's main.py imports its `utils` package before `nodes`; nodes.py then puts comfy/
+        # on sys.path, where comfy/utils.py would shadow that package for later imports.
+        import utils.install_util  # noqa: F401
+    import nodes
+    assert Path(nodes.__file__).resolve().parent == comfy_root, f"`nodes` is {nodes.__file__}, not ComfyUI's"
+    failed = asyncio.run(nodes.init_builtin_extra_nodes())
+    mapping = dict(nodes.NODE_CLASS_MAPPINGS)
+    pack = host.pack_nodes()
+    mapping.update(pack)
+    return mapping, set(pack), failed
+
+
+def split_inputs(cls) -> tuple[dict, list, set]:
+    """({input name: (type, options)}, [widget input names in the frontend's order], {required names})."""
+    spec = cls.INPUT_TYPES()
+    inputs, widgets = {}, []
+    required = set(spec.get("required") or {})
+    for section in ("required", "optional"):
+        for name, entry in (spec.get(section) or {}).items():
+            typ = entry[0]
+            opts = dict(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            if isinstance(typ, (list, tuple)):
+                typ, opts = "COMBO", {**opts, "options": list(typ)}
+            inputs[name] = (typ, opts)
+            if typ in WIDGET_TYPES and not opts.get("forceInput"):
+                widgets.append(name)
+    return inputs, widgets, required
+
+
+def check_value(where: str, typ: str, opts: dict, value):
+    if typ == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an INT"
+    elif typ == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), \
+            f"{where}: {value!r} is not a FLOAT"
+    elif typ == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a BOOLEAN"
+        return
+    elif typ == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
+        return
+    elif typ == "COMBO":
+        assert isinstance(value, str), f"{where}: {value!r} is not a COMBO choice"
+        if value.lower().endswith(MODEL_FILE_SUFFIXES):
+            return  # a model file name: the options list the (absent) files on disk, nothing to check
+        assert value in opts.get("options", []), f"{where}: {value!r} is not one of {opts.get('options')}"
+        return
+    if "min" in opts:
+        assert value >= opts["min"], f"{where}: {value} < min {opts['min']}"
+    if "max" in opts:
+        assert value <= opts["max"], f"{where}: {value} > max {opts['max']}"
+
+
+def check_sdtm(pack, values: dict, where: str):
+    import importlib
+    sdtm = importlib.import_module(pack.__name__ + ".kernels.sdtm")
+    try:
+        sdtm.SDTMConfig(**values).validate()
+    except ValueError as e:
+        pytest.fail(f"{where}: the node would reject these settings: {e}")
+
+
+# Per pack node: a check of its widget values as a whole (the node's own config validation).
+PACK_CONFIG_CHECKS = {"SDTMPatchModel": check_sdtm}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_workflow_against_host(host, registry, path):
+    mapping, pack_types, failed_extras = registry
+    wf = load(path)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    used = {n["type"] for n in wf["nodes"]}
+    missing = sorted(used - set(mapping) - FRONTEND_ONLY)
+    assert not missing, (f"{path.name}: node types not registered: {missing}"
+                         + (f" (comfy_extras that failed to import: {failed_extras})" if failed_extras else ""))
+    assert used & pack_types, f"{path.name} uses none of this pack's nodes ({sorted(pack_types)})"
+
+    for n in wf["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        cls = mapping[n["type"]]
+        where = f"{path.name}: node {n['id']} ({n['type']})"
+        inputs, widgets, required = split_inputs(cls)
+        outputs = list(cls.RETURN_TYPES)
+
+        # Slots: named inputs of the class with its types; outputs in RETURN_TYPES order.
+        for inp in n["inputs"]:
+            assert inp["name"] in inputs, f"{where}: no input named {inp['name']!r}"
+            assert inp["type"] == inputs[inp["name"]][0], f"{where}: input {inp['name']!r} type {inp['type']}"
+        linked = {inp["name"] for inp in n["inputs"] if inp.get("link") is not None}
+        for name, (typ, _) in inputs.items():
+            if name in required and name not in widgets:
+                assert name in linked, f"{where}: required input {name!r} ({typ}) is not connected"
+        assert len(n["outputs"]) == len(outputs), f"{where}: {len(n['outputs'])} outputs, class has {outputs}"
+        for slot, out in enumerate(n["outputs"]):
+            assert out["type"] == outputs[slot], f"{where}: output {slot} is {out['type']}, class says {outputs[slot]}"
+
+        # Widgets: one value per widget input in declaration order (required, then optional), and
+        # an extra control value ("fixed", "randomize", ...) after inputs with control_after_generate.
+        values = list(n.get("widgets_values", []))
+        expected = []
+        for name in widgets:
+            expected.append(name)
+            if inputs[name][1].get("control_after_generate"):
+                expected.append((name, "control_after_generate"))
+        assert len(values) == len(expected), (
+            f"{where}: {len(values)} widgets_values for {len(expected)} widgets {expected}")
+        for key, value in zip(expected, values):
+            if isinstance(key, tuple):
+                assert value in SEED_CONTROL_VALUES, f"{where}: {key[0]} control {value!r}"
+            else:
+                typ, opts = inputs[key]
+                check_value(f"{where} {key}", typ, opts, value)
+
+        # Values the widgets accept one by one can still be rejected together at execution.
+        if n["type"] in PACK_CONFIG_CHECKS:
+            PACK_CONFIG_CHECKS[n["type"]](host.load_pack(), dict(zip(widgets, values)), where)
+
+    for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        declared = list(mapping[nodes[src]["type"]].RETURN_TYPES)[src_slot]
+        accepted = split_inputs(mapping[nodes[dst]["type"]])[0][nodes[dst]["inputs"][dst_slot]["name"]][0]
+        assert typ == declared, f"{path.name}: link {lid} is {typ}, its source outputs {declared}"
+        assert accepted in (typ, "*"), f"{path.name}: link {lid} is {typ}, its target accepts {accepted}"

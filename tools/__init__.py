@@ -1,0 +1,1 @@
+"""Developer tools for the token-reduction pack (not loaded by ComfyUI)."""
