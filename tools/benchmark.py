@@ -65,6 +65,7 @@ from kernels.block_patch import CALL_KEY, RUNS_KEY, CallInfo, RunStats, block_re
 from kernels.families import ATTENTION_OVERRIDE_KEY, flux_family, mmdit_family  # noqa: E402
 from kernels.schedule import ProgressMap  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from tools.reference_dit import attention as reference_attention, attention_sdpa  # noqa: E402
 
 METHOD_KEY = "sdtm"
 
@@ -163,39 +164,6 @@ def _import_host_gpu(path, how) -> str | None:
 
 # Pure-torch blocks with the host's layer shapes and calling conventions (used without ComfyUI).
 
-def _fb_attention_sdpa(q, k, v, heads, mask=None, skip_reshape=False, **kwargs):
-    if skip_reshape:
-        b, _, _, dim_head = q.shape
-    else:
-        b, _, dim_head = q.shape
-        dim_head //= heads
-        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-    if mask is not None:
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask.ndim == 3:
-            mask = mask.unsqueeze(1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
-
-
-def _fb_attention(q, k, v, heads, mask=None, skip_reshape=False, transformer_options=None):
-    """comfy.ldm.modules.attention.wrap_attn(attention_pytorch): the override hook, then SDPA."""
-    override = (transformer_options or {}).get(ATTENTION_OVERRIDE_KEY)
-    if override is not None:
-        return override(_fb_attention_sdpa, q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
-    return _fb_attention_sdpa(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
-
-
-def _fb_rope_attention(q, k, v, pe, mask, to):
-    q_shape, k_shape = q.shape, k.shape
-    q = q.to(pe.dtype).reshape(*q.shape[:-1], -1, 1, 2)
-    k = k.to(pe.dtype).reshape(*k.shape[:-1], -1, 1, 2)
-    q = (pe[..., 0] * q[..., 0] + pe[..., 1] * q[..., 1]).reshape(*q_shape).type_as(v)
-    k = (pe[..., 0] * k[..., 0] + pe[..., 1] * k[..., 1]).reshape(*k_shape).type_as(v)
-    return _fb_attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True, transformer_options=to)
-
-
 def _rms(x, scale):
     return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * scale
 
@@ -234,7 +202,7 @@ class FbDoubleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, pe, attn_mask=None, transformer_options={}):
         iq, ik, iv, im = self.img.pre(img, vec)
         tq, tk, tv, tm = self.txt.pre(txt, vec)
-        attn = _fb_rope_attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2),
+        attn = reference_attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2),
                                   pe, attn_mask, transformer_options)
         return self.img.post(img, attn[:, txt.shape[1]:], im), self.txt.post(txt, attn[:, :txt.shape[1]], tm)
 
@@ -257,7 +225,7 @@ class FbSingleStreamBlock(nn.Module):
         xm = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + m[1]) + m[0]
         qkv, mlp = torch.split(self.linear1(xm), [3 * self.h, self.mlp], dim=-1)
         q, k, v = qkv.view(x.shape[0], x.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = _fb_rope_attention(_rms(q, self.q_scale), _rms(k, self.k_scale), v, pe, attn_mask, transformer_options)
+        attn = reference_attention(_rms(q, self.q_scale), _rms(k, self.k_scale), v, pe, attn_mask, transformer_options)
         return x + m[2] * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), 2))
 
 
@@ -300,7 +268,7 @@ class FbJointBlock(nn.Module):
         cqkv, cm = self.context_block.pre(context, c)
         xqkv, xm = self.x_block.pre(x, c)
         q, k, v = (torch.cat((a, b), 1) for a, b in zip(cqkv, xqkv))
-        attn = _fb_attention(q, k, v, self.heads, transformer_options=transformer_options)
+        attn = attention_sdpa(q, k, v, self.heads, transformer_options=transformer_options)
         n = context.shape[1]
         context = None if self.context_block.pre_only else self.context_block.post(context, attn[:, :n], cm)
         return context, self.x_block.post(x, attn[:, n:], xm)
