@@ -140,6 +140,22 @@ def tiny_sd3(seed: int = 0, depth: int = 2, dtype=None):
     return _build(comfy.supported_models.SD3(unet_config), seed, dtype or torch.float32)
 
 
+def tiny_chroma(seed: int = 0, depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 2,
+                dtype=None):
+    """Chroma: Flux's blocks with a distilled modulation approximator (in_dim 64 = 16 + 16 + 32)."""
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 32,
+        "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
+        "depth_single_blocks": depth_single,
+        "axes_dim": [hidden // heads // 4, hidden // heads * 3 // 8, hidden // heads * 3 // 8],
+        "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "in_dim": 64, "out_dim": hidden, "hidden_dim": 32, "n_layers": 2,
+    }
+    return _build(comfy.supported_models.Chroma(unet_config), seed, dtype or torch.float32)
+
+
 def _build(config, seed, dtype):
     import torch
     import comfy.model_patcher
