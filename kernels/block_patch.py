@@ -4,6 +4,12 @@
 block of a family. Each reads the per-call CallInfo (token grid, progress) that
 the host glue stores in transformer_options under CALL_KEY, asks the method for
 a merge plan, and runs the block through kernels.families.run_block_merged.
+
+A method with its own block runner and per-run state (CAT) instead provides
+`new_run_state()`, `begin_call` / `end_call` (called by the host glue around
+every model call, see `begin_call` / `end_call` below) and
+`run_block(args, original, spec, family, span, call, state, stats)`; its run
+state lives in transformer_options under STATE_KEY[method_key].
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from .families import Family, image_span, run_block_merged
 
 CALL_KEY = "token_reduction_call"
 RUNS_KEY = "token_reduction_runs"
+STATE_KEY = "token_reduction_state"
 
 
 @dataclass
@@ -23,6 +30,35 @@ class CallInfo:
     n_img: int       # latent image tokens (reference-image tokens come after them)
     n_txt: int       # text tokens in front of the image in single-stream blocks
     progress: float  # 0 at the first full-schedule sigma, 1 at sigma 0
+    sigma: float = 0.0   # this call's sigma (a change marks a new step)
+    rows: tuple = ()     # one key per batch row: (uuid, cond_or_uncond, row within its chunk)
+
+
+def row_keys(transformer_options: dict, batch: int) -> tuple:
+    """Key per batch row from ComfyUI's `cond_or_uncond` / `uuids` (one entry per batch chunk)."""
+    cu = transformer_options.get("cond_or_uncond") or []
+    uuids = transformer_options.get("uuids") or []
+    if not cu or batch % len(cu):
+        return tuple((None, None, r) for r in range(batch))
+    per = batch // len(cu)
+    return tuple((str(uuids[i]) if i < len(uuids) else None, cu[i], r) for i in range(len(cu)) for r in range(per))
+
+
+def begin_call(method, transformer_options: dict, method_key: str, family: Family, x):
+    """Host glue, before a model call: lets a stateful method plan the call. Returns its state or None."""
+    state = (transformer_options.get(STATE_KEY) or {}).get(method_key)
+    call = transformer_options.get(CALL_KEY)
+    if state is None or call is None or not hasattr(method, "begin_call"):
+        return None
+    method.begin_call(state, call, x, family.num_blocks)
+    return state
+
+
+def end_call(method, state, noise, grid, patch: int):
+    """Host glue, after a model call: (noise with reused tokens, computed-pixel mask) or None."""
+    if state is None:
+        return None
+    return method.end_call(state, noise, grid, patch)
 
 
 @dataclass
@@ -72,6 +108,9 @@ def _block_replace(family, spec, method, method_key, previous):
         if span is None:
             return original(args)
         stats = to.get(RUNS_KEY, {}).get(method_key)
+        if hasattr(method, "run_block"):
+            state = (to.get(STATE_KEY) or {}).get(method_key)
+            return method.run_block(args, original, spec, family, span, call, state, stats)
         tokens = args["img"][:, span.img_start:span.img_start + span.n_img]
         plan = method.plan(tokens, call.grid, spec.index, family.num_blocks, call.progress)
         if stats is not None:

@@ -22,16 +22,20 @@ ATTENTION_OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's attention h
 
 @dataclass(frozen=True)
 class BlockSpec:
-    key: tuple           # patches_replace key, e.g. ("double_block", 3)
-    index: int           # depth index over all patched blocks
-    text_in_img: bool    # single-stream block: args["img"] = cat(txt, img)
+    key: tuple                     # patches_replace key, e.g. ("double_block", 3)
+    index: int                     # depth index over all patched blocks
+    text_in_img: bool              # single-stream block: args["img"] = cat(txt, img)
+    img_at_end: bool = False       # reference tokens come first: the latent's tokens are the last n_img
+    cross_attention: bool = False  # args["txt"] is attended by cross-attention, not joined with the image
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     blocks: tuple[BlockSpec, ...]
-    has_rope: bool       # pe carries one rotary entry per token of cat(txt, img)
+    has_rope: bool                 # pe carries one rotary entry per token of the attention sequence
+    pe_token_dim: int = 2          # token axis of pe: Flux (B, 1, L, ...) -> 2; Wan, Qwen (B, L, 1, ...) -> 1
+    pe_has_text: bool = True       # pe covers cat(txt, img) (joint attention), not the image alone
 
     @property
     def num_blocks(self) -> int:
@@ -50,6 +54,21 @@ def mmdit_family(name: str, n_joint: int) -> Family:
     return Family(name, tuple(BlockSpec(("double_block", i), i, False) for i in range(n_joint)), has_rope=False)
 
 
+def wan_family(name: str, n_blocks: int) -> Family:
+    """Wan 2.1 / 2.2: self-attention over [reference?, video tokens] with 3-D rope (pe: (1, L, 1, ...),
+    image only), text by cross-attention. Reference-latent tokens (ref_conv) come first."""
+    blocks = tuple(BlockSpec(("double_block", i), i, False, img_at_end=True, cross_attention=True)
+                   for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False)
+
+
+def qwen_image_family(name: str, n_blocks: int) -> Family:
+    """Qwen-Image (and -Edit): dual-stream blocks, joint attention over cat(txt, img, reference);
+    pe (B, L_txt + L_img, 1, ...)."""
+    return Family(name, tuple(BlockSpec(("double_block", i), i, False) for i in range(n_blocks)),
+                  has_rope=True, pe_token_dim=1)
+
+
 @dataclass
 class ImageSpan:
     """Where the n_img latent image tokens sit inside one block call."""
@@ -57,20 +76,27 @@ class ImageSpan:
     img_start: int   # offset of the first image token in args["img"]
     n_img: int
     n_txt: int       # text tokens before the image in the joint attention sequence
+    cross_attention: bool = False  # text comes by a later cross-attention: only the first attention is joint
 
 
 def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int) -> ImageSpan | None:
     """Locate the image tokens, or None when the call does not look as expected."""
     img = args["img"]
+    if img.ndim != 3:
+        return None
     if spec.text_in_img:
         start, n_txt = n_txt_single, 0
+    elif spec.img_at_end:
+        start, n_txt = img.shape[1] - n_img, 0
     else:
         start, n_txt = 0, args["txt"].shape[1] if args.get("txt") is not None else 0
-    if img.ndim != 3 or img.shape[1] < start + n_img or n_img < 4:
+    if spec.cross_attention:
+        n_txt = 0
+    if start < 0 or img.shape[1] < start + n_img or n_img < 4:
         return None
     if args.get("attn_mask") is not None:
         return None  # a token-level mask would need re-indexing; run such calls unmerged
-    return ImageSpan(start, n_img, n_txt)
+    return ImageSpan(start, n_img, n_txt, spec.cross_attention)
 
 
 def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span: ImageSpan,
@@ -90,15 +116,26 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
     new_args["img"] = torch.cat([x[:, :a], merged, x[:, b:]], dim=1)
     pe = args.get("pe")
     if family.has_rope and pe is not None:
-        # pe: (B or 1, 1, tokens of cat(txt, img), ...); image tokens follow the text.
-        p0 = span.n_txt + a
+        # pe: one entry per token of the attention sequence along pe_token_dim; the image
+        # tokens follow the joint text when the family's pe covers it.
+        d = family.pe_token_dim
+        p0 = (span.n_txt if family.pe_has_text else 0) + a
         p1 = p0 + span.n_img
         if pe.shape[0] != x.shape[0]:  # a batch-shared table: give every row its own image part
             pe = pe.expand(x.shape[0], *pe.shape[1:])
-        new_args["pe"] = torch.cat([pe[:, :, :p0], plan.take_rep(pe[:, :, p0:p1], dim=2), pe[:, :, p1:]], dim=2)
+        parts = [pe.narrow(d, 0, p0), plan.take_rep(pe.narrow(d, p0, span.n_img), dim=d),
+                 pe.narrow(d, p1, pe.shape[d] - p1)]
+        new_args["pe"] = torch.cat(parts, dim=d)
+    vec = args.get("vec")
+    if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1:
+        # Per-token modulation (Wan 2.2 TI2V): merged tokens take their group's mean.
+        img_vec = vec[:, a:b]
+        merged_vec = plan.merge(img_vec.flatten(2)).unflatten(2, img_vec.shape[2:])
+        new_args["vec"] = torch.cat([vec[:, :a], merged_vec, vec[:, b:]], dim=1)
     if key_bias is not None:
         new_args["transformer_options"] = _with_key_bias(args.get("transformer_options") or {}, key_bias,
-                                                         offset=span.n_txt + a, n_merged=plan.n_out)
+                                                         offset=span.n_txt + a, n_merged=plan.n_out,
+                                                         first_call_only=span.cross_attention)
     out = original_block(new_args)
     y = out["img"]
     m = plan.n_out
@@ -108,31 +145,42 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
     return out
 
 
-def _with_key_bias(transformer_options: dict, key_bias: torch.Tensor, offset: int, n_merged: int) -> dict:
+def _with_key_bias(transformer_options: dict, key_bias: torch.Tensor, offset: int, n_merged: int,
+                   first_call_only: bool = False) -> dict:
     """Copy of transformer_options whose attention adds `key_bias` to the merged image keys.
 
     Joint attention sees [text, image(, reference)] keys: the bias goes at
     `offset`. Image-only attention (SD3.5's second attention) sees the merged
-    image keys alone. Any other key length is left untouched.
+    image keys alone. Any other key length is left untouched. With
+    `first_call_only` (Wan: self-attention, then cross-attention to the text),
+    only the block's first attention call is biased.
     """
     previous = transformer_options.get(ATTENTION_OVERRIDE_KEY)
+    calls = [0]
 
     def attention_with_bias(func, *args, **kwargs):
         q, k = args[0], args[1]
         n_keys = k.shape[2] if kwargs.get("skip_reshape") else k.shape[1]
         start = offset if n_keys >= offset + n_merged else (0 if n_keys == n_merged else None)
+        if first_call_only and calls[0] > 0:
+            start = None
+        calls[0] += 1
         if start is not None:
             bias = torch.zeros(key_bias.shape[0], n_keys, device=q.device, dtype=q.dtype)
             bias[:, start:start + n_merged] = key_bias.to(q.dtype)
             bias = bias[:, None, None, :]
-            mask = kwargs.get("mask")
+            positional_mask = len(args) > 4  # e.g. Qwen-Image: attention(q, k, v, heads, mask, ...)
+            mask = args[4] if positional_mask else kwargs.get("mask")
             if mask is not None:
                 if mask.dtype == torch.bool:
                     mask = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
                 while mask.ndim < 4:
                     mask = mask.unsqueeze(0) if mask.ndim == 2 else mask.unsqueeze(1)
                 bias = bias + mask
-            kwargs["mask"] = bias
+            if positional_mask:
+                args = args[:4] + (bias,) + args[5:]
+            else:
+                kwargs["mask"] = bias
         if previous is not None:
             return previous(func, *args, **kwargs)
         return func(*args, **kwargs)

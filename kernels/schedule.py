@@ -88,8 +88,17 @@ class TokenRatioSchedule:
         per_depth = [_interp(self.progress, row, progress) for row in self.ratios]
         return _interp(self.depth, per_depth, depth)
 
-    def to_json(self) -> str:
-        return json.dumps({"name": self.name, "depth": self.depth, "progress": self.progress, "ratios": self.ratios})
+    def to_json(self, indent: int | None = None) -> str:
+        """JSON text; with `indent`, one table row per line (readable, for saving and sharing)."""
+        d = {"name": self.name, "depth": self.depth, "progress": self.progress, "ratios": self.ratios}
+        if indent is None:
+            return json.dumps(d)
+        pad = " " * indent
+        rows = (",\n" + pad * 2).join(json.dumps(row) for row in self.ratios)
+        return ("{\n" + pad + f'"name": {json.dumps(self.name)},\n'
+                + pad + f'"depth": {json.dumps(self.depth)},\n'
+                + pad + f'"progress": {json.dumps(self.progress)},\n'
+                + pad + '"ratios": [\n' + pad * 2 + rows + "\n" + pad + "]\n}")
 
     @classmethod
     def from_json(cls, text: str) -> "TokenRatioSchedule":

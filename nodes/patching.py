@@ -4,8 +4,9 @@ A node clones the MODEL, then `install` adds:
 - an APPLY_MODEL wrapper that records, per model call, the latent's token grid
   and the denoising progress read from sigma through the model's own
   model_sampling (works with any sampler, step count and denoise);
-- an OUTER_SAMPLE wrapper that gives every sampling run fresh statistics and
-  logs a summary in a `finally`, so an interrupted run leaks nothing;
+- an OUTER_SAMPLE wrapper that gives every sampling run fresh statistics (and,
+  for a stateful method such as CAT, a fresh run state) and logs a summary and
+  frees that state in a `finally`, so an interrupted run leaks nothing;
 - a `patches_replace["dit"]` entry per transformer block that merges image
   tokens as the method decides, chained over any replacement already there.
 """
@@ -19,11 +20,28 @@ from dataclasses import dataclass
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..kernels.block_patch import CALL_KEY, RUNS_KEY, CallInfo, RunStats, block_replaces
-from ..kernels.families import Family, flux_family, mmdit_family
+import torch
+
+from ..kernels.block_patch import (CALL_KEY, RUNS_KEY, STATE_KEY, CallInfo, RunStats, begin_call, block_replaces,
+                                   end_call, row_keys)
+from ..kernels.families import Family, flux_family, mmdit_family, qwen_image_family, wan_family
 from ..kernels.schedule import ProgressMap
 
-SUPPORTED_FAMILIES = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 (MMDiT)"
+SUPPORTED_FAMILIES = ("Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 (MMDiT), Wan 2.1 / 2.2 "
+                      "(text/image-to-video, VACE, camera), Qwen-Image (and -Edit)")
+
+# Families the pack knows but cannot patch yet, and why (shown in the error).
+_NO_HOOK = "this ComfyUI version gives its transformer layers no per-block hook (patches_replace) to attach to"
+KNOWN_UNSUPPORTED = {
+    "NextDiT": "Lumina 2 / Z-Image: " + _NO_HOOK,
+    "HiDreamImageTransformer2DModel": "HiDream: " + _NO_HOOK,
+    "LTXVModel": "LTXV: " + _NO_HOOK,
+    "PixArtMS": "PixArt: " + _NO_HOOK,
+    "HunyuanVideo": "HunyuanVideo puts image tokens before the text and masks the text per call; its adapter "
+                    "is not written yet",
+    "WanModel_S2V": "Wan speech-to-video blocks receive no transformer_options, so per-call state cannot reach them",
+    "HumoWanModel": "Wan HuMo adds audio tokens this adapter does not lay out yet",
+}
 
 log = logging.getLogger("token_reduction")
 
@@ -57,9 +75,34 @@ def detect_family(model, method_name: str) -> ModelInfo:
         return ModelInfo(fam, int(dm.patch_size))
     if isinstance(dm, MMDiT) and hasattr(dm, "joint_blocks"):
         return ModelInfo(mmdit_family("SD3", len(dm.joint_blocks)), int(dm.patch_size))
+    wan_types, qwen_types = _optional_types(("comfy.ldm.wan.model", ("WanModel", "VaceWanModel", "CameraWanModel")),
+                                            ("comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",)))
+    if kind in wan_types:
+        if tuple(dm.patch_size)[0] != 1:
+            raise UnsupportedModelError(f"{method_name}: Wan with temporal patch size {dm.patch_size[0]} is not "
+                                        "supported (the token grid assumes one latent frame per token row).")
+        return ModelInfo(wan_family(kind.__name__, len(dm.blocks)), int(dm.patch_size[-1]))
+    if kind in qwen_types:
+        return ModelInfo(qwen_image_family("QwenImage", len(dm.transformer_blocks)), int(dm.patch_size))
+    reason = KNOWN_UNSUPPORTED.get(kind.__name__, "")
     raise UnsupportedModelError(
         f"{method_name} cannot patch this model: its diffusion model is {kind.__name__} "
-        f"(model type {type(model.model).__name__}). Supported families: {SUPPORTED_FAMILIES}.")
+        f"(model type {type(model.model).__name__}){': ' + reason if reason else ''}. "
+        f"Supported families: {SUPPORTED_FAMILIES}.")
+
+
+def _optional_types(*modules) -> list[set]:
+    """Exact diffusion-model classes per (module, class names); hosts too old to have one give an empty set."""
+    import importlib
+    out = []
+    for module_name, names in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            out.append(set())
+            continue
+        out.append({getattr(module, n) for n in names if hasattr(module, n)})
+    return out
 
 
 _progress_maps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -73,8 +116,24 @@ def progress_map(model_sampling) -> ProgressMap:
     return pm
 
 
+METHODS_KEY = "token_reduction_methods"  # transformer_options: [(method_key, name, composable)] installed
+
+
+def check_composable(model, method, method_key: str):
+    """Refuse, at patch time, a stack that cannot work (a non-composable method with any other)."""
+    installed = model.model_options.get("transformer_options", {}).get(METHODS_KEY, [])
+    mine = getattr(method, "composable", True)
+    for key, name, composable in installed:
+        if not (mine and composable):
+            raise ValueError(
+                f"{method.name} cannot be stacked with {name}: CAT Pruning computes a changing subset of image "
+                f"tokens and caches the others, while {name} already changes the image tokens each block sees. "
+                f"Use one of them on this model.")
+
+
 def install(model, method, method_key: str, info: ModelInfo):
     """Patch a cloned ModelPatcher `model` so that `method` reduces tokens."""
+    check_composable(model, method, method_key)
     patch = info.patch_size
 
     def apply_model_wrapper(executor, *args, **kwargs):
@@ -88,8 +147,20 @@ def install(model, method, method_key: str, info: ModelInfo):
         for g in grid:
             n_img *= g
         progress = progress_map(executor.class_obj.model_sampling)(sigma)
-        transformer_options[CALL_KEY] = CallInfo(grid, n_img, n_txt, progress)
-        return executor(*args, **kwargs)
+        transformer_options[CALL_KEY] = CallInfo(grid, n_img, n_txt, progress, float(sigma.flatten()[0]),
+                                                 row_keys(transformer_options, x.shape[0]))
+        state = begin_call(method, transformer_options, method_key, info.family, x)
+        out = executor(*args, **kwargs)
+        if state is not None and len(grid) == 2 and bool((sigma > 0).all()):
+            # The model returns the denoised latent; the method works on the predicted noise
+            # (x - denoised) / sigma, which is eps for eps models and the velocity for flow models.
+            s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(out.dtype)
+            noise = (x.to(out.dtype) - out) / s
+            reused = end_call(method, state, noise, grid, patch)
+            if reused is not None:
+                new_noise, computed = reused
+                out = torch.where(computed, out, x.to(out.dtype) - new_noise.to(out.dtype) * s)
+        return out
 
     def outer_sample_wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
@@ -99,14 +170,23 @@ def install(model, method, method_key: str, info: ModelInfo):
         runs = dict(to.get(RUNS_KEY, {}))
         stats = runs[method_key] = RunStats()
         to[RUNS_KEY] = runs
+        state = None
+        if hasattr(method, "new_run_state"):
+            state = method.new_run_state()
+            to[STATE_KEY] = {**to.get(STATE_KEY, {}), method_key: state}
         try:
             return executor(*args, **kwargs)
         finally:
             log.info(stats.summary(method.name))
+            if state is not None:
+                log.info(f"{method.name}: cache peak {state.peak_cache_bytes / 2**20:.1f} MiB, freed")
+                state.clear()
             guider.model_options = original_options
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, method_key, apply_model_wrapper)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, method_key, outer_sample_wrapper)
+    to = model.model_options.setdefault("transformer_options", {})
+    to[METHODS_KEY] = list(to.get(METHODS_KEY, [])) + [(method_key, method.name, getattr(method, "composable", True))]
     existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for key, replace in block_replaces(info.family, method, method_key, existing).items():
         model.set_model_patch_replace(replace, "dit", key[0], key[1])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..kernels.maps import RecordingMethod
 from ..kernels.sdtm import SDTM, SDTMConfig
 from .patching import detect_family, install
 from .types import TokenRatioScheduleType
@@ -23,7 +24,7 @@ class SDTMPatchModel(io.ComfyNode):
                 "merges redundant image tokens inside each transformer block and restores full density "
                 "after it, so every step costs less. Place between the model loader and the sampler."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5)."),
+                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5, Wan, Qwen-Image)."),
                 io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.75, step=0.01,
                                tooltip="Mean fraction of image tokens merged away in each patched block. "
                                        "Higher is faster and less faithful. 0 disables merging."),
@@ -71,7 +72,7 @@ class SDTMPatchModel(io.ComfyNode):
                             skip_first_blocks=skip_first_blocks, skip_last_blocks=skip_last_blocks,
                             dynamic_merge=dynamic_merge, ratio_adjust=ratio_adjust, prompt_reweight=prompt_reweight,
                             start_percent=start_percent, end_percent=end_percent)
-        method = SDTM(config, schedule=schedule)
+        method = RecordingMethod(SDTM(config, schedule=schedule))  # feeds a Token Map Recorder, if any
         info = detect_family(model, "SDTM Token Merging")
         patched = model.clone()
         install(patched, method, "sdtm", info)

@@ -18,3 +18,13 @@ def host():
     if err:
         pytest.skip(f"needs the ComfyUI host: {err}")
     return host_mod
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small CPU runs: faster so, and far steadier on a shared CPU."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -55,6 +55,12 @@ def import_host() -> str | None:
             import comfy.cli_args  # noqa: F401  (parses the flags above)
         finally:
             sys.argv = argv
+        # Like ComfyUI's main.py, import its `utils` package before anything imports nodes.py,
+        # which puts comfy/ (holding comfy/utils.py) on sys.path and would shadow the package.
+        try:
+            import utils.install_util  # noqa: F401
+        except ImportError:  # older hosts have no such package
+            pass
         import comfy.model_management  # noqa: F401
         import comfy.model_patcher  # noqa: F401
         import comfy.sample  # noqa: F401
@@ -154,6 +160,32 @@ def tiny_chroma(seed: int = 0, depth: int = 2, depth_single: int = 2, hidden: in
         "in_dim": 64, "out_dim": hidden, "hidden_dim": 32, "n_layers": 2,
     }
     return _build(comfy.supported_models.Chroma(unet_config), seed, dtype or torch.float32)
+
+
+def tiny_wan(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, dtype=None):
+    """Wan 2.1 text-to-video (the architecture of both Wan 2.2 A14B experts); latents (B, 16, T, H, W)."""
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16,
+        "dim": dim, "ffn_dim": 2 * dim, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": heads,
+        "num_layers": layers, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+    }
+    patcher = _build(comfy.supported_models.WAN21_T2V(unet_config), seed, dtype or torch.float32)
+    patcher.model.diffusion_model.patch_embedding.to(torch.float32)  # ComfyUI keeps it in fp32 (x.float())
+    return patcher
+
+
+def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32, dtype=None):
+    """Qwen-Image: dual-stream blocks, joint attention; latents (B, 16, 1, H, W) as ComfyUI gives them."""
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": layers,
+        "attention_head_dim": head_dim, "num_attention_heads": heads, "joint_attention_dim": 32,
+        "pooled_projection_dim": 32, "axes_dims_rope": (head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8),
+    }
+    return _build(comfy.supported_models.QwenImage(unet_config), seed, dtype or torch.float32)
 
 
 def _build(config, seed, dtype):

@@ -364,24 +364,25 @@ def test_flops_follow_token_counts(host, sdtm_node, defaults, family, dynamic_me
 
 # ---- rejected inputs ------------------------------------------------------------------------
 
-def _tiny_wan(host):
+def _tiny_lumina2(host):
+    """Lumina 2 / Z-Image (NextDiT): ComfyUI 0.3.64 gives its layers no per-block hook."""
     import comfy.supported_models
-    cfg = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "freq_dim": 32,
-           "text_dim": 32, "num_heads": 2, "num_layers": 1, "in_dim": 16, "out_dim": 16,
-           "patch_size": (1, 2, 2)}
-    return host._build(comfy.supported_models.WAN21_T2V(cfg), 0, torch.float32)
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1,
+           "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
+           "axes_lens": [1, 64, 64], "qk_norm": True}
+    return host._build(comfy.supported_models.Lumina2(cfg), 0, torch.float32)
 
 
 def test_unsupported_model_is_rejected_with_a_clear_error(host, sdtm_node, defaults):
-    model = _tiny_wan(host)
+    model = _tiny_lumina2(host)
     before = snapshot(model)
     with pytest.raises(ValueError) as info:
         patch(host, sdtm_node, model, **defaults)
     err = info.value
     assert type(err).__name__ == "UnsupportedModelError"
     msg = str(err)
-    assert "WanModel" in msg and "SDTM" in msg
-    for family in ("Flux", "Chroma", "SD3"):
+    assert "NextDiT" in msg and "SDTM" in msg and "no per-block hook" in msg
+    for family in ("Flux", "Chroma", "SD3", "Wan", "Qwen-Image"):
         assert family in msg, msg
     assert_same_snapshot(before, snapshot(model))
 

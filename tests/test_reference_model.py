@@ -30,13 +30,7 @@ STEPS = 4
 PSNR_BOUND_DB = 15.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these small runs are faster so, and far steadier on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

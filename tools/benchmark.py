@@ -62,7 +62,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from kernels import token_ops  # noqa: E402
 from kernels.block_patch import CALL_KEY, RUNS_KEY, CallInfo, RunStats, block_replaces  # noqa: E402
-from kernels.families import ATTENTION_OVERRIDE_KEY, flux_family, mmdit_family  # noqa: E402
+from kernels.cat import CATConfig, CATPruning, run_block_pruned  # noqa: E402
+from kernels.families import ATTENTION_OVERRIDE_KEY, flux_family, image_span, mmdit_family  # noqa: E402
 from kernels.schedule import ProgressMap  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools.reference_dit import attention as reference_attention, attention_sdpa  # noqa: E402
@@ -704,7 +705,9 @@ class FlopResult:
         return self.arch.calls_per_step * per_call_sum
 
 
-def count_flops(host: Host, arch: Arch, notes: list, reuse_replace: bool) -> FlopResult:
+def meta_blocks_and_inputs(host: Host, arch: Arch):
+    """([(block key, block)], inputs) at full width on the meta device, bf16; blocks of the same
+    signature are built once and shared."""
     meta = torch.device("meta")
     shared, blocks = {}, []
     for key in arch.keys():
@@ -712,10 +715,15 @@ def count_flops(host: Host, arch: Arch, notes: list, reuse_replace: bool) -> Flo
         if sig not in shared:
             shared[sig] = make_block(host, arch, key, meta, torch.bfloat16)
         blocks.append((key, shared[sig]))
-    x = make_inputs(host, arch, 1, arch.grid, arch.n_txt, meta, torch.bfloat16)
+    return blocks, make_inputs(host, arch, 1, arch.grid, arch.n_txt, meta, torch.bfloat16)
+
+
+def count_flops(host: Host, arch: Arch, notes: list, reuse_replace: bool, method: SDTM | None = None) -> FlopResult:
+    """FLOPs of the unpatched model and of `method` (default: SDTM at its defaults) per call."""
+    blocks, x = meta_blocks_and_inputs(host, arch)
     _, sigmas, progress = schedule(host, arch)
     memo = FlopMemo(arch, reuse_replace)
-    sdtm_method = SDTM(SDTMConfig())
+    sdtm_method = method or SDTM(SDTMConfig())
     reps = sdtm_replaces(arch, CountingMethod(sdtm_method, memo))
 
     with torch.no_grad():
@@ -803,6 +811,137 @@ def report_flops(rep: Report, results: list[FlopResult], per_step: bool, quick: 
                     row += ["", "", "", ""]
             rows.append(row)
         rep.table(header, rows)
+
+
+# ---- 1b. CAT cached token pruning: FLOPs per image ----------------------------------------------------
+
+CAT_SETTINGS = (
+    # (label, config, full steps forced as in the paper (t0 of the schedule's steps) or None)
+    ("CAT paper setting (70% pruned, t0 = 8 of 28)", CATConfig(ratio=0.7), 8),
+    ("CAT node defaults", CATConfig(), None),
+    ("CAT defaults + full refresh every 10 pruned steps", CATConfig(refresh_every=10), None),
+)
+
+
+def cat_call_flops(host: Host, arch: Arch, n_keep: int) -> tuple[int, int]:
+    """(block FLOPs of one pruned call computing n_keep image tokens, K/V cache bytes in bf16 per row).
+
+    Meta-device blocks; every block runs through kernels.cat.run_block_pruned, first in full (which
+    fills the key/value cache), then with n_keep selected tokens (counted)."""
+    blocks, x = meta_blocks_and_inputs(host, arch)
+    family = arch.family()
+    stores = {spec.key: {} for spec in family.blocks}
+    specs = {spec.key: spec for spec in family.blocks}
+
+    def invoke_with(selection):
+        def call(key, args, fn):
+            span = image_span(specs[key], args, arch.n_img, arch.n_txt)
+            return run_block_pruned(args, fn, span, family, selection, stores[key])
+        return call
+
+    to = {}
+    with torch.no_grad():
+        model_call(arch, blocks, clone_inputs(x), to, invoke_with(None))
+        selection = torch.arange(n_keep, device="meta")[None]
+        with flop_counter() as c:
+            model_call(arch, blocks, clone_inputs(x), to, invoke_with(selection))
+    cache = sum(t.numel() * t.element_size() for st in stores.values() for e in st.values()
+                for t in (e["k"], e["v"]))
+    return c.get_total_flops(), cache
+
+
+def report_cat(rep: Report, host: Host, results: list[FlopResult]):
+    rep("## 1b. CAT cached token pruning: FLOPs per image, full-size models")
+    rep()
+    rep("Same blocks, schedules and counting as table 1. A full step costs the baseline call; a pruned "
+        "step runs every block through kernels.cat.run_block_pruned with the kept image tokens as queries "
+        "and all image keys/values (cached ones for the others). Which steps are full comes from "
+        "CATPruning.step_plan on the schedule's progress values (the same decision a run makes). Selection "
+        "(k-means once per run, sorting per step) adds no matmul and under 0.001% of the FLOPs.")
+    rep()
+    rows = []
+    for r in results:
+        a = r.arch
+        nb = (r.nonblock or 0) * a.steps
+        base = r.per_image(r.base_call * a.steps) + r.per_image(nb)
+        sdtm = r.per_image(sum(r.sdtm_calls)) + r.per_image(nb)
+        rows.append([a.title, "baseline", _g(base), "1.000", "1.00x", "100.0%", "-", "-"])
+        rows.append([a.title, "SDTM defaults", _g(sdtm), f"{sdtm / base:.3f}", f"{base / sdtm:.2f}x",
+                     _pct(sum(r.computed) / len(r.computed)), "-", "0"])
+        pruned_cost: dict = {}
+        for label, cfg, t0 in CAT_SETTINGS:
+            method = CATPruning(cfg)
+            if t0 is not None:  # full_percent between the progress of step t0-1 and step t0
+                cfg = CATConfig(**{**cfg.__dict__, "full_percent": (r.progress[t0 - 1] + r.progress[t0]) / 2})
+                method = CATPruning(cfg)
+            plan = method.step_plan(r.progress, a.n_img, a.family().num_blocks)
+            total, cache = 0, 0
+            for k in plan:
+                if k == a.n_img:
+                    total += r.base_call
+                else:
+                    if k not in pruned_cost:
+                        pruned_cost[k] = cat_call_flops(host, a, k)
+                    total += pruned_cost[k][0]
+                    cache = pruned_cost[k][1]
+            per_image = r.per_image(total) + r.per_image(nb)
+            full_steps = sum(1 for k in plan if k == a.n_img)
+            cache_all = cache * a.calls_per_step
+            rows.append([a.title, f"{label}: {full_steps} full + {a.steps - full_steps} pruned steps",
+                         _g(per_image), f"{per_image / base:.3f}", f"**{base / per_image:.2f}x**",
+                         _pct(sum(plan) / (a.n_img * len(plan))),
+                         f"full_percent {cfg.full_percent:.3f}, refresh_every {cfg.refresh_every}",
+                         f"{cache_all / 2**30:.2f} GiB"])
+    rep.table(["model", "setting", "GFLOPs/image", "/ baseline", "FLOP speedup", "image tokens computed",
+               "schedule", "K/V cache (bf16, all rows)"], rows)
+    rep()
+    rep("K/V cache: keys and values of every image token for every block, per batch row (CFG doubles it), "
+        "in the model's dtype; the per-token noise history (3 maps of 4096 x 64 fp32 per row, 3 MiB) is "
+        "negligible next to it.")
+    rep()
+
+
+def run_cat_cpu_time(host: Host, rep: Report, quick: bool, device: str = "cpu"):
+    """CAT: wall time of one full call vs one pruned call (node defaults: 70% of image tokens pruned),
+    Flux width, one double + one single block, real fp32 weights; median of interleaved repeats."""
+    grid, n_txt = ((16, 16), 32) if quick else ((20, 20), 50)
+    repeats = 3 if quick else 5
+    keys = [("double_block", 9), ("single_block", 19)]
+    b = build_bench(host, FLUX, keys, grid, n_txt, 1, device, torch.float32, "")
+    family = FLUX.family()
+    specs = {spec.key: spec for spec in family.blocks}
+    n_img = grid[0] * grid[1]
+    n_keep = CATPruning(CATConfig()).n_keep(n_img, 1.0)
+    stores = {key: {} for key in keys}
+    selection = torch.sort(torch.randperm(n_img, generator=torch.Generator().manual_seed(0))[:n_keep]).values[None]
+
+    def invoke_with(sel):
+        def call(key, args, fn):
+            span = image_span(specs[key], args, n_img, n_txt)
+            return run_block_pruned(args, fn, span, family, sel, stores[key])
+        return call
+
+    configs = {"baseline": default_invoke(None), "CAT full step (fills the K/V cache)": invoke_with(None),
+               f"CAT pruned step ({n_keep} of {n_img} image tokens)": invoke_with(selection.to(device))}
+    times = {k: [] for k in configs}
+    with torch.no_grad():
+        for label, inv in configs.items():  # warmup (and the cache for the pruned step)
+            model_call(FLUX, b.blocks, clone_inputs(b.x), {}, inv)
+        for _ in range(repeats):
+            for label, inv in configs.items():
+                sync(device)
+                t0 = time.perf_counter()
+                model_call(FLUX, b.blocks, clone_inputs(b.x), {}, inv)
+                sync(device)
+                times[label].append(1000 * (time.perf_counter() - t0))
+    base = statistics.median(times["baseline"])
+    rep(f"## 1c. CAT: wall time of one model call ({device}, Flux width {FLUX.hidden}, 1 double + 1 single block, "
+        f"{n_img} image + {n_txt} text tokens, fp32, random weights, median of {repeats} interleaved repeats)")
+    rep()
+    rows = [[label, f"{statistics.median(t):,.1f}", f"{min(t):,.1f} - {max(t):,.1f}",
+             f"{statistics.median(t) / base:.3f}", f"{base / statistics.median(t):.2f}x"] for label, t in times.items()]
+    rep.table(["config", "median ms / call", "min - max ms", "time / baseline", "speedup"], rows)
+    rep()
 
 
 # ---- 2-5. timing, bookkeeping, memory ----------------------------------------------------------------
@@ -984,17 +1123,22 @@ class Bench:
                 peak = torch.cuda.max_memory_allocated()
                 self.memory[cfg.label] = (peak - held, peak)
             else:
-                from torch.profiler import ProfilerActivity, profile
                 x = clone_inputs(self.x)
-                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    self.run(cfg, x=x)
-                deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                                if e.self_cpu_memory_usage)
-                cur = peak = 0
-                for _, d in deltas:
-                    cur += d
-                    peak = max(peak, cur)
-                self.memory[cfg.label] = (peak, None)
+                self.memory[cfg.label] = (cpu_peak_bytes(lambda: self.run(cfg, x=x)), None)
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the running sum of tensor allocations minus frees that torch.profiler(profile_memory)
+    records while fn() runs (CPU, op granularity); memory held before the call is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    cur = peak = 0
+    for _, d in deltas:
+        cur += d
+        peak = max(peak, cur)
+    return peak
 
 
 def build_bench(host: Host, arch: Arch, keys: list, grid: tuple, n_txt: int, batch: int, device, dtype,
@@ -1090,6 +1234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", help="also write the markdown report to this file")
     ap.add_argument("--no-host", action="store_true", help="use the pure-torch fallback blocks even with ComfyUI")
+    ap.add_argument("--flops-only", action="store_true", help="only the FLOP tables (1 and 1b), no timing sections")
+    ap.add_argument("--cat-time", action="store_true", help="add CAT's wall time of one full / pruned call (1c)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     rep = Report()
@@ -1119,8 +1265,16 @@ def main(argv=None) -> int:
         report_flops(rep, results, per_step=not args.quick, quick=args.quick)
         rep(f"(FLOP counting took {time.perf_counter() - t0:.1f} s)")
         rep()
+        t0 = time.perf_counter()
+        report_cat(rep, host, results)
+        rep(f"(CAT FLOP counting took {time.perf_counter() - t0:.1f} s)")
+        rep()
 
-        if args.device == "cpu":
+        if args.cat_time:
+            run_cat_cpu_time(host, rep, args.quick, args.device)
+        if args.flops_only:
+            pass
+        elif args.device == "cpu":
             run_cpu_reduced(host, rep, dev_name, args.quick, notes)
         else:
             run_full_size(host, rep, dev_name, "cuda", torch.bfloat16, args.quick, notes, ((FLUX, 1), (SD35, 2)))

@@ -32,13 +32,15 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from kernels.block_patch import CALL_KEY, RUNS_KEY, CallInfo, RunStats, block_replaces
+from kernels.block_patch import CALL_KEY, RUNS_KEY, STATE_KEY, CallInfo, RunStats, begin_call, block_replaces, end_call
 from kernels.families import ATTENTION_OVERRIDE_KEY, Family, flux_family
 from kernels.schedule import ProgressMap, flow_percent_to_sigma
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "reference_dit.safetensors"
 # Per-call hooks run by `model_call`, this model's analogue of ComfyUI's APPLY_MODEL wrappers.
 APPLY_MODEL_HOOKS_KEY = "reference_apply_model_hooks"
+# Hooks run after it, hook(x, sigma, options, out) -> out (a stateful method such as CAT reuses cached noise).
+APPLY_MODEL_AFTER_KEY = "reference_apply_model_after_hooks"
 
 
 @dataclass
@@ -377,22 +379,33 @@ class ReferenceDiT(nn.Module):
 
 # ---- weights ---------------------------------------------------------------------------------------
 
-def save_weights(model: ReferenceDiT, path=WEIGHTS_PATH):
+def save_weights(model: ReferenceDiT, path=WEIGHTS_PATH, metadata: dict | None = None, dtype=None):
+    """Write the state dict (optionally cast to `dtype`, e.g. float16 to halve the file) with the
+    config and any extra string `metadata` (training command, seed, ...) in the safetensors header."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"config": model.config.to_json(), "format": "reference_dit"})
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {**{k: str(v) for k, v in (metadata or {}).items()}, "config": model.config.to_json(),
+            "format": "reference_dit"}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a reader never sees a half-written file
+
+
+def weights_metadata(path=WEIGHTS_PATH) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load_weights(path=WEIGHTS_PATH) -> ReferenceDiT:
-    from safetensors import safe_open
+    """The stored model in float32 (whatever the storage dtype), in eval mode."""
     from safetensors.torch import load_file
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = weights_metadata(path)
     config = DiTConfig.from_json(meta["config"]) if "config" in meta else DiTConfig()
     model = ReferenceDiT(config)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 
 
@@ -432,12 +445,25 @@ def method_options(method, model: ReferenceDiT, method_key: str = "sdtm", base: 
     to["patches_replace"] = patches
     to[RUNS_KEY] = {**to.get(RUNS_KEY, {}), method_key: RunStats()}
     p, n_txt = model.patch_size, model.config.txt_len
+    family = model.family()
+    stateful = hasattr(method, "new_run_state")
+    if stateful:  # per-run state (CAT's caches); reset by the method when sigma rises (a new run)
+        to[STATE_KEY] = {**to.get(STATE_KEY, {}), method_key: method.new_run_state()}
 
     def set_call_info(x: Tensor, sigma: float, call_options: dict):
         grid = tuple(math.ceil(s / p) for s in x.shape[2:])
-        call_options[CALL_KEY] = CallInfo(grid, grid[0] * grid[1], n_txt, progress_map()(sigma))
+        call_options[CALL_KEY] = CallInfo(grid, grid[0] * grid[1], n_txt, progress_map()(sigma), float(sigma))
+        if stateful:
+            begin_call(method, call_options, method_key, family, x)
+
+    def reuse_cached(x: Tensor, sigma: float, call_options: dict, out: Tensor) -> Tensor:
+        state = (call_options.get(STATE_KEY) or {}).get(method_key)
+        reused = end_call(method, state, out, call_options[CALL_KEY].grid, p)  # the output is the velocity
+        return out if reused is None else torch.where(reused[1], out, reused[0].to(out.dtype))
 
     to[APPLY_MODEL_HOOKS_KEY] = list(to.get(APPLY_MODEL_HOOKS_KEY, [])) + [set_call_info]
+    if stateful:
+        to[APPLY_MODEL_AFTER_KEY] = list(to.get(APPLY_MODEL_AFTER_KEY, [])) + [reuse_cached]
     return to
 
 
@@ -447,7 +473,10 @@ def model_call(model: ReferenceDiT, x: Tensor, sigma: float, class_ids: Tensor, 
     for hook in to.get(APPLY_MODEL_HOOKS_KEY, []):
         hook(x, sigma, to)
     s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
-    return model(x, s, class_ids, transformer_options=to)
+    out = model(x, s, class_ids, transformer_options=to)
+    for hook in to.get(APPLY_MODEL_AFTER_KEY, []):
+        out = hook(x, sigma, to, out)
+    return out
 
 
 def sigmas(steps: int) -> list[float]:

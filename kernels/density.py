@@ -1,0 +1,177 @@
+"""Token density schedule: FlexDiT (arXiv 2412.06028) made training-free, host-independent.
+
+In chosen blocks and early (structure) steps, the image tokens are average-pooled
+into a coarser grid of k x k windows; the unmodified block runs on the pooled
+tokens plus the full text tokens; the result returns to full density as
+X + Up(F(Pool X) - Pool X). With disjoint windows Pool(Up(D)) = D exactly, so a
+chain of pooled blocks computes the low-pass part as FlexDiT's sparse span does,
+while the dense high-frequency residual X - Up(Pool X) passes through untouched.
+
+Pooling k x k windows is a MergePlan whose groups are all the grid windows
+(edge windows are partial when k does not divide the grid), so this method plugs
+into kernels.block_patch like SDTM: `plan()` per block and progress, `key_bias()`
+for proportional attention (each pooled key gets + log(window size), so a window
+draws the attention its tokens drew; exact when they are identical).
+
+Where to pool follows the paper's schedules:
+- temporal: four noise stages (FLEXDIT_STAGE_BOUNDS), a window per stage
+  that shrinks as denoising progresses (density rises), full density last;
+- spatial: the bottom and top layers stay dense, and the middle layers follow
+  FlexDiT's 6-block span [pooled x 4, dense x 2] (its cross-in, 3 sparse,
+  recover, dense pattern, with recover and dense run at full density here).
+A connected TokenRatioSchedule replaces both: its ratio r maps to the window
+whose nominal ratio 1 - 1/k^2 is nearest.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .schedule import TokenRatioSchedule, block_depth
+from .schedule_presets import FLEXDIT_STAGE_BOUNDS
+from .token_ops import MergePlan, plan_from_targets
+
+MAX_WINDOW = 4
+SPAN = 6          # FlexDiT's span length
+SPAN_POOLED = 4   # pooled blocks at the start of each span
+
+
+def window_ratio(k: int) -> float:
+    """Nominal fraction of image tokens a k x k pooling removes."""
+    return 1.0 - 1.0 / (k * k)
+
+
+def window_for_ratio(r: float, max_window: int = MAX_WINDOW) -> int:
+    """The window k in 1..max_window whose ratio 1 - 1/k^2 is nearest to r (ties to the smaller k)."""
+    best = 1
+    for k in range(2, max_window + 1):
+        if abs(window_ratio(k) - r) < abs(window_ratio(best) - r):
+            best = k
+    return best
+
+
+def parse_stage_windows(text: str) -> tuple[int, ...]:
+    """"2, 2, 2, 1" -> (2, 2, 2, 1): the window per FlexDiT stage, noisiest first."""
+    parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    if len(parts) != 4:
+        raise ValueError(f"Token Density: stage_windows needs 4 comma-separated windows (one per noise stage, "
+                         f"noisiest first), e.g. \"2, 2, 2, 1\"; got {text!r}")
+    out = []
+    for p in parts:
+        try:
+            k = int(p)
+        except ValueError:
+            raise ValueError(f"Token Density: stage_windows entry {p!r} is not a whole number") from None
+        if not (1 <= k <= MAX_WINDOW):
+            raise ValueError(f"Token Density: stage_windows entries must lie in 1..{MAX_WINDOW} (1 = dense), got {k}")
+        out.append(k)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DensityConfig:
+    stage_windows: tuple = (2, 2, 2, 1)   # window per noise stage, noisiest first
+    stage_bounds: tuple = FLEXDIT_STAGE_BOUNDS
+    bottom_dense: float = 0.07            # fraction of blocks at the bottom kept dense (at least 1 if > 0)
+    top_dense: float = 0.07               # fraction of blocks at the top kept dense
+    span_pattern: bool = True             # middle blocks: FlexDiT's [pooled x 4, dense x 2] spans
+    proportional_attention: bool = True
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+    def validate(self) -> "DensityConfig":
+        if len(self.stage_windows) != 4 or any(not (1 <= int(k) <= MAX_WINDOW) for k in self.stage_windows):
+            raise ValueError(f"Token Density: stage_windows must be 4 windows in 1..{MAX_WINDOW}, got "
+                             f"{self.stage_windows}")
+        b = self.stage_bounds
+        if len(b) != 3 or not (0.0 <= b[0] <= b[1] <= b[2] <= 1.0):
+            raise ValueError(f"Token Density: stage bounds must be 3 increasing progress values, got {b}")
+        for name in ("bottom_dense", "top_dense", "start_percent", "end_percent"):
+            v = getattr(self, name)
+            if not (0.0 <= v <= 1.0):
+                raise ValueError(f"Token Density: {name} must lie in [0, 1], got {v}")
+        return self
+
+
+class DensitySchedule:
+    """Per block and progress: the pooling window k, its MergePlan and the attention bias."""
+
+    name = "Token Density"
+
+    def __init__(self, config: DensityConfig, schedule: TokenRatioSchedule | None = None):
+        self.config = config.validate()
+        self.schedule = schedule
+
+    def is_active(self, progress: float) -> bool:
+        c = self.config
+        return c.start_percent <= progress < c.end_percent
+
+    def stage(self, progress: float) -> int:
+        return sum(progress >= b for b in self.config.stage_bounds)
+
+    def block_pooled(self, block: int, num_blocks: int) -> bool:
+        """The spatial schedule: bottom and top dense, middle in FlexDiT spans."""
+        c = self.config
+        bottom = math.ceil(c.bottom_dense * num_blocks - 1e-9)
+        top = math.ceil(c.top_dense * num_blocks - 1e-9)
+        if block < bottom or block >= num_blocks - top:
+            return False
+        return not c.span_pattern or (block - bottom) % SPAN < SPAN_POOLED
+
+    def window(self, block: int, num_blocks: int, progress: float) -> int:
+        if not self.is_active(progress):
+            return 1
+        if self.schedule is not None:
+            return window_for_ratio(self.schedule.ratio(block_depth(block, num_blocks), progress))
+        if not self.block_pooled(block, num_blocks):
+            return 1
+        return int(self.config.stage_windows[self.stage(progress)])
+
+    def plan(self, metric: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
+        k = self.window(block, num_blocks, progress)
+        if k <= 1:
+            return None
+        plan = pool_plan(tuple(int(g) for g in grid), k, metric.device)
+        if plan.n_out >= plan.n_in:
+            return None
+        b = metric.shape[0]
+        return MergePlan(assign=plan.assign.expand(b, -1), rep=plan.rep.expand(b, -1), sizes=plan.sizes.expand(b, -1))
+
+    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
+        return plan.sizes.log() if self.config.proportional_attention else None
+
+
+@functools.lru_cache(maxsize=64)
+def pool_plan(grid: tuple, k: int, device) -> MergePlan:
+    """MergePlan (batch 1) that pools the last two grid axes in k x k windows, raster order.
+
+    Windows at the right and bottom edges are partial when k does not divide the
+    grid. Each window keeps the position (rotary id) of its member nearest the
+    window centre (the centre for odd k, the top-left of the centre for even k).
+    Leading axes (frames) are not pooled.
+    """
+    grid = tuple(int(g) for g in grid)
+    h, w = grid[-2], grid[-1]
+    frames = 1
+    for g in grid[:-2]:
+        frames *= g
+    rows = torch.arange(h)
+    cols = torch.arange(w)
+    r0 = (rows // k) * k
+    c0 = (cols // k) * k
+    rh = torch.clamp(torch.minimum(r0 + k, torch.tensor(h)) - r0, min=1)  # window height per row
+    cw = torch.clamp(torch.minimum(c0 + k, torch.tensor(w)) - c0, min=1)
+    rep_r = r0 + (rh - 1) // 2
+    rep_c = c0 + (cw - 1) // 2
+    rep_in_frame = (rep_r[:, None] * w + rep_c[None, :]).reshape(-1)  # (h*w,)
+    offsets = torch.arange(frames) * (h * w)
+    target = (offsets[:, None] + rep_in_frame[None, :]).reshape(1, -1)
+    m = frames * math.ceil(h / k) * math.ceil(w / k)
+    plan = plan_from_targets(target, m)
+    device = torch.device(device)
+    if device.type != "cpu":
+        plan = MergePlan(assign=plan.assign.to(device), rep=plan.rep.to(device), sizes=plan.sizes.to(device))
+    return plan

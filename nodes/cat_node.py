@@ -1,0 +1,72 @@
+"""CAT Cached Token Pruning node: MODEL in, patched MODEL out."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..kernels.cat import CATConfig, CATPruning
+from .patching import UnsupportedModelError, detect_family, install
+from .types import TokenRatioScheduleType
+
+DEFAULTS = CATConfig()
+CAT_FAMILIES = ("Flux", "Chroma", "SD3")  # 2-D token grids with joint attention, host-tested
+
+
+class CATPruningPatchModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = DEFAULTS
+        return io.Schema(
+            node_id="CATPruningPatchModel",
+            display_name="CAT Cached Token Pruning",
+            category="model_patches/token_reduction",
+            description=(
+                "Cluster-aware cached token pruning (arXiv 2502.00433) for Flux, Chroma and SD3/SD3.5: after the "
+                "first steps, each step computes only the image tokens whose predicted noise changes most (plus "
+                "the least recently computed ones); the others reuse their cached keys/values and noise. "
+                "Place between the model loader and the sampler."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5)."),
+                io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.95, step=0.01,
+                               tooltip="Fraction of image tokens NOT computed in each pruned step (paper: 0.7). "
+                                       "Higher is faster and less faithful. 0 disables pruning."),
+                io.Float.Input("full_percent", default=d.full_percent, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoising progress before which every step runs in full. 0.24 = the "
+                                       "first 7 of 28 steps; the paper's t0 is 8 of 28 (set 0.28): slower, "
+                                       "closer to the unpatched model."),
+                io.Int.Input("refresh_every", default=d.refresh_every, min=0, max=100,
+                             tooltip="Run one full step after this many pruned steps, refreshing every cached "
+                                     "token. 0 = never (the paper); stale tokens are still recomputed in turn."),
+                io.Int.Input("clusters", default=d.clusters, min=1, max=256,
+                             tooltip="Spatial clusters of the token grid (paper: 20). Clusters whose noise changes "
+                                     "most get the largest share of the recomputed tokens."),
+                io.Float.Input("balance", default=d.balance, min=0.0, max=1.0, step=0.01,
+                               tooltip="Distribution balance: fraction of the computed tokens given to the least "
+                                       "recently computed tokens (paper's code: 0.75). The rest follow the noise "
+                                       "change, cluster by cluster."),
+                io.Float.Input("start_percent", default=d.start_percent, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoising progress at which CAT starts (1.0 = never, identical to the "
+                                       "unpatched model)."),
+                io.Float.Input("end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoising progress at which CAT stops (later steps run in full)."),
+                TokenRatioScheduleType.Input("schedule", optional=True,
+                                             tooltip="Optional ratio schedule (fraction pruned per progress; "
+                                                     "averaged over depth, since CAT prunes all blocks alike); "
+                                                     "overrides ratio."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with CAT cached token pruning.")],
+        )
+
+    @classmethod
+    def execute(cls, model, ratio, full_percent, refresh_every, clusters, balance, start_percent, end_percent,
+                schedule=None) -> io.NodeOutput:
+        config = CATConfig(ratio=ratio, full_percent=full_percent, refresh_every=refresh_every, clusters=clusters,
+                           balance=balance, start_percent=start_percent, end_percent=end_percent)
+        method = CATPruning(config, schedule=schedule)
+        info = detect_family(model, "CAT Cached Token Pruning")
+        if info.family.name not in CAT_FAMILIES:
+            raise UnsupportedModelError(
+                f"CAT Cached Token Pruning cannot patch this model: its family is {info.family.name}. "
+                f"Supported families: Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 (MMDiT).")
+        patched = model.clone()
+        install(patched, method, "cat", info)
+        return io.NodeOutput(patched)

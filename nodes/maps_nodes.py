@@ -1,0 +1,227 @@
+"""Token Map Recorder and Token Map Overlay nodes, and the ComfyUI glue of the recorder.
+
+The recorder clones the MODEL and adds, keyed RECORDER_KEY:
+- an OUTER_SAMPLE wrapper that starts a fresh run in the store (budget check, step table from
+  the run's sigmas) and, in a `finally`, moves the maps to the CPU and logs a summary;
+- an APPLY_MODEL wrapper that makes each model call the active call of kernels.maps (step from
+  sigma, the first conditional batch row), so that recording methods and the block replaces
+  below know where to write;
+- a `patches_replace["dit"]` entry per block, chained over the existing ones, that counts the
+  tokens each block computes and, for the chosen steps and blocks, probes the attention.
+The store travels with the MODEL in model_options["transformer_options"][RECORDER_KEY].
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.patcher_extension
+import torch
+from comfy_api.latest import io
+
+from ..kernels.maps import (KIND_HELP, KINDS, ActiveCall, RecorderConfig, TokenMapStore, activate, deactivate,
+                            parse_selection, recorder_block_replaces, run_summary)
+from ..kernels.maps_render import overlay
+from . import maps_route
+from .patching import detect_family, progress_map
+
+RECORDER_KEY = "token_map_recorder"
+CATEGORY = "model_patches/token_reduction"
+log = logging.getLogger("token_reduction")
+
+
+def _selection_input(name: str, default: str, what: str):
+    return io.String.Input(name, default=default,
+                           tooltip=f"{what}: 'all', 'none', 'first', 'middle', 'last', indices from 0 (negative "
+                                   "count from the end) and ranges 'a..b', separated by commas.")
+
+
+def _cond_row(transformer_options: dict, batch: int) -> int | None:
+    """Batch row of the first conditional chunk; None when the call holds only unconditional rows."""
+    cou = transformer_options.get("cond_or_uncond")
+    if not cou:
+        return 0
+    if 0 not in cou:
+        return None
+    return cou.index(0) * (batch // len(cou))
+
+
+def install_recorder(model, store: TokenMapStore, patch_size: int):
+    def outer_sample_wrapper(executor, *args, **kwargs):
+        noise, sigmas = args[0], args[3]
+        grid = tuple(math.ceil(s / patch_size) for s in noise.shape[2:])
+        if noise.ndim == 5:  # video latents patch time by 1
+            grid = (noise.shape[2],) + grid[1:]
+        store.begin_run(sigmas.flatten().tolist(), grid)
+        if store.refused:
+            log.warning(store.refused)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            store.end_run()
+            log.info(run_summary(store)[0])
+
+    def apply_model_wrapper(executor, *args, **kwargs):
+        x, sigma, to = args[0], args[1], args[5]
+        row = _cond_row(to, x.shape[0])
+        if store.refused is not None or not store.grid or row is None:
+            return executor(*args, **kwargs)
+        step = store.step_of(float(sigma.flatten()[0]))
+        if step not in store.progress:
+            store.progress[step] = progress_map(executor.class_obj.model_sampling)(sigma)
+        context = args[3]
+        n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
+        token = activate(ActiveCall(store, step, row, store.n_tokens, n_txt))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            deactivate(token)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RECORDER_KEY, outer_sample_wrapper)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, RECORDER_KEY, apply_model_wrapper)
+    to = model.model_options.setdefault("transformer_options", {})
+    to[RECORDER_KEY] = store
+    existing = to.get("patches_replace", {}).get("dit", {})
+    for key, replace in recorder_block_replaces(store.family, existing).items():
+        model.set_model_patch_replace(replace, "dit", key[0], key[1])
+
+
+class TokenMapRecorder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = RecorderConfig()
+        return io.Schema(
+            node_id="TokenMapRecorder",
+            display_name="Token Map Recorder",
+            category=CATEGORY,
+            description=(
+                "Records, per step and block, which image tokens the patch nodes merged, pruned or served "
+                "from cache (redundancy maps), and for the chosen steps and blocks the attention each image "
+                "token receives. Never changes the generated image. Place it after the patch nodes, before "
+                "the sampler; feed its MODEL (after sampling) and the decoded image to Token Map Overlay."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to observe, patched (SDTM, ...) or not."),
+                _selection_input("steps", d.steps, "Steps whose redundancy maps are kept"),
+                _selection_input("blocks", d.blocks, "Transformer blocks whose redundancy maps are kept"),
+                _selection_input("attention_steps", d.attention_steps, "Steps whose attention is recorded"),
+                _selection_input("attention_blocks", d.attention_blocks, "Blocks whose attention is recorded"),
+                io.Int.Input("queries", default=d.queries, min=1, max=4096,
+                             tooltip="Text and image queries sampled (evenly spaced) per attention map. More is "
+                                     "more exact and costs more; the model's own attention is unaffected."),
+                io.Int.Input("max_megabytes", default=d.max_bytes // 2 ** 20, min=1, max=65536,
+                             tooltip="Memory budget of one run's maps. A run that could need more records "
+                                     "nothing and says so (about 2 bytes per token per step and block for "
+                                     "merge maps, 4 for attention maps)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The same model, now recording token maps while it samples.")],
+        )
+
+    @classmethod
+    def execute(cls, model, steps, blocks, attention_steps, attention_blocks, queries,
+                max_megabytes) -> io.NodeOutput:
+        info = detect_family(model, "Token Map Recorder")
+        n_blocks = info.family.num_blocks
+        for name, text in (("steps", steps), ("attention_steps", attention_steps)):
+            try:
+                parse_selection(text, None)
+            except ValueError as e:
+                raise ValueError(f"Token Map Recorder: {name}: {e}") from None
+        for name, text in (("blocks", blocks), ("attention_blocks", attention_blocks)):
+            try:
+                parse_selection(text, n_blocks)
+            except ValueError as e:
+                raise ValueError(f"Token Map Recorder: {name} ({n_blocks} blocks in this model): {e}") from None
+        config = RecorderConfig(steps=steps, blocks=blocks, attention_steps=attention_steps,
+                                attention_blocks=attention_blocks, queries=queries,
+                                max_bytes=max_megabytes * 2 ** 20)
+        patched = model.clone()
+        install_recorder(patched, TokenMapStore(config, info.family), info.patch_size)
+        return io.NodeOutput(patched)
+
+
+def recorder_store(model) -> TokenMapStore | None:
+    return model.model_options.get("transformer_options", {}).get(RECORDER_KEY)
+
+
+class TokenMapOverlay(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TokenMapOverlay",
+            display_name="Token Map Overlay",
+            category=CATEGORY,
+            is_output_node=True,  # its viewer is an output: it runs even with nothing connected after it
+            description=(
+                "Draws the token maps of the last sampling run over the decoded image, with a legend (map kind, "
+                "step, block, colour scale), and reports tokens saved, estimated FLOPs saved and seconds per "
+                "step. The node shows an interactive viewer in the UI. Video: one overlay per frame."),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL from Token Map Recorder that did the sampling."),
+                io.Image.Input("image", tooltip="The decoded image (or video frames) of that sampling run."),
+                io.Combo.Input("kind", options=list(KINDS), default="merge_size",
+                               tooltip="Which map to draw: " + "; ".join(f"{k}: {v}" for k, v in KIND_HELP.items())),
+                _selection_input("steps", "first, middle, last", "Steps to draw"),
+                _selection_input("blocks", "middle", "Blocks to draw"),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
+                               tooltip="Opacity of the heat map over the image."),
+                io.Int.Input("max_images", default=16, min=1, max=256,
+                             tooltip="At most this many overlays (steps x blocks x frames) are drawn."),
+            ],
+            outputs=[
+                io.Image.Output("overlays", tooltip="One image per drawn step and block (per frame for video), "
+                                                    "with the legend strip below."),
+                io.String.Output("stats", tooltip="Tokens saved, estimated FLOPs saved and seconds per step of the "
+                                                  "last run, then one line per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, image, kind, steps, blocks, opacity, max_images) -> io.NodeOutput:
+        store = recorder_store(model)
+        if store is None:
+            raise ValueError("Token Map Overlay: this MODEL has no Token Map Recorder; connect the MODEL output "
+                             "of a Token Map Recorder that the sampler used.")
+        head, lines = run_summary(store)
+        stats = "\n".join([head] + lines)
+        frames = []
+        if store.refused is None and store.n_steps:
+            try:
+                step_sel = parse_selection(steps, store.n_steps)
+                block_sel = parse_selection(blocks, store.family.num_blocks)
+            except ValueError as e:
+                raise ValueError(f"Token Map Overlay ({store.n_steps} steps, {store.family.num_blocks} blocks "
+                                 f"in the last run): {e}") from None
+            frames = _draw(store, image, kind, step_sel, block_sel, opacity, max_images)
+        if not frames:
+            stats += f"\nNo {kind} map was recorded for the selected steps and blocks; the image is passed through."
+            out = image
+        else:
+            out = torch.stack(frames)
+        map_id = maps_route.issue(store, image, stats)
+        ui = {"token_maps": [{"id": map_id, "kind": kind}], "text": [stats]}
+        return io.NodeOutput(out, stats, ui=ui)
+
+
+def _draw(store, image, kind, step_sel, block_sel, opacity, max_images) -> list:
+    grid = store.grid
+    video = len(grid) == 3 and grid[0] > 1
+    frames = []
+    for step in step_sel:
+        for block in block_sel:
+            values = store.map(kind, step, block)
+            if values is None:
+                continue
+            vmap = values.reshape(grid)
+            spec = store.family.blocks[block]
+            title = f"{kind.replace('_', ' ')}  step {step + 1}/{store.n_steps}  block {block} ({spec.key[0]} {spec.key[1]})"
+            targets = range(image.shape[0]) if video else range(1)
+            for f in targets:
+                if len(frames) >= max_images:
+                    return frames
+                if video:
+                    t = round(f * (grid[0] - 1) / max(image.shape[0] - 1, 1))
+                    m = vmap[t]
+                else:
+                    m = vmap.reshape(grid[-2], grid[-1]) if len(grid) == 2 else vmap[0]
+                frames.append(overlay(image[f], m, title, opacity, kind, vmax=float(values.max())))
+    return frames

@@ -1,0 +1,246 @@
+"""Core tests of CAT Pruning (kernels/cat.py): selection, clustering, balance, schedule, reference model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.block_patch import CallInfo
+from kernels.cat import (CATConfig, CATPruning, cluster_scores, kmeans_labels, patchify, select_tokens,
+                         staleness_bound, unpatchify)
+from kernels.schedule import TokenRatioSchedule
+
+
+def _noise(n, d=16, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_kmeans_is_deterministic_spatial_and_uses_all_labels():
+    grid = (16, 16)
+    noise = _noise(256, 64)
+    a = kmeans_labels(noise, grid, 20, seed=3)
+    b = kmeans_labels(noise, grid, 20, seed=3)
+    assert torch.equal(a, b)
+    assert a.shape == (256,) and int(a.min()) >= 0 and int(a.max()) < 20
+    assert len(torch.unique(a)) >= 15  # k-means keeps (almost) every cluster filled
+    # Position dominates the feature (0.05 x noise): a cluster's tokens sit close together on the grid.
+    ys, xs = torch.div(torch.arange(256), 16, rounding_mode="floor").float(), (torch.arange(256) % 16).float()
+    spreads = [float(ys[a == c].std() + xs[a == c].std()) for c in torch.unique(a) if (a == c).sum() > 2]
+    assert sum(spreads) / len(spreads) < 4.0, spreads  # a random labelling spreads ~9.2
+
+
+def test_cluster_scores_rank_the_cluster_with_the_largest_change_first():
+    labels = torch.arange(64) // 16  # 4 clusters of 16
+    delta = torch.zeros(64, 8)
+    delta[40, 3] = 5.0  # one token of cluster 2 changes a lot
+    delta[5, :] = 0.5   # cluster 0 changes a little everywhere in one token
+    scores = cluster_scores(delta, labels, 5)
+    assert int(scores.argmax()) == 2
+    assert float(scores[4]) == -1.0  # an empty cluster ranks last
+
+
+@pytest.mark.parametrize("n_keep", [1, 7, 19, 77, 128, 255])
+@pytest.mark.parametrize("first", [True, False])
+def test_selection_has_the_requested_count_distinct_and_deterministic(n_keep, first):
+    n = 256
+    delta = _noise(n, seed=1)
+    labels = kmeans_labels(_noise(n, seed=2), (16, 16), 20)
+    age = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(4))
+    a = select_tokens(delta, labels, age, n_keep, 0.75, first)
+    b = select_tokens(delta, labels, age, n_keep, 0.75, first)
+    assert torch.equal(a, b)
+    assert a.numel() == n_keep == len(torch.unique(a))
+    assert int(a.min()) >= 0 and int(a.max()) < n
+
+
+def test_selection_follows_noise_change_and_staleness():
+    n, n_keep = 256, 64
+    labels = kmeans_labels(_noise(n, seed=2), (16, 16), 20)
+    delta = torch.zeros(n, 16)
+    hot = torch.tensor([3, 50, 100, 200])
+    delta[hot] = 10.0
+    age = torch.zeros(n, dtype=torch.long)
+    old = torch.arange(160, 208)  # 48 tokens not computed for 5 steps
+    age[old] = 5
+    sel = set(select_tokens(delta, labels, age, n_keep, 0.75, first=False).tolist())
+    assert set(hot.tolist()) <= sel, "tokens whose noise changed most are computed"
+    assert set(old.tolist()) <= sel, "with balance 0.75 the 48 stalest tokens are computed"
+    # balance 0: the staleness share shrinks to the one guaranteed token
+    sel0 = set(select_tokens(delta, labels, age, n_keep, 0.0, first=False).tolist())
+    assert set(hot.tolist()) <= sel0 and len(set(old.tolist()) & sel0) < len(old)
+
+
+@pytest.mark.parametrize("n_keep,balance", [(77, 0.75), (26, 0.75), (64, 0.1), (40, 0.0)])
+def test_every_token_is_recomputed_within_the_bound(n_keep, balance):
+    """Simulate the pruned phase with adversarial deltas (always the same hot tokens): no starvation."""
+    n = 256
+    labels = kmeans_labels(_noise(n, seed=5), (16, 16), 20)
+    delta = torch.zeros(n, 8)
+    delta[:32] = torch.arange(32, 0, -1.0)[:, None]
+    age = torch.zeros(n, dtype=torch.long)
+    bound = staleness_bound(n, n_keep, balance)
+    worst = 0
+    for step in range(3 * bound + 5):
+        sel = select_tokens(delta, labels, age, n_keep, balance, first=step == 0)
+        age += 1
+        age[sel] = 0
+        worst = max(worst, int(age.max()))
+    assert worst < bound, (worst, bound)  # age counts the steps a token sat out, so < bound
+
+
+def test_patchify_roundtrip_with_odd_sizes():
+    x = torch.randn(2, 3, 9, 11)
+    grid = (5, 6)
+    t = patchify(x, grid, 2)
+    assert t.shape == (2, 30, 12)
+    assert torch.equal(unpatchify(t, x.shape, 2), x)
+
+
+def _call(progress, sigma, grid=(8, 8), rows=()):
+    return CallInfo(grid, grid[0] * grid[1], 4, progress, sigma, rows)
+
+
+def test_schedule_full_then_pruned_with_refresh_and_reset():
+    method = CATPruning(CATConfig(ratio=0.75, full_percent=0.25, refresh_every=2))
+    state = method.new_run_state()
+    x = torch.zeros(1, 4, 16, 16)
+    modes = []
+    for i in range(10):
+        p = i / 10
+        plan = method.begin_call(state, _call(p, 1 - p), x, 4)
+        state.kv.setdefault(plan.signature, {0: {}})  # the block runner would fill this
+        modes.append("full" if plan.selection is None else plan.selection.shape[1])
+        method.end_call(state, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(i)), (8, 8), 2)
+    # full below 0.25 (3 steps), then 2 pruned steps, 1 refresh, ... ; 16 of 64 tokens kept
+    assert modes == ["full"] * 3 + [16, 16, "full", 16, 16, "full", 16]
+    # the benchmark's step plan decides the same
+    plan = method.step_plan([i / 10 for i in range(10)], 64, 4)
+    assert plan == [64 if m == "full" else m for m in modes]
+    # sigma going up marks a new run: everything is reset
+    method.begin_call(state, _call(0.0, 1.0), x, 4)
+    assert state.call.selection is None and not state.rows
+
+
+def test_ratio_from_a_schedule_is_averaged_over_depth():
+    sched = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.2, 0.2], [0.6, 0.6]])
+    method = CATPruning(CATConfig(ratio=0.9), schedule=sched)
+    assert method.ratio(0.5, num_blocks=3) == pytest.approx(0.4)
+    assert method.n_keep(100, 0.5, 3) == 60
+
+
+def test_invalid_config_raises():
+    with pytest.raises(ValueError, match="ratio"):
+        CATPruning(CATConfig(ratio=1.0))
+    with pytest.raises(ValueError, match="full_percent"):
+        CATPruning(CATConfig(full_percent=1.5))
+
+
+# ---- the embedded reference model -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ref_model():
+    from tools import reference_dit as R
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a shared machine
+    model, _ = R.build_model(R.DiTConfig(image_size=32), seed=0, weights=None)
+    yield model
+    torch.set_num_threads(threads)
+
+
+def test_reference_model_identity_and_determinism(ref_model):
+    from tools import reference_dit as R
+    base = R.sample(ref_model, [1, 2], steps=8)
+    off = R.method_options(CATPruning(CATConfig(start_percent=1.0)), ref_model, "cat")
+    assert torch.equal(R.sample(ref_model, [1, 2], steps=8, transformer_options=off), base)
+    to = R.method_options(CATPruning(CATConfig(full_percent=0.3)), ref_model, "cat")
+    a = R.sample(ref_model, [1, 2], steps=8, transformer_options=to)
+    b = R.sample(ref_model, [1, 2], steps=8, transformer_options=to)  # same options: state resets itself
+    assert torch.equal(a, b) and not torch.equal(a, base)
+    other_seed = float((R.sample(ref_model, [1, 2], steps=8, seed=1) - base).norm())
+    assert float((a - base).norm()) < 0.5 * other_seed
+
+
+def test_reference_model_flops_follow_the_kept_fraction(ref_model):
+    from tools import reference_dit as R
+    steps, cfg = 8, R.DiTConfig(image_size=32)
+    with R.flop_counter() as base_mode:
+        R.sample(ref_model, [1], steps=steps)
+    method = CATPruning(CATConfig(ratio=0.75, full_percent=0.5))
+    with R.flop_counter() as cat_mode:
+        R.sample(ref_model, [1], steps=steps, transformer_options=R.method_options(method, ref_model, "cat"))
+    n_img, n_txt, rows = 256, cfg.txt_len, 2
+    keep = n_img - int(0.75 * n_img)
+    full_steps = 4  # progress 0, 1/8, 2/8, 3/8 < 0.5
+    blocks = [(True, cfg.depth_double), (False, cfg.depth_single)]
+
+    def per_call(n_q):
+        total = 0
+        for double, count in blocks:
+            h, m = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio)
+            linear = (3 * h * h + h * h + 2 * h * m) if double else (h * (3 * h + m) + (h + m) * h)
+            total += count * (2 * n_q * linear + 4 * n_q * (n_img + n_txt) * h)
+        return total
+    saved = rows * (steps - full_steps) * (per_call(n_img + n_txt) - per_call(keep + n_txt))
+    base_total, cat_total = base_mode.get_total_flops(), cat_mode.get_total_flops()
+    # Everything outside the blocks (embedders, final layer, k-means) is unchanged or tiny.
+    assert abs((base_total - cat_total) - saved) < 0.01 * base_total, (base_total, cat_total, saved)
+
+
+# ---- the block runner is exact: pruned tokens see the same keys/values as a full block ----------
+
+def _block_inputs(model, n_side=6, batch=2, seed=0):
+    from tools import reference_dit as R
+    gen = torch.Generator().manual_seed(seed)
+    c = model.config
+    n_img = n_side * n_side
+    img = torch.randn(batch, n_img, c.hidden, generator=gen)
+    txt = torch.randn(batch, c.txt_len, c.hidden, generator=gen)
+    vec = torch.randn(batch, c.hidden, generator=gen)
+    ids = torch.zeros(batch, c.txt_len + n_img, 3)
+    ids[:, c.txt_len:, 1] = (torch.arange(n_img) // n_side).float()
+    ids[:, c.txt_len:, 2] = (torch.arange(n_img) % n_side).float()
+    pe = model.pe_embedder(ids)
+    return img, txt, vec, pe, n_img, R
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_pruned_block_matches_the_full_block_on_selected_tokens(ref_model, kind):
+    from kernels.cat import run_block_pruned
+    from kernels.families import image_span
+    img, txt, vec, pe, n_img, R = _block_inputs(ref_model)
+    family = ref_model.family()
+    n_txt = txt.shape[1]
+    if kind == "double":
+        blk, spec = ref_model.double_blocks[0], family.blocks[0]
+        args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": None, "transformer_options": {}}
+
+        def original(a):
+            i, t = blk(a["img"], a["txt"], a["vec"], a["pe"], transformer_options=a["transformer_options"])
+            return {"img": i, "txt": t}
+    else:
+        blk, spec = ref_model.single_blocks[0], family.blocks[ref_model.config.depth_double]
+        args = {"img": torch.cat([txt, img], 1), "vec": vec, "pe": pe, "attn_mask": None, "transformer_options": {}}
+
+        def original(a):
+            return {"img": blk(a["img"], a["vec"], a["pe"], transformer_options=a["transformer_options"])}
+    span = image_span(spec, args, n_img, n_txt)
+    store = {}
+    full = run_block_pruned(args, original, span, family, None, store)
+    assert torch.equal(full["img"], original(args)["img"]), "capturing keys/values changes nothing"
+    assert store and all(e["k"].shape[2] == n_img for e in store.values())
+    gen = torch.Generator().manual_seed(1)
+    selection = torch.stack([torch.randperm(n_img, generator=gen)[:11].sort().values for _ in range(2)])
+    part = run_block_pruned(args, original, span, family, selection, store)
+    a = span.img_start
+    idx = selection[:, :, None].expand(-1, -1, img.shape[2])
+    got = part["img"][:, a:a + n_img].gather(1, idx)
+    want = full["img"][:, a:a + n_img].gather(1, idx)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    keep = torch.zeros(2, n_img, dtype=torch.bool).scatter_(1, selection, True)
+    assert torch.equal(part["img"][:, a:a + n_img][~keep], args["img"][:, a:a + n_img][~keep])
+    if kind == "double":  # text tokens attend to every image token (cached keys/values)
+        assert torch.allclose(part["txt"], full["txt"], atol=1e-5)
+    else:
+        assert torch.allclose(part["img"][:, :a], full["img"][:, :a], atol=1e-5)
+    # without the cached keys/values (pruned tokens dropped from attention) the result would differ
+    dropped = run_block_pruned(args, original, span, family, selection, {})
+    assert not torch.allclose(dropped["img"][:, a:a + n_img].gather(1, idx), want, atol=1e-3)

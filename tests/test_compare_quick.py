@@ -1,0 +1,87 @@
+"""tools/compare.py on the reference model: the fidelity ordering the README claims.
+
+Uses tools/reference_dit.build_model() through compare.reference_model(): the trained weights
+when tools/weights/reference_dit.safetensors exists (else seeded random init of the training
+config, on which the claim is not expected to mean anything, and the test says which it ran on).
+
+Claims tested (README, "Evidence"), at equal FLOPs against a naive ToMe-style merge (fixed ratio
+in every block, no DTM / CRA / PR, no skipped blocks; its ratio is matched by FLOPs: FLOPs are
+counted over a grid of ratios and PSNR is interpolated between the two ratios that bracket the
+method's FLOPs), PSNR against the unpatched images of the same seeds and classes:
+- CAT at its defaults is closer to the unpatched images than the naive merge, by more than 3 dB
+  (measured on the trained weights: +9.6 dB).
+- SDTM at its defaults is NOT yet: it is 4.5 dB below the naive merge on the trained weights. That
+  test is a strict xfail, so the day SDTM beats the naive merge it fails and the README's
+  statement has to change with it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.sdtm import SDTMConfig
+from tools import compare as C
+from tools import metrics as M
+
+SETTINGS = C.Settings(samples=6, batch=6, sweep_samples=6, steps=10,
+                      naive_sweep=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75))
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from kernels.cat import CATConfig, CATPruning
+    from tools import reference_dit as R
+    model, source = C.reference_model()
+    rows = [C.Row("unpatched", baseline=True), C.sdtm_row("SDTM defaults", SDTMConfig()),
+            C.Row("CAT defaults", lambda m: R.method_options(CATPruning(CATConfig()), m, "cat"))]
+    res = C.run_reference(model, rows, SETTINGS, timing=False, kid=False)
+    return model, source, res
+
+
+def _against_naive(measured, row: str):
+    """(method PSNR, naive-merge PSNR at the method's FLOPs, FLOPs fraction, source)."""
+    model, source, res = measured
+    base, method = res["unpatched"], res[row]
+    assert base.images.shape[0] == SETTINGS.samples and torch.isfinite(method.images).all()
+    assert base.psnr == float("inf") and M.ssim(base.images, base.images) == pytest.approx(1.0)
+    f = method.flops / base.flops
+    assert 0.3 < f < 0.8, f
+    naive = C.sweep(model, base, SETTINGS, "naive", near=f)
+    assert len(naive.points) in (1, 2) and naive.points[0][0] <= f + 1e-9 <= naive.points[-1][0] + 2e-9
+    p_naive, (lo, hi, w) = naive.at(f)
+    print(f"[{source}] {row}: FLOPs {f:.3f} of unpatched, PSNR {method.psnr:.2f} dB, SSIM {method.ssim:.4f}; "
+          f"naive merge at equal FLOPs (ratio between {lo} and {hi}): {p_naive:.2f} dB; points {naive.points}")
+    return method.psnr, p_naive, f, source
+
+
+def test_registry_rows_are_all_reported():
+    rows = C.reference_rows()
+    names = [r.name for r in rows]
+    assert names[0] == "unpatched" and len(set(names)) == len(names)
+    assert any(r.name.startswith("naive merge") and r.baseline for r in rows)
+    assert sum(r.name.startswith("fewer steps") for r in rows) == 2
+    for r in rows:  # every row either runs or says why not
+        assert (r.build is not None or r.baseline) or r.missing, r.name
+        if r.missing:
+            assert r.missing.startswith("not available"), r.missing
+
+
+def test_naive_config_is_plain_tome():
+    c = C.naive_config(0.5)
+    assert (c.dynamic_merge, c.ratio_adjust, c.prompt_reweight, c.skip_first_blocks, c.skip_last_blocks) == \
+        (False, False, False, 0, 0)
+
+
+def test_cat_beats_naive_merge_at_equal_flops(measured):
+    psnr, p_naive, f, source = _against_naive(measured, "CAT defaults")
+    assert psnr > p_naive + 3.0, f"[{source}] CAT defaults {psnr:.2f} dB vs naive merge {p_naive:.2f} dB at {f:.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason="README 'Evidence': on the trained reference model SDTM's defaults are "
+                                       "4.5 dB below the naive merge at equal FLOPs (a known gap, not met yet)")
+def test_sdtm_beats_naive_merge_at_equal_flops(measured):
+    psnr, p_naive, f, source = _against_naive(measured, "SDTM defaults")
+    assert psnr > p_naive, f"[{source}] SDTM defaults {psnr:.2f} dB <= naive merge {p_naive:.2f} dB at {f:.3f}"

@@ -1,0 +1,628 @@
+"""Side-by-side comparison: every token-reduction method against the baselines users would reach for.
+
+    python tools/compare.py                 # full run: 256 images per row on the reference model
+    python tools/compare.py --quick         # reduced samples and repeats (about 2 minutes on 2 cores)
+    python tools/compare.py --samples 512 --sections reference --out compare.md
+    python tools/compare.py --device cuda   # reference model on the GPU; full-size wall time (benchmark.py)
+
+One table per model. Rows come from a registry (`reference_rows`, `host_rows`): a name and a
+function that returns what the sampler needs (transformer_options for tools/reference_dit.sample,
+a patched ModelPatcher for ComfyUI). A method added to the pack adds one entry. Entries whose
+module is missing are printed as "not available" with the reason, never dropped silently.
+
+(a) Reference model (tools/reference_dit.build_model(): the trained weights when
+    tools/weights/reference_dit.safetensors exists, else seeded random init of the training
+    config, labelled as such). Columns: FLOPs per image (torch FlopCounterMode over one sampling
+    run of one image, CFG's unconditional half included), wall time (median of interleaved
+    repeats, ratio to the unpatched row of the same run), peak memory of one timed run (CPU: peak
+    of torch.profiler's recorded tensor allocations minus frees, weights excluded; CUDA:
+    max_memory_allocated above what was held), PSNR and SSIM against the unpatched images of the
+    same seed and class (tools/metrics.py), KID against an independent set of unpatched samples
+    (other seeds; the unpatched row's own KID is the noise floor).
+    Then "fidelity at equal FLOPs": the naive merge's ratio and the step count are swept, and the
+    PSNR of those baselines is interpolated (linearly in FLOPs) at each method's FLOPs.
+(b) Tiny ComfyUI models (tests/host.py builders, random weights) through comfy.sample.sample,
+    with the pack's own node and ComfyUI's EasyCache (LazyCache on SD3, which has no
+    DIFFUSION_MODEL wrapper) and one stack. PSNR on latents, scaled by the unpatched latents'
+    range; random weights, so fidelity here shows how far a method moves the network, not quality.
+(c) Full-size Flux-dev and SD3.5-large (random weights on the meta device): FLOPs per image from
+    tools/benchmark.py's counting; wall time only with --device cuda (benchmark.run_full_size).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from kernels.block_patch import RUNS_KEY  # noqa: E402
+from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from tools import benchmark as B  # noqa: E402
+from tools import metrics as M  # noqa: E402
+from tools import reference_dit as R  # noqa: E402
+
+AGGRESSIVE = SDTMConfig(ratio=0.6, deviation=0.15)
+NAIVE_RATIO = 0.5
+STEP_FRACTIONS = (0.6, 0.5)
+
+
+def naive_config(ratio: float) -> SDTMConfig:
+    """ToMe-style merge: bipartite matching at one fixed ratio in every block, no DTM / CRA / PR."""
+    return SDTMConfig(ratio=ratio, deviation=0.0, dynamic_merge=False, ratio_adjust=False, prompt_reweight=False,
+                      skip_first_blocks=0, skip_last_blocks=0)
+
+
+# ---- the row registry ---------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One table row. `build(model)` returns the sampler's patch (None: unpatched)."""
+
+    name: str
+    build: Callable | None = None
+    steps: float = 1.0            # fraction of the sampling steps, same sampler
+    baseline: bool = False        # a baseline to beat, not a method of the pack
+    missing: str | None = None    # why the row is not available
+
+
+def sdtm_row(name: str, config: SDTMConfig, baseline: bool = False, schedule=None) -> Row:
+    return Row(name, lambda model: R.method_options(SDTM(config, schedule), model, "sdtm"), baseline=baseline)
+
+
+def optional_row(name: str, module: str, build: Callable) -> Row:
+    """A row for a method in `module`: `build(mod, model)` returns transformer_options.
+    A missing module gives a "not available" row that says why."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        return Row(name, missing=f"not available: {module} cannot be imported ({e})")
+    return Row(name, lambda model: build(mod, model))
+
+
+def calibrated_schedule(mod, model, s: "Settings", saving: float = 0.4):
+    """kernels.calibration on the reference model, as the schedule node does it (one unpatched probe
+    pass; classes 0-3, noise seed 100, not an evaluation seed), for the sampler settings `s`; cached."""
+    key = (id(model), s.steps, s.cfg, saving)
+    if key not in _CALIBRATED:
+        def run_pass(probe):
+            R.sample(model, [0, 1, 2, 3], steps=s.steps, cfg=s.cfg, seed=100, device=s.device,
+                     transformer_options=R.method_options(probe, model, "calibration"))
+        weights = mod.step_weights_from_sigmas(R.sigmas(s.steps), R.progress_map())
+        _CALIBRATED[key] = mod.calibrate(run_pass, model.family().num_blocks, model.config.txt_len, saving,
+                                         step_weights=weights).schedule
+    return _CALIBRATED[key]
+
+
+_CALIBRATED: dict = {}
+
+
+def reference_rows(s: "Settings | None" = None) -> list[Row]:
+    s = s or Settings()
+    rows = [Row("unpatched", baseline=True)]
+    rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
+    rows += [sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block)", naive_config(NAIVE_RATIO),
+                      baseline=True),
+             sdtm_row("SDTM defaults", SDTMConfig()),
+             sdtm_row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", AGGRESSIVE)]
+    # Methods that plug in through reference_dit.method_options: one entry each.
+    rows.append(optional_row("CAT pruning (defaults)", "kernels.cat",
+                             lambda mod, model: R.method_options(mod.CATPruning(mod.CATConfig()), model, "cat")))
+    rows.append(optional_row("density schedule (defaults)", "kernels.density",
+                             lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
+                                                                 "density")))
+    rows.append(optional_row("SDTM + calibrated ratio schedule (40% of block FLOPs saved)", "kernels.calibration",
+                             lambda mod, model: R.method_options(
+                                 SDTM(SDTMConfig(), schedule=calibrated_schedule(mod, model, s)), model, "sdtm")))
+    return rows
+
+
+# ---- reference model ----------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    steps: int = 10               # Euler steps of the unpatched run
+    cfg: float = 3.0
+    samples: int = 256            # images per row (PSNR, SSIM, KID)
+    batch: int = 32               # images per sampling call; noise seed = seed + chunk index
+    sweep_samples: int = 64       # first images used for the equal-FLOPs sweep
+    time_images: int = 4          # images per timed run
+    repeats: int = 3
+    kid_subsets: int = 100
+    seed: int = 0
+    naive_sweep: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75)
+    step_fractions: tuple | None = None   # swept step counts as fractions; default every count from 30% to steps - 1
+    device: str = "cpu"
+
+
+QUICK = dict(samples=4, batch=4, sweep_samples=2, time_images=1, repeats=1, kid_subsets=10,
+             naive_sweep=(0.2, 0.4, 0.6, 0.75), step_fractions=(0.3, 0.5, 0.6, 0.8))
+
+
+def reference_model():
+    """(model, source): trained weights if present, else random init of the training config."""
+    if R.WEIGHTS_PATH.is_file():
+        return R.build_model()
+    try:
+        from tools.train_reference import TRAIN_CONFIG
+        config = R.DiTConfig(**TRAIN_CONFIG)
+    except ImportError:
+        config = R.DiTConfig(image_size=64, patch_size=4)
+    return R.build_model(config, seed=0, weights=None)
+
+
+def row_steps(row: Row, s: Settings) -> int:
+    return max(1, round(s.steps * row.steps))
+
+
+def class_ids(n: int, num_classes: int) -> list[int]:
+    return [i % num_classes for i in range(n)]
+
+
+def _tokens(to) -> tuple[int, int]:
+    runs = (to or {}).get(RUNS_KEY, {})
+    return sum(r.tokens_computed for r in runs.values()), sum(r.tokens_in for r in runs.values())
+
+
+def generate(model, row: Row, s: Settings, n: int, seed_offset: int = 0):
+    """(images (n, C, H, W), image tokens computed / in) for the first n images of the row."""
+    ids = class_ids(n, model.config.num_classes)
+    out, comp, tin = [], 0, 0
+    for j, start in enumerate(range(0, n, s.batch)):
+        to = row.build(model) if row.build else None
+        out.append(R.sample(model, ids[start:start + s.batch], steps=row_steps(row, s), cfg=s.cfg,
+                            seed=s.seed + seed_offset + j, transformer_options=to, device=s.device).cpu())
+        c, i = _tokens(to)
+        comp, tin = comp + c, tin + i
+    return torch.cat(out), (comp / tin if tin else 1.0)
+
+
+def flops_per_image(model, row: Row, s: Settings) -> int:
+    """FLOPs of one sampling run of one image (class 0), CFG's unconditional half included."""
+    to = row.build(model) if row.build else None
+    with R.flop_counter() as fc:
+        R.sample(model, [0], steps=row_steps(row, s), cfg=s.cfg, seed=s.seed, transformer_options=to,
+                 device=s.device)
+    return fc.get_total_flops()
+
+
+def peak_memory(fn, device: str) -> int:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - held
+    return B.cpu_peak_bytes(fn)
+
+
+def _timed(fn, device) -> float:
+    B.sync(device)
+    t0 = time.perf_counter()
+    fn()
+    B.sync(device)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Result:
+    row: Row
+    flops: int = 0
+    images: torch.Tensor | None = None
+    tokens: float = 1.0
+    times: list = field(default_factory=list)
+    memory: int = 0
+    psnr: float = math.nan
+    ssim: float = math.nan
+    kid: tuple = (math.nan, math.nan)
+    error: str | None = None
+    run: Callable | None = None   # host rows: one timed sampling run
+
+
+def run_reference(model, rows: list[Row], s: Settings, timing: bool = True, kid: bool = True) -> dict:
+    """Measure every available row; returns {name: Result}. Row 0 must be the unpatched row."""
+    res = {}
+    for row in rows:
+        r = res[row.name] = Result(row)
+        if row.missing:
+            continue
+        try:
+            r.flops = flops_per_image(model, row, s)
+            r.images, r.tokens = generate(model, row, s, s.samples)
+        except Exception as e:  # a method that fails is reported in its row, with the error
+            r.error = f"FAILED: {type(e).__name__}: {e}"
+    ok = [r for r in res.values() if r.row.missing is None and r.error is None]
+    base = res[rows[0].name]
+    if timing:
+        ids = class_ids(s.time_images, model.config.num_classes)
+
+        def run(r):
+            to = r.row.build(model) if r.row.build else None
+            return lambda: R.sample(model, ids, steps=row_steps(r.row, s), cfg=s.cfg, seed=s.seed,
+                                    transformer_options=to, device=s.device)
+        for _ in range(max(s.repeats, 1)):
+            for r in ok:  # interleaved: load from other processes hits every row alike
+                r.times.append(_timed(run(r), s.device))
+        for r in ok:
+            r.memory = peak_memory(run(r), s.device)
+    if kid:
+        ext = M.RandomFeatures(device=s.device)
+        ref_images, _ = generate(model, rows[0], s, s.samples, seed_offset=1_000_003)
+        ref = ext(ref_images)
+    for r in ok:
+        r.psnr = R.psnr(r.images, base.images)
+        r.ssim = M.ssim(r.images, base.images)
+        if kid:
+            r.kid = M.kid(ext(r.images), ref, subsets=s.kid_subsets, subset_size=max(2, s.samples // 2))
+    return res
+
+
+def _db(x: float) -> str:
+    return "inf" if x == math.inf else ("-" if math.isnan(x) else f"{x:.2f}")
+
+
+def report_reference(rep: B.Report, res: dict, s: Settings, source: str, model):
+    c = model.config
+    base = next(iter(res.values()))
+    rep(f"## (a) Reference DiT: {source}")
+    rep()
+    if source.startswith("trained") and hasattr(R, "weights_metadata"):
+        meta = R.weights_metadata(R.WEIGHTS_PATH)
+        rep("Weights: " + ", ".join(f"{k} {meta[k]}" for k in ("steps", "final_loss", "complete", "date") if k in meta))
+        rep()
+    rep(f"{c.depth_double} double + {c.depth_single} single blocks, hidden {c.hidden}; "
+        f"{c.image_size}x{c.image_size} px, "
+        f"patch {c.patch_size} -> {(c.image_size // c.patch_size) ** 2} image + {c.txt_len} text tokens; Euler "
+        f"{s.steps} steps, CFG {s.cfg}; {s.samples} images per row (classes 0..{c.num_classes - 1} in turn, noise "
+        f"seeds {s.seed}+chunk of {s.batch}); wall time: median of {s.repeats} interleaved runs of {s.time_images} "
+        f"images on {torch.get_num_threads()} torch threads.")
+    rep()
+    rows = []
+    bt = statistics.median(base.times) if base.times else None
+    for r in res.values():
+        if r.row.missing or r.error:
+            rows.append([r.row.name] + [r.row.missing or r.error] + [""] * 8)
+            continue
+        t = statistics.median(r.times) if r.times else None
+        rows.append([r.row.name, f"{r.flops / 1e9:.2f}", f"{r.flops / base.flops:.3f}", f"{100 * r.tokens:.1f}%",
+                     "-" if t is None else f"{t:.2f} s", "-" if t is None else f"{t / bt:.3f}",
+                     "-" if not r.memory else f"{r.memory / 2**20:.1f}", _db(r.psnr),
+                     "-" if math.isnan(r.ssim) else f"{r.ssim:.4f}",
+                     "-" if math.isnan(r.kid[0]) else f"{1e3 * r.kid[0]:.2f} ± {1e3 * r.kid[1]:.2f}"])
+    rep.table(["row", "GFLOPs / image", "FLOPs / unpatched", "image tokens computed", "wall time (median)",
+               "time / unpatched", "peak memory MiB", "PSNR dB", "SSIM", "KID x1e3 (± std)"], rows)
+    mem = ("CUDA max_memory_allocated above what was held" if torch.device(s.device).type == "cuda" else
+           "peak of torch.profiler's recorded tensor allocations minus frees (CPU, op granularity; weights and "
+           "inputs excluded)")
+    hits = [r.row.name for r in res.values() if r.row.missing is None and r.error is None
+            and r.flops <= 0.5 * base.flops and r.psnr >= 30.0]
+    rep(f"Rows with at most half the unpatched FLOPs and PSNR >= 30 dB: {', '.join(hits) if hits else 'none'}.")
+    rep()
+    rep(f"Peak memory: one timed run of {s.time_images} images; {mem}. PSNR / SSIM: against the unpatched images of "
+        f"the same seed and class (pixel fidelity, not quality). KID: random-feature KID (tools/metrics.py) against "
+        f"{s.samples} unpatched images of other seeds; the unpatched row is the noise floor; mean ± std over "
+        f"{s.kid_subsets} random subsets of {max(2, s.samples // 2)} images per set.")
+    rep()
+
+
+# ---- fidelity at equal FLOPs --------------------------------------------------------------------------
+
+@dataclass
+class Curve:
+    name: str
+    points: list      # (FLOPs / unpatched, PSNR dB, setting), sorted by FLOPs
+
+    def at(self, f: float):
+        """(PSNR, setting) linearly interpolated at FLOPs fraction f, or None outside the swept range."""
+        pts = self.points
+        if not pts or f < pts[0][0] - 1e-9 or f > pts[-1][0] + 1e-9:
+            return None
+        for (f0, p0, s0), (f1, p1, s1) in zip(pts, pts[1:]):
+            if f0 - 1e-9 <= f <= f1 + 1e-9:
+                w = 0.0 if f1 == f0 else (f - f0) / (f1 - f0)
+                return p0 + w * (p1 - p0), (s0, s1, w)
+        return pts[0][1], (pts[0][2], pts[0][2], 0.0)
+
+
+def sweep(model, base: Result, s: Settings, kind: str, near: float | None = None) -> Curve:
+    """PSNR vs FLOPs of the naive merge over its ratio, or of the unpatched model over its step count.
+
+    With `near` (a FLOPs fraction), only the two sweep points around it are sampled (FLOPs are
+    counted for all first, on one image each): enough to interpolate at that one point.
+    """
+    n = min(s.sweep_samples, s.samples)
+    if kind == "naive":
+        rows = [sdtm_row(f"{r}", naive_config(r)) for r in s.naive_sweep]
+    else:
+        if s.step_fractions:
+            counts = sorted({max(1, round(f * s.steps)) for f in s.step_fractions} - {s.steps})
+        else:
+            counts = range(max(1, math.ceil(0.3 * s.steps)), s.steps)
+        rows = [Row(f"{k}", steps=k / s.steps) for k in counts]
+    fl = sorted((flops_per_image(model, row, s) / base.flops, i) for i, row in enumerate(rows))
+    if near is not None:
+        below = [p for p in fl if p[0] <= near]
+        above = [p for p in fl if p[0] >= near]
+        fl = sorted(set(below[-1:] + above[:1]))
+    pts = []
+    for f, i in fl:
+        images, _ = generate(model, rows[i], s, n)
+        pts.append((f, R.psnr(images, base.images[:n]), rows[i].name))
+    return Curve("naive merge (ratio)" if kind == "naive" else "fewer steps (count)", sorted(pts))
+
+
+def equal_flops(res: dict, curves: list[Curve], s: Settings) -> list[dict]:
+    """Per method row: its PSNR on the sweep images and each baseline curve's PSNR at its FLOPs."""
+    base = next(iter(res.values()))
+    n = min(s.sweep_samples, s.samples)
+    out = []
+    for r in res.values():
+        if r.row.baseline or r.row.missing or r.error:
+            continue
+        f = r.flops / base.flops
+        entry = {"name": r.row.name, "flops": f, "psnr": R.psnr(r.images[:n], base.images[:n]), "curves": {}}
+        for c in curves:
+            entry["curves"][c.name] = c.at(f)
+        out.append(entry)
+    return out
+
+
+def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s: Settings):
+    n = min(s.sweep_samples, s.samples)
+    rep(f"### (a) Fidelity at equal FLOPs (PSNR vs unpatched, first {n} images)")
+    rep()
+    for c in curves:
+        rep(f"- {c.name} sweep: " + ", ".join(f"{k} -> {f:.3f} FLOPs, {_db(p)} dB" for f, p, k in c.points))
+    rep()
+    header = ["method", "FLOPs / unpatched", "method PSNR dB"]
+    for c in curves:
+        header += [f"{c.name} PSNR at equal FLOPs", "method - baseline dB"]
+    rows = []
+    for e in table:
+        row = [e["name"], f"{e['flops']:.3f}", _db(e["psnr"])]
+        for c in curves:
+            hit = e["curves"][c.name]
+            if hit is None:
+                row += ["outside the swept range", "-"]
+            else:
+                p, (a, b, w) = hit
+                row += [f"{_db(p)} (between {a} and {b})", f"{e['psnr'] - p:+.2f}"]
+        rows.append(row)
+    rep.table(header, rows)
+    rep("Baseline PSNR is interpolated linearly in FLOPs between the two neighbouring sweep points "
+        "(for step counts this stands for a fractional step count).")
+    rep()
+
+
+# ---- (b) tiny ComfyUI models --------------------------------------------------------------------------
+
+def host_rows(family: str) -> list[Row]:
+    """Rows for a tiny host model; build(patcher) returns a patched ModelPatcher (None: unpatched)."""
+    import host as H
+
+    def node(cfg: SDTMConfig):
+        inputs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
+        return lambda m: H.run_node(H.pack_nodes()["SDTMPatchModel"], model=m, **inputs)[0]
+
+    try:
+        from comfy_extras import nodes_easycache as EC
+    except Exception as e:  # noqa: BLE001  (reported in the table)
+        EC, ec_err = None, f"not available: comfy_extras.nodes_easycache ({type(e).__name__}: {e})"
+    cache_cls = None if EC is None else (EC.LazyCacheNode if family == "sd3" else EC.EasyCacheNode)
+    cache_name = "LazyCache" if family == "sd3" else "EasyCache"
+
+    def cache(threshold):
+        return lambda m: H.run_node(cache_cls, model=m, reuse_threshold=threshold, start_percent=0.15,
+                                    end_percent=0.95, verbose=False)[0]
+
+    rows = [Row("unpatched", baseline=True)]
+    rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
+    rows += [Row(f"naive merge (ratio {NAIVE_RATIO}, every block)", node(naive_config(NAIVE_RATIO)), baseline=True),
+             Row("SDTM defaults (node)", node(SDTMConfig())),
+             Row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", node(AGGRESSIVE))]
+    for label, thr in (("default, threshold 0.2", 0.2), ("stronger, threshold 0.5", 0.5)):
+        name = f"ComfyUI {cache_name} ({label})"
+        rows.append(Row(name, cache(thr), baseline=True) if cache_cls else Row(name, missing=ec_err))
+    name = f"stack: SDTM defaults + {cache_name} 0.2"
+    rows.append(Row(name, (lambda m: cache(0.2)(node(SDTMConfig())(m)))) if cache_cls else Row(name, missing=ec_err))
+    return rows
+
+
+def run_host(rep: B.Report, quick: bool, steps: int):
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import host as H
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    err = H.import_host()
+    rep("## (b) Tiny ComfyUI models through comfy.sample.sample (random weights)")
+    rep()
+    if err:
+        rep(f"Not available: {err}")
+        rep()
+        return
+    # One latent per sampling run: ComfyUI 0.3.64's EasyCache.apply_cache_diff adds each cond's cached diff to
+    # the whole batch, which fails (or, with batch 1, mixes cond and uncond diffs) for batched latents.
+    n, repeats, px = (1, 1, 256) if quick else (4, 3, 256)
+    # Deep enough that skip_first / skip_last (1 / 1 by default) leave blocks to merge.
+    for family, make, depth in (("flux", H.tiny_flux, dict(depth=2, depth_single=4)),
+                                ("sd3", H.tiny_sd3, dict(depth=3))):
+        patcher = make(seed=0, **depth)
+        rows = host_rows(family)
+        res = {}
+        for row in rows:
+            r = res[row.name] = Result(row)
+            if row.missing:
+                continue
+            m = row.build(patcher) if row.build else patcher
+            k = max(1, round(steps * row.steps))
+            r.run = lambda m=m, k=k: torch.cat([H.sample(m, seed=i, steps=k, height=px, width=px) for i in range(n)])
+            with R.flop_counter() as fc:
+                H.sample(m, seed=0, steps=k, height=px, width=px, batch=1)
+            r.flops = fc.get_total_flops()
+            r.images = r.run()
+        ok = [r for r in res.values() if r.row.missing is None]
+        for _ in range(repeats):
+            for r in ok:
+                r.times.append(_timed(r.run, "cpu"))
+        for r in ok:
+            r.memory = B.cpu_peak_bytes(r.run)
+        base = res["unpatched"]
+        lo, hi = base.images.min(), base.images.max()
+
+        def scaled(x):
+            return 2 * (x - lo) / (hi - lo) - 1
+        kw = ", ".join(f"{k}={v}" for k, v in depth.items())
+        rep(f"### {family}: tests/host.tiny_{family}({kw}) ({px}x{px} px -> {(px // 16) ** 2} image tokens), "
+            f"{steps} steps euler/simple, CFG 3, {n} latents (seeds 0..{n - 1}); wall time: median of {repeats} "
+            f"interleaved runs")
+        rep()
+        table = []
+        bt = statistics.median(base.times)
+        for r in res.values():
+            if r.row.missing:
+                table.append([r.row.name, r.row.missing, "", "", "", "", ""])
+                continue
+            t = statistics.median(r.times)
+            table.append([r.row.name, f"{r.flops / 1e9:.3f}", f"{r.flops / base.flops:.3f}", f"{t:.2f} s",
+                          f"{t / bt:.3f}", f"{r.memory / 2**20:.1f}",
+                          _db(R.psnr(scaled(r.images), scaled(base.images)))])
+        rep.table(["row", "GFLOPs / latent", "FLOPs / unpatched", "wall time", "time / unpatched",
+                   "peak memory MiB", "PSNR dB (latents, unpatched range)"], table)
+    rep("EasyCache skips whole model calls when the output is predicted to change little, so its FLOPs "
+        "count what really ran. SD3 uses LazyCache: ComfyUI's MMDiT has no DIFFUSION_MODEL wrapper for EasyCache.")
+    rep()
+
+
+# ---- (c) full-size architectures: FLOPs ---------------------------------------------------------------
+
+def run_full_size(rep: B.Report, quick: bool, device: str, no_host: bool):
+    host = B.load_host(device, no_host)
+    rep("## (c) Full-size architectures, 1024x1024, 28 steps: FLOPs per image (meta device, random weights)")
+    rep()
+    rep(f"Blocks: {host.desc}. Counting: tools/benchmark.py count_flops (embedders and final layer included "
+        f"where the host provides them).")
+    rep()
+    notes: list = []
+    methods = [("SDTM defaults", SDTM(SDTMConfig())), ("SDTM aggressive", SDTM(AGGRESSIVE)),
+               (f"naive merge (ratio {NAIVE_RATIO}, every block)", SDTM(naive_config(NAIVE_RATIO)))]
+    rows = []
+    for arch in (B.FLUX, B.SD35):
+        base = None
+        for name, method in methods:
+            r = B.count_flops(host, arch, notes, reuse_replace=quick, method=method)
+            nb = r.nonblock or 0
+            if base is None:
+                base = r.per_image((r.base_call + nb) * arch.steps)
+                rows.append([arch.title, "unpatched", B._g(base), "1.000", "1.00x"])
+                for f in STEP_FRACTIONS:
+                    k = round(arch.steps * f)
+                    rows.append([arch.title, f"fewer steps ({int(100 * f)}%)", B._g(base * k / arch.steps),
+                                 f"{k / arch.steps:.3f}", f"{arch.steps / k:.2f}x"])
+            m = r.per_image(sum(r.sdtm_calls) + nb * arch.steps)
+            rows.append([arch.title, name, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"])
+    rep.table(["model", "row", "GFLOPs / image", "FLOPs / unpatched", "FLOP speedup"], rows)
+    for n in dict.fromkeys(notes):
+        rep(f"- {n}")
+    if torch.device(device).type == "cuda":
+        dev_name = f"CUDA {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+        B.run_full_size(host, rep, dev_name, "cuda", torch.bfloat16, quick, notes, ((B.FLUX, 1), (B.SD35, 2)))
+    else:
+        rep("Wall time of the full-size models: only with --device cuda (CPU cannot run them usefully).")
+    rep()
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="few samples and repeats (about 2 minutes on 2 cores)")
+    p.add_argument("--samples", type=int, help="images per row on the reference model (default 256, quick 8)")
+    p.add_argument("--sweep-samples", type=int, help="images per point of the equal-FLOPs sweeps (default 64)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps of the unpatched runs")
+    p.add_argument("--repeats", type=int, help="timed runs per row (default 3, quick 1)")
+    p.add_argument("--sections", default="reference,host,full", help="comma list of reference, host, full")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings on a "
+                                                          "shared CPU; 0 = torch's default)")
+    p.add_argument("--no-host", action="store_true", help="skip ComfyUI: no host models, fallback blocks for FLOPs")
+    p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    return p.parse_args(argv)
+
+
+def settings_from(args) -> Settings:
+    s = Settings(steps=args.steps, device=args.device, **(QUICK if args.quick else {}))
+    for name in ("samples", "sweep_samples", "repeats"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    s.batch = min(s.batch, s.samples)
+    return s
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args, sys.argv[1:] if argv is None else list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args, argv: list[str]) -> dict:
+    t_start = time.perf_counter()
+    s = settings_from(args)
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    rep = B.Report()
+    machine = (f"CUDA {torch.cuda.get_device_name(0)}" if args.device == "cuda" else
+               f"CPU {B.cpu_name()}, {torch.get_num_threads()} torch threads ({__import__('os').cpu_count()} cores)")
+    rep(f"# Side-by-side comparison ({'quick' if args.quick else 'full'})")
+    rep()
+    rep(f"- Machine: {machine}; {platform.system()} {platform.machine()}; torch {torch.__version__}")
+    rep(f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    rep(f"- Command: `python tools/compare.py {shlex.join(argv)}`")
+    rep()
+    out = {}
+    if "reference" in sections:
+        model, source = reference_model()
+        model = model.to(s.device)
+        rows = reference_rows(s)
+        res = run_reference(model, rows, s)
+        report_reference(rep, res, s, source, model)
+        base = res[rows[0].name]
+        curves = [sweep(model, base, s, "naive"), sweep(model, base, s, "steps")]
+        table = equal_flops(res, curves, s)
+        report_equal_flops(rep, curves, table, s)
+        out["reference"] = {"source": source, "results": res, "curves": curves, "equal_flops": table}
+    if "host" in sections and not args.no_host:
+        run_host(rep, args.quick, 20 if not args.quick else 12)
+    if "full" in sections:
+        run_full_size(rep, args.quick, args.device, args.no_host)
+    rep(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
+    if args.out:
+        args.out.write_text("\n".join(rep.lines) + "\n")
+    out["report"] = "\n".join(rep.lines)
+    return out
+
+
+if __name__ == "__main__":
+    main()
