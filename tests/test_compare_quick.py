@@ -9,8 +9,8 @@ in every block, no DTM / CRA / PR, no skipped blocks; its ratio is matched by FL
 counted over a grid of ratios and PSNR is interpolated between the two ratios that bracket the
 method's FLOPs), PSNR against the unpatched images of the same seeds and classes:
 - CAT at its defaults is closer to the unpatched images than the naive merge, by more than 3 dB
-  (measured on the trained weights: +9.6 dB).
-- SDTM at its defaults is NOT yet: it is 4.5 dB below the naive merge on the trained weights. That
+  (measured on the trained weights: +9.4 dB).
+- SDTM at its defaults is NOT yet: it is 4.2 dB below the naive merge on the trained weights. That
   test is a strict xfail, so the day SDTM beats the naive merge it fails and the README's
   statement has to change with it.
 """
@@ -81,7 +81,7 @@ def test_cat_beats_naive_merge_at_equal_flops(measured):
 
 
 @pytest.mark.xfail(strict=True, reason="README 'Evidence': on the trained reference model SDTM's defaults are "
-                                       "4.5 dB below the naive merge at equal FLOPs (a known gap, not met yet)")
+                                       "4.2 dB below the naive merge at equal FLOPs (a known gap, not met yet)")
 def test_sdtm_beats_naive_merge_at_equal_flops(measured):
     psnr, p_naive, f, source = _against_naive(measured, "SDTM defaults")
     assert psnr > p_naive, f"[{source}] SDTM defaults {psnr:.2f} dB <= naive merge {p_naive:.2f} dB at {f:.3f}"
