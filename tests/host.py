@@ -201,7 +201,7 @@ def _build(config, seed, dtype):
 
 def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int = 64, width: int = 64,
            batch: int = 1, denoise: float = 1.0, latent=None, context_len: int = 16, sampler: str = "euler",
-           scheduler: str = "simple"):
+           scheduler: str = "simple", noise_mask=None):
     """comfy.sample.sample with CFG and random text conditioning; returns the latent."""
     import torch
     import comfy.sample
@@ -213,4 +213,4 @@ def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int =
         latent = torch.zeros(batch, 16, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
-                               denoise=denoise, disable_pbar=True, seed=seed)
+                               denoise=denoise, disable_pbar=True, seed=seed, noise_mask=noise_mask)
