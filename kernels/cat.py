@@ -182,7 +182,13 @@ def staleness_bound(n: int, n_keep: int, balance: float) -> int:
 
 
 def patchify(noise: torch.Tensor, grid, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, C*p*p) on the token grid (the model pads the latent the same way)."""
+    """(B, C, H, W) -> (B, N, C*p*p) on the token grid (the model pads the latent the same way).
+    Video / 5-D latents (B, C, T, H, W), time patched by 1 (Wan, Qwen-Image): tokens in (t, h, w)
+    raster order, as those models flatten them."""
+    if noise.ndim == 5:
+        b, c, t, h, w = noise.shape
+        frames = patchify(noise.transpose(1, 2).reshape(b * t, c, h, w), grid[-2:], patch)
+        return frames.reshape(b, t * frames.shape[1], frames.shape[2])
     b, c, h, w = noise.shape
     gh, gw = grid
     x = F.pad(noise, (0, gw * patch - w, 0, gh * patch - h))
@@ -191,7 +197,11 @@ def patchify(noise: torch.Tensor, grid, patch: int) -> torch.Tensor:
 
 
 def unpatchify(tokens: torch.Tensor, shape, patch: int) -> torch.Tensor:
-    """Inverse of patchify, cropped to shape (B, C, H, W)."""
+    """Inverse of patchify, cropped to shape (B, C, H, W) or (B, C, T, H, W)."""
+    if len(shape) == 5:
+        b, c, t, h, w = shape
+        frames = unpatchify(tokens.reshape(b * t, -1, tokens.shape[2]), (b * t, c, h, w), patch)
+        return frames.reshape(b, t, c, h, w).transpose(1, 2)
     b, c, h, w = shape
     gh, gw = math.ceil(h / patch), math.ceil(w / patch)
     x = tokens.reshape(b, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
@@ -295,7 +305,7 @@ class CATPruning:
         if state.last_sigma is not None and sigma != state.last_sigma:  # a new step
             state.pruned_since_full = 0 if state.last_full else state.pruned_since_full + 1
         state.last_sigma = sigma
-        if not self.is_active(call.progress) or len(call.grid) != 2:
+        if not self.is_active(call.progress) or len(call.grid) not in (2, 3):
             state.last_full = True
             state.call = None  # outside the window: the unpatched model, nothing recorded
             return None
@@ -431,10 +441,16 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
             pidx = selection.view(*view).expand(*pe.shape[:d], k, *pe.shape[d + 1:])
             new_args["pe"] = torch.cat([pe.narrow(d, 0, p0), pe.narrow(d, p0, span.n_img).gather(d, pidx),
                                         pe.narrow(d, p0 + span.n_img, pe.shape[d] - p0 - span.n_img)], dim=d)
+        vec = args.get("vec")
+        if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1:
+            # Per-token modulation (Wan 2.2 TI2V): the selected tokens keep their own.
+            vidx = selection.view(bsz, k, *([1] * (vec.ndim - 2))).expand(bsz, k, *vec.shape[2:])
+            new_args["vec"] = torch.cat([vec[:, :a], vec[:, a:b].gather(1, vidx), vec[:, b:]], dim=1)
     to = args.get("transformer_options") or {}
     new_to = dict(to)
     new_to[ATTENTION_OVERRIDE_KEY] = _cached_kv_attention(to.get(ATTENTION_OVERRIDE_KEY), kv_store, offset,
-                                                          span.n_img, selection)
+                                                          span.n_img, selection,
+                                                          first_call_only=getattr(span, "cross_attention", False))
     new_args["transformer_options"] = new_to
     out = original_block(new_args)
     if selection is None:
@@ -446,12 +462,14 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
     return out
 
 
-def _cached_kv_attention(previous, kv_store: dict, offset: int, n_img: int, selection):
+def _cached_kv_attention(previous, kv_store: dict, offset: int, n_img: int, selection,
+                         first_call_only: bool = False):
     """Attention override that stores (selection None) or completes (selection) image keys/values.
 
     Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only
     attention (SD3.5's second attention) sees the image alone. Calls are told apart by their
-    order inside the block. Any other call passes through.
+    order inside the block. Any other call passes through; with `first_call_only` (Wan: the
+    block's later attention is cross-attention to the text) every call after the first does.
     """
     ordinal = [0]
 
@@ -461,7 +479,9 @@ def _cached_kv_attention(previous, kv_store: dict, offset: int, n_img: int, sele
         i = ordinal[0]
         ordinal[0] += 1
         n_keys = k.shape[seq]
-        if selection is None:
+        if first_call_only and i > 0:
+            pass
+        elif selection is None:
             start = offset if n_keys >= offset + n_img else (0 if n_keys == n_img else None)
             if start is not None:
                 entry = kv_store.get(i)

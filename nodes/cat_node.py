@@ -4,11 +4,12 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.cat import CATConfig, CATPruning
-from .patching import UnsupportedModelError, detect_family, install
+from .patching import SUPPORTED_FAMILIES, UnsupportedModelError, detect_family, install
 from .types import TokenRatioScheduleType
 
 DEFAULTS = CATConfig()
-CAT_FAMILIES = ("Flux", "Chroma", "SD3")  # 2-D token grids with joint attention, host-tested
+CAT_FAMILIES = ("Flux", "Chroma", "SD3", "WanModel", "VaceWanModel", "CameraWanModel",
+                "QwenImage")  # host-tested token layouts
 
 
 class CATPruningPatchModel(io.ComfyNode):
@@ -25,7 +26,7 @@ class CATPruningPatchModel(io.ComfyNode):
                 "the least recently computed ones); the others reuse their cached keys/values and noise. "
                 "Place between the model loader and the sampler."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5)."),
+                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5, Wan, Qwen-Image)."),
                 io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.95, step=0.01,
                                tooltip="Fraction of image tokens NOT computed in each pruned step (paper: 0.7). "
                                        "Higher is faster and less faithful. 0 disables pruning."),
@@ -66,7 +67,7 @@ class CATPruningPatchModel(io.ComfyNode):
         if info.family.name not in CAT_FAMILIES:
             raise UnsupportedModelError(
                 f"CAT Cached Token Pruning cannot patch this model: its family is {info.family.name}. "
-                f"Supported families: Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 (MMDiT).")
+                f"Supported families: {SUPPORTED_FAMILIES}.")
         patched = model.clone()
         install(patched, method, "cat", info)
         return io.NodeOutput(patched)

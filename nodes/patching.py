@@ -151,7 +151,7 @@ def install(model, method, method_key: str, info: ModelInfo):
                                                  row_keys(transformer_options, x.shape[0]))
         state = begin_call(method, transformer_options, method_key, info.family, x)
         out = executor(*args, **kwargs)
-        if state is not None and len(grid) == 2 and bool((sigma > 0).all()):
+        if state is not None and len(grid) in (2, 3) and bool((sigma > 0).all()):
             # The model returns the denoised latent; the method works on the predicted noise
             # (x - denoised) / sigma, which is eps for eps models and the velocity for flow models.
             s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(out.dtype)

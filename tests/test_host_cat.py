@@ -286,15 +286,49 @@ def test_stacking_with_sdtm_is_refused_clearly(host, cat_node, defaults):
 
 
 def test_unsupported_model_is_rejected(host, cat_node, defaults):
-    """Wan has a 3-D token grid and cross-attention text: the pack supports it, CAT does not (yet)."""
-    model = host.tiny_wan()
+    """Lumina 2 / Z-Image gets no per-block hook in this ComfyUI: refused, by name, model untouched."""
+    from test_host_sdtm import _tiny_lumina2
+    model = _tiny_lumina2(host)
     before = snapshot(model)
     with pytest.raises(ValueError) as info:
         patch(host, cat_node, model, **defaults)
     assert type(info.value).__name__ == "UnsupportedModelError"
     msg = str(info.value)
-    assert "CAT" in msg and "Wan" in msg and all(f in msg for f in ("Flux", "Chroma", "SD3")), msg
+    assert "CAT" in msg and "NextDiT" in msg and all(f in msg for f in ("Flux", "Chroma", "SD3", "Wan")), msg
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_pruned_wan_block_matches_the_full_block(host):
+    """On the host's own Wan block (self-attention, then cross-attention to the text): with the cache
+    filled from the same input, the selected tokens' outputs equal the full block's. The text is
+    longer than the image here, so a cache that took the cross-attention's text keys for image keys
+    would fail."""
+    import importlib
+    host.load_pack()
+    cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")
+    families = importlib.import_module(f"{host.PACK_NAME}.kernels.families")
+    dm = host.tiny_wan().model.diffusion_model
+    blk = dm.blocks[0]
+    gen = torch.Generator().manual_seed(0)
+    grid, n_txt, dim = (2, 3, 2), 16, dm.dim
+    n_img = 12
+    freqs = dm.rope_encode(grid[0], grid[1] * 2, grid[2] * 2, device=torch.device("cpu"), dtype=torch.float32)
+    args = {"img": torch.randn(2, n_img, dim, generator=gen), "txt": torch.randn(2, n_txt, dim, generator=gen),
+            "vec": torch.randn(2, 1, 6, dim, generator=gen) * 0.1, "pe": freqs, "transformer_options": {}}
+
+    def original(a):
+        return {"img": blk(a["img"], e=a["vec"], freqs=a["pe"], context=a["txt"], context_img_len=None,
+                           transformer_options=a["transformer_options"])}
+    family = families.wan_family("WanModel", 1)
+    span = families.image_span(family.blocks[0], args, n_img, 0)
+    store = {}
+    with torch.no_grad():
+        full = cat.run_block_pruned(args, original, span, family, None, store)
+        assert len(store) == 1, "only the self-attention's keys/values are image keys"
+        selection = torch.stack([torch.randperm(n_img, generator=gen)[:5].sort().values for _ in range(2)])
+        part = cat.run_block_pruned(args, original, span, family, selection, store)
+    idx = selection[:, :, None].expand(-1, -1, dim)
+    assert torch.allclose(part["img"].gather(1, idx), full["img"].gather(1, idx), atol=1e-5)
 
 
 def test_chroma_and_kontext_reference_tokens(host, cat_node, defaults):

@@ -2,10 +2,12 @@
 
 Every test takes the `host` fixture and skips, with the reason, without a ComfyUI checkout.
 """
+import logging
+
 import torch
 
 from test_host_layouts import _patched_with_spy
-from test_host_sdtm import assert_same_snapshot, snapshot
+from test_host_sdtm import SUMMARY, assert_same_snapshot, snapshot
 
 SDTM_DEFAULTS = dict(ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0,
                      skip_last_blocks=0, dynamic_merge=True, ratio_adjust=True, prompt_reweight=True,
@@ -107,12 +109,30 @@ def test_density_schedule_on_wan_and_qwen_image(host):
         assert 1e-3 < _rel(out, base) < 0.45, _rel(out, base)
 
 
-def test_cat_refuses_wan_and_qwen_image_by_name(host):
-    """CAT's noise cache is laid out for 2-D latents: video and Qwen's 5-D latents are refused at
-    patch time with the family named, not run unpatched in silence."""
-    import pytest
+def test_cat_on_wan_and_qwen_image(host, monkeypatch, caplog):
+    """CAT on the (T, H, W) grids of Wan and Qwen-Image: identity window exact, only a fraction of the
+    tokens computed in pruned steps, output finite and near unpatched, input MODEL untouched, and
+    cond/uncond batched or called one by one agree (the cache is per conditioning and row)."""
+    import comfy.model_management
     node = host.pack_nodes()["CATPruningPatchModel"]
     d = _node_defaults(node)
-    for model, name in ((host.tiny_wan(), "Wan"), (host.tiny_qwen_image(), "Qwen")):
-        with pytest.raises(ValueError, match=name):
-            host.run_node(node, model=model, **d)
+    for model, latent in ((host.tiny_wan(layers=3), torch.zeros(1, 16, 3, 10, 14)),
+                          (host.tiny_qwen_image(layers=3), torch.zeros(1, 16, 1, 16, 12))):
+        kw = dict(latent=latent, steps=8)
+        base = host.sample(model, **kw)
+        before = snapshot(model)
+        (identity,) = host.run_node(node, model=model, **{**d, "start_percent": 1.0})
+        assert torch.equal(host.sample(identity, **kw), base)
+        (patched,) = host.run_node(node, model=model, **d)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="token_reduction"):
+            out = host.sample(patched, **kw)
+        found = [m for m in (SUMMARY.search(r.getMessage()) for r in caplog.records) if m]
+        assert len(found) == 1 and 40.0 < float(found[0].group(1)) < 90.0, [r.getMessage() for r in caplog.records]
+        assert_same_snapshot(before, snapshot(model))
+        assert torch.isfinite(out).all()
+        assert 1e-3 < _rel(out, base) < 0.6, _rel(out, base)
+        with monkeypatch.context() as m:
+            m.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 1)
+            separate = host.sample(patched, **kw)
+        assert torch.allclose(out, separate, rtol=1e-4, atol=1e-4), (out - separate).abs().max()
