@@ -1,4 +1,4 @@
-"""Draw token maps over images with plain torch: colour maps, a 3x5 pixel font, a legend strip.
+"""Draw token maps over images with plain torch: group colours, a legend strip, the overlay.
 
 Images are ComfyUI IMAGE tensors, (H, W, 3) float in [0, 1]. Nothing here needs PIL or
 matplotlib; the output is an IMAGE tensor again.
@@ -8,20 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Viridis, sampled at 9 points and interpolated linearly.
-_VIRIDIS = torch.tensor([
-    [0.267, 0.005, 0.329], [0.283, 0.141, 0.458], [0.254, 0.265, 0.530], [0.207, 0.372, 0.553],
-    [0.164, 0.471, 0.558], [0.128, 0.567, 0.551], [0.135, 0.659, 0.518], [0.267, 0.749, 0.441],
-    [0.993, 0.906, 0.144]])
-
-
-def colormap(v: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] (any shape) -> RGB (..., 3)."""
-    v = v.float().clamp(0, 1).nan_to_num(0.0) * (len(_VIRIDIS) - 1)
-    i0 = v.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    w = (v - i0).unsqueeze(-1)
-    pal = _VIRIDIS.to(v.device)
-    return pal[i0] * (1 - w) + pal[i0 + 1] * w
+from .draw import colormap, paste, text_mask
 
 
 def group_colours(ids: torch.Tensor) -> torch.Tensor:
@@ -32,62 +19,15 @@ def group_colours(ids: torch.Tensor) -> torch.Tensor:
     return rgb * (ids > 0).unsqueeze(-1).float()
 
 
-# 3x5 pixel font: five rows of three pixels per glyph, top to bottom ("#" = ink).
-_FONT = {
-    "A": ".#. #.# ### #.# #.#", "B": "##. #.# ##. #.# ##.", "C": ".## #.. #.. #.. .##",
-    "D": "##. #.# #.# #.# ##.", "E": "### #.. ##. #.. ###", "F": "### #.. ##. #.. #..",
-    "G": ".## #.. #.# #.# .##", "H": "#.# #.# ### #.# #.#", "I": "### .#. .#. .#. ###",
-    "J": "..# ..# ..# #.# .#.", "K": "#.# #.# ##. #.# #.#", "L": "#.. #.. #.. #.. ###",
-    "M": "#.# ### ### #.# #.#", "N": "##. #.# #.# #.# #.#", "O": ".#. #.# #.# #.# .#.",
-    "P": "##. #.# ##. #.. #..", "Q": ".#. #.# #.# ##. .##", "R": "##. #.# ##. #.# #.#",
-    "S": ".## #.. .#. ..# ##.", "T": "### .#. .#. .#. .#.", "U": "#.# #.# #.# #.# ###",
-    "V": "#.# #.# #.# #.# .#.", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
-    "Y": "#.# #.# .#. .#. .#.", "Z": "### ..# .#. #.. ###",
-    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "##. ..# .#. #.. ###",
-    "3": "##. ..# .#. ..# ##.", "4": "#.# #.# ### ..# ..#", "5": "### #.. ##. ..# ##.",
-    "6": ".## #.. ### #.# ###", "7": "### ..# .#. .#. .#.", "8": "### #.# ### #.# ###",
-    "9": "### #.# ### ..# ##.",
-    " ": "... ... ... ... ...", ".": "... ... ... ... .#.", ",": "... ... ... .#. #..",
-    ":": "... .#. ... .#. ...", "-": "... ... ### ... ...", "/": "..# ..# .#. #.. #..",
-    "%": "#.# ..# .#. #.. #.#", "(": ".#. #.. #.. #.. .#.", ")": ".#. ..# ..# ..# .#.",
-    "=": "... ### ... ### ...", "+": "... .#. ### .#. ...", "_": "... ... ... ... ###",
-    "?": "##. ..# .#. ... .#.",
-}
-
-
-def _glyph(ch: str) -> torch.Tensor:
-    rows = _FONT.get(ch, _FONT["?"]).split()
-    return torch.tensor([[c == "#" for c in r] for r in rows], dtype=torch.float32)
-
-
-def text_mask(text: str, scale: int = 2) -> torch.Tensor:
-    """(5*scale, 4*len*scale) mask of `text` in the 3x5 font (upper case), one column between."""
-    cols = []
-    for ch in text.upper():
-        cols += [_glyph(ch), torch.zeros(5, 1)]
-    m = torch.cat(cols, dim=1) if cols else torch.zeros(5, 1)
-    return m.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-
-
-def _paste(canvas: torch.Tensor, mask: torch.Tensor, y: int, x: int, colour=(1.0, 1.0, 1.0)):
-    h = min(mask.shape[0], canvas.shape[0] - y)
-    w = min(mask.shape[1], canvas.shape[1] - x)
-    if h <= 0 or w <= 0:
-        return
-    m = mask[:h, :w].unsqueeze(-1)
-    region = canvas[y:y + h, x:x + w]
-    canvas[y:y + h, x:x + w] = region * (1 - m) + torch.tensor(colour) * m
-
-
 def legend(width: int, title: str, lo: str, hi: str, discrete: bool) -> torch.Tensor:
     """A dark strip: title on the first line, a colour bar with its end labels on the second."""
     scale = max(1, min(3, width // 256))
     line = 7 * scale
     strip = torch.full((2 * line + 3 * scale, width, 3), 0.08)
-    _paste(strip, text_mask(title, scale), scale, 2 * scale)
+    paste(strip, text_mask(title, scale), scale, 2 * scale)
     lo_m, hi_m = text_mask(lo, scale), text_mask(hi, scale)
     y = line + 2 * scale
-    _paste(strip, lo_m, y, 2 * scale)
+    paste(strip, lo_m, y, 2 * scale)
     x0 = 4 * scale + lo_m.shape[1]
     x1 = width - 4 * scale - hi_m.shape[1]
     if x1 - x0 > 4:
@@ -95,7 +35,7 @@ def legend(width: int, title: str, lo: str, hi: str, discrete: bool) -> torch.Te
         bar = group_colours(torch.arange(1, x1 - x0 + 1) // max((x1 - x0) // 12, 1) + 1) if discrete \
             else colormap(ramp)
         strip[y:y + 5 * scale, x0:x1] = bar.unsqueeze(0)
-    _paste(strip, hi_m, y, max(x1 + 2 * scale, 0))
+    paste(strip, hi_m, y, max(x1 + 2 * scale, 0))
     return strip
 
 

@@ -9,57 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .draw import colormap, draw_text, text_width
 from .schedule import TokenRatioSchedule, block_depth
 
-_FONT = {  # 3x5 glyphs, rows top to bottom, "#" = ink
-    "0": "###,#.#,#.#,#.#,###", "1": ".#.,##.,.#.,.#.,###", "2": "###,..#,###,#..,###",
-    "3": "###,..#,.##,..#,###", "4": "#.#,#.#,###,..#,..#", "5": "###,#..,###,..#,###",
-    "6": "###,#..,###,#.#,###", "7": "###,..#,.#.,.#.,.#.", "8": "###,#.#,###,#.#,###",
-    "9": "###,#.#,###,..#,###", ".": "...,...,...,...,.#.", ":": "...,.#.,...,.#.,...",
-    "-": "...,...,###,...,...", "_": "...,...,...,...,###", " ": "...,...,...,...,...",
-    "(": ".#.,#..,#..,#..,.#.", ")": ".#.,..#,..#,..#,.#.", "/": "..#,..#,.#.,#..,#..",
-    ">": "#..,.#.,..#,.#.,#..", "%": "#.#,..#,.#.,#..,#.#", "=": "...,###,...,###,...",
-    "A": ".#.,#.#,###,#.#,#.#", "B": "##.,#.#,##.,#.#,##.", "C": ".##,#..,#..,#..,.##",
-    "D": "##.,#.#,#.#,#.#,##.", "E": "###,#..,##.,#..,###", "F": "###,#..,##.,#..,#..",
-    "G": ".##,#..,#.#,#.#,.##", "H": "#.#,#.#,###,#.#,#.#", "I": "###,.#.,.#.,.#.,###",
-    "J": "..#,..#,..#,#.#,.#.", "K": "#.#,#.#,##.,#.#,#.#", "L": "#..,#..,#..,#..,###",
-    "M": "#.#,###,###,#.#,#.#", "N": "##.,#.#,#.#,#.#,#.#", "O": ".#.,#.#,#.#,#.#,.#.",
-    "P": "##.,#.#,##.,#..,#..", "Q": ".#.,#.#,#.#,##.,.##", "R": "##.,#.#,##.,#.#,#.#",
-    "S": ".##,#..,.#.,..#,##.", "T": "###,.#.,.#.,.#.,.#.", "U": "#.#,#.#,#.#,#.#,###",
-    "V": "#.#,#.#,#.#,#.#,.#.", "W": "#.#,#.#,###,###,#.#", "X": "#.#,#.#,.#.,#.#,#.#",
-    "Y": "#.#,#.#,.#.,.#.,.#.", "Z": "###,..#,.#.,#..,###",
-}
-_VIRIDIS = torch.tensor([[0.267, 0.005, 0.329], [0.229, 0.322, 0.546], [0.128, 0.567, 0.551],
-                         [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]])
 _INK = torch.tensor([0.92, 0.92, 0.92])
 _BACKGROUND = 0.12
-
-
-def colormap(v: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] -> RGB (..., 3), viridis-like, piecewise linear over 5 anchors."""
-    v = v.clamp(0, 1) * (len(_VIRIDIS) - 1)
-    i = v.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    w = (v - i).unsqueeze(-1)
-    return _VIRIDIS[i] * (1 - w) + _VIRIDIS[i + 1] * w
-
-
-def draw_text(img: torch.Tensor, text: str, x: int, y: int, scale: int = 1, color=None):
-    """Write `text` into img (H, W, 3) with its top-left corner at (x, y); clipped at the edges."""
-    color = _INK if color is None else torch.as_tensor(color, dtype=img.dtype)
-    h, w, _ = img.shape
-    for ch in text.upper():
-        glyph = _FONT.get(ch, _FONT[" "])
-        for r, row in enumerate(glyph.split(",")):
-            for c, bit in enumerate(row):
-                if bit == "#":
-                    y0, x0 = y + r * scale, x + c * scale
-                    if 0 <= y0 < h and 0 <= x0 < w:
-                        img[y0:y0 + scale, x0:x0 + scale] = color
-        x += 4 * scale
-
-
-def text_width(text: str, scale: int = 1) -> int:
-    return 4 * scale * len(text) - scale
 
 
 def render(schedule: TokenRatioSchedule, num_blocks: int | None = None, width: int = 240, height: int = 144,
@@ -114,5 +68,5 @@ def render(schedule: TokenRatioSchedule, num_blocks: int | None = None, width: i
     limit = (canvas_w - 4) // (4 * s)
     if len(title) > limit:
         title = title[:limit - 2] + ".."
-    draw_text(img, title, 2, 3, s, color=(0.8, 0.85, 1.0))
+    draw_text(img, title, 2, 3, s, colour=(0.8, 0.85, 1.0))
     return img.unsqueeze(0).float()

@@ -4,12 +4,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.cat import CATConfig, CATPruning
-from .patching import SUPPORTED_FAMILIES, UnsupportedModelError, detect_family, install
+from .patching import FAMILIES_SHORT, detect_family, install, model_input
 from .types import TokenRatioScheduleType
 
 DEFAULTS = CATConfig()
-CAT_FAMILIES = ("Flux", "Chroma", "SD3", "WanModel", "VaceWanModel", "CameraWanModel",
-                "QwenImage")  # host-tested token layouts
 
 
 class CATPruningPatchModel(io.ComfyNode):
@@ -21,12 +19,12 @@ class CATPruningPatchModel(io.ComfyNode):
             display_name="CAT Cached Token Pruning",
             category="model_patches/token_reduction",
             description=(
-                "Cluster-aware cached token pruning (arXiv 2502.00433) for Flux, Chroma and SD3/SD3.5: after the "
+                f"Cluster-aware cached token pruning (arXiv 2502.00433) for {FAMILIES_SHORT}: after the "
                 "first steps, each step computes only the image tokens whose predicted noise changes most (plus "
                 "the least recently computed ones); the others reuse their cached keys/values and noise. "
                 "Place between the model loader and the sampler."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5, Wan, Qwen-Image)."),
+                model_input(),
                 io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.95, step=0.01,
                                tooltip="Fraction of image tokens NOT computed in each pruned step (paper: 0.7). "
                                        "Higher is faster and less faithful. 0 disables pruning."),
@@ -64,10 +62,6 @@ class CATPruningPatchModel(io.ComfyNode):
                            balance=balance, start_percent=start_percent, end_percent=end_percent)
         method = CATPruning(config, schedule=schedule)
         info = detect_family(model, "CAT Cached Token Pruning")
-        if info.family.name not in CAT_FAMILIES:
-            raise UnsupportedModelError(
-                f"CAT Cached Token Pruning cannot patch this model: its family is {info.family.name}. "
-                f"Supported families: {SUPPORTED_FAMILIES}.")
         patched = model.clone()
         install(patched, method, "cat", info)
         return io.NodeOutput(patched)

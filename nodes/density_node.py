@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..kernels.density import DensityConfig, DensitySchedule, parse_stage_windows
 from ..kernels.maps import RecordingMethod
-from .patching import detect_family, install
+from .patching import FAMILIES_SHORT, detect_family, install, model_input
 from .types import TokenRatioScheduleType
 
 DEFAULTS = DensityConfig()
@@ -20,12 +20,12 @@ class TokenDensityPatchModel(io.ComfyNode):
             display_name="Token Density Schedule",
             category="model_patches/token_reduction",
             description=(
-                "Training-free FlexDiT (arXiv 2412.06028) for Flux, Chroma and SD3/SD3.5: in chosen blocks and "
+                f"Training-free FlexDiT (arXiv 2412.06028) for {FAMILIES_SHORT}: in chosen blocks and "
                 "early steps the image tokens are average-pooled into a coarser grid, the block runs on the "
                 "pooled tokens plus the full text, and its update is upsampled back onto every token. Density "
                 "rises as denoising progresses and toward the top layers."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5, Wan, Qwen-Image)."),
+                model_input(),
                 io.String.Input("stage_windows", default=", ".join(str(k) for k in d.stage_windows),
                                 tooltip="Pooling window per noise stage, noisiest first, 4 entries in 1..4 "
                                         "(2 = 2x2 average, 1 = full density). Stages end at progress 0.15 / 0.47 "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import comfy.model_patcher
 import comfy.patcher_extension
+from comfy_api.latest import io
 
 import torch
 
@@ -46,6 +47,14 @@ KNOWN_UNSUPPORTED = {
 log = logging.getLogger("token_reduction")
 
 
+FAMILIES_SHORT = "Flux, Chroma, SD3/SD3.5, Wan and Qwen-Image"  # for node descriptions
+
+
+def model_input():
+    """The MODEL input of every patch node."""
+    return io.Model.Input("model", tooltip=f"The diffusion model to accelerate: {SUPPORTED_FAMILIES}.")
+
+
 class UnsupportedModelError(ValueError):
     pass
 
@@ -58,25 +67,20 @@ class ModelInfo:
 
 def detect_family(model, method_name: str) -> ModelInfo:
     """The family adapter for a MODEL, or a clear error naming what is supported."""
-    import comfy.ldm.flux.model as flux_model
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
     dm = model.get_model_object("diffusion_model")
     kind = type(dm)
-    flux_types = {flux_model.Flux}
-    try:
-        import comfy.ldm.chroma.model as chroma_model
-        flux_types.add(chroma_model.Chroma)
-    except ImportError:  # older hosts have no Chroma
-        pass
     # Exact types: subclasses (e.g. pixel-space variants) lay out tokens differently.
-    if kind in flux_types:
+    flux_types, chroma_types, wan_types, qwen_types = _optional_types(
+        ("comfy.ldm.flux.model", ("Flux",)), ("comfy.ldm.chroma.model", ("Chroma",)),
+        ("comfy.ldm.wan.model", ("WanModel", "VaceWanModel", "CameraWanModel")),
+        ("comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",)))
+    if kind in flux_types | chroma_types:
         fam = flux_family(kind.__name__, len(dm.double_blocks), len(dm.single_blocks))
         return ModelInfo(fam, int(dm.patch_size))
     if isinstance(dm, MMDiT) and hasattr(dm, "joint_blocks"):
         return ModelInfo(mmdit_family("SD3", len(dm.joint_blocks)), int(dm.patch_size))
-    wan_types, qwen_types = _optional_types(("comfy.ldm.wan.model", ("WanModel", "VaceWanModel", "CameraWanModel")),
-                                            ("comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",)))
     if kind in wan_types:
         if tuple(dm.patch_size)[0] != 1:
             raise UnsupportedModelError(f"{method_name}: Wan with temporal patch size {dm.patch_size[0]} is not "
@@ -146,8 +150,9 @@ def install(model, method, method_key: str, info: ModelInfo):
         n_img = 1
         for g in grid:
             n_img *= g
-        progress = progress_map(executor.class_obj.model_sampling)(sigma)
-        transformer_options[CALL_KEY] = CallInfo(grid, n_img, n_txt, progress, float(sigma.flatten()[0]),
+        sigma_value = float(sigma.flatten()[0])  # one device sync per call
+        progress = progress_map(executor.class_obj.model_sampling)(sigma_value)
+        transformer_options[CALL_KEY] = CallInfo(grid, n_img, n_txt, progress, sigma_value,
                                                  row_keys(transformer_options, x.shape[0]))
         state = begin_call(method, transformer_options, method_key, info.family, x)
         out = executor(*args, **kwargs)

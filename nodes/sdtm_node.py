@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..kernels.maps import RecordingMethod
 from ..kernels.sdtm import SDTM, SDTMConfig
-from .patching import detect_family, install
+from .patching import FAMILIES_SHORT, detect_family, install, model_input
 from .types import TokenRatioScheduleType
 
 DEFAULTS = SDTMConfig()
@@ -20,11 +20,11 @@ class SDTMPatchModel(io.ComfyNode):
             display_name="SDTM Token Merging",
             category="model_patches/token_reduction",
             description=(
-                "Structure-then-detail token merging (arXiv 2505.11707) for Flux, Chroma and SD3/SD3.5: "
+                f"Structure-then-detail token merging (arXiv 2505.11707) for {FAMILIES_SHORT}: "
                 "merges redundant image tokens inside each transformer block and restores full density "
                 "after it, so every step costs less. Place between the model loader and the sampler."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to accelerate (Flux, Chroma, SD3, SD3.5, Wan, Qwen-Image)."),
+                model_input(),
                 io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.75, step=0.01,
                                tooltip="Mean fraction of image tokens merged away in each patched block. "
                                        "Higher is faster and less faithful. 0 disables merging."),

@@ -114,8 +114,7 @@ def test_cache_is_a_small_lru():
 # ---- end to end on the reference model -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
+def model(one_torch_thread):
     m, _ = R.build_model(CFG, seed=0, weights=None)
     return m
 

@@ -137,13 +137,10 @@ def test_invalid_config_raises():
 # ---- the embedded reference model -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ref_model():
+def ref_model(one_torch_thread):
     from tools import reference_dit as R
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a shared machine
     model, _ = R.build_model(R.DiTConfig(image_size=32), seed=0, weights=None)
-    yield model
-    torch.set_num_threads(threads)
+    return model
 
 
 def test_reference_model_identity_and_determinism(ref_model):

@@ -205,8 +205,7 @@ CFG = R.DiTConfig(image_size=32, hidden=64, heads=2, axes_dim=(8, 12, 12), depth
 
 
 @pytest.fixture(scope="module")
-def ref():
-    torch.set_num_threads(1)
+def ref(one_torch_thread):
     model, _ = R.build_model(CFG, seed=0, weights=None)
     return model
 

@@ -12,10 +12,9 @@ import re
 import pytest
 import torch
 
-from test_host_sdtm import assert_same_snapshot, count_flops, predicted_block_flops, snapshot
+from test_host_sdtm import SD3_DEPTH, assert_same_snapshot, build, count_flops, predicted_block_flops, snapshot
 
 FAMILIES = ["flux", "sd3"]
-SD3_DEPTH = 4
 PX = 128          # 128 px -> 16x16 latent -> 8x8 = 64 image tokens
 STEPS = 8
 # Relative L2 to the unpatched output at the node defaults (70% pruned from progress 0.24), 8 euler
@@ -27,16 +26,7 @@ REL_L2_BOUND = {"flux": 0.5, "sd3": 0.45}
 MIN_DIFFERENCE = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(host, family, dtype=None, seed=0):
-    return host.tiny_flux(seed=seed, dtype=dtype) if family == "flux" else host.tiny_sd3(seed=seed, depth=SD3_DEPTH, dtype=dtype)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")

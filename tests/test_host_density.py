@@ -5,22 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_host_sdtm import assert_same_snapshot, rel_l2, run_with_stats, snapshot
+from test_host_sdtm import assert_same_snapshot, build, rel_l2, run_with_stats, snapshot
 
 FAMILIES = ["flux", "sd3"]
-SD3_DEPTH = 4
 # Relative L2 vs. unpatched, 6 euler steps, CFG 3, density defaults (blocks 1-2 of 4 pooled 2x2 until
 # progress 0.76). Measured over model seeds 0/1 and 8x8, 5x7 and 9x9 (3x3 windows early) token grids:
 # Flux 0.16 - 0.41 (0.36 at 8x8 for the seed used here), SD3 0.063 - 0.077. Two noise seeds differ by
 # 0.64 - 1.09. Random weights amplify every perturbation; the bounds check plumbing, not quality.
 REL_L2_BOUND = {"flux": 0.50, "sd3": 0.12}
 MIN_DIFFERENCE = 1e-3
-
-
-def build(host, family, dtype=None, seed=0):
-    if family == "flux":
-        return host.tiny_flux(seed=seed, dtype=dtype)
-    return host.tiny_sd3(seed=seed, depth=SD3_DEPTH, dtype=dtype)
 
 
 @pytest.fixture(scope="module")

@@ -103,3 +103,22 @@ def test_loaded_node_patches_a_model(host, comfy_nodes, loaded):
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     (off,) = host.run_node(cls, model=model, **dict(defaults, start_percent=1.0))
     assert torch.equal(host.sample(off, height=128, width=128), base)
+
+
+def test_every_node_input_and_output_has_a_tooltip_and_the_pack_category(host):
+    """Every input of every pack node explains itself on hover, and numbers carry a default and bounds."""
+    from comfy_api.latest import io
+    numbers = 0
+    for node_id, cls in host.pack_nodes().items():
+        schema = cls.define_schema()
+        assert schema.category == "model_patches/token_reduction", node_id
+        assert schema.description, node_id
+        for i in schema.inputs:
+            assert i.tooltip and len(i.tooltip) > 10, f"{node_id}.{i.id} has no tooltip"
+            if isinstance(i, (io.Float.Input, io.Int.Input)):
+                numbers += 1
+                assert i.default is not None and i.min is not None and i.max is not None, f"{node_id}.{i.id}"
+                assert i.min <= i.default <= i.max, f"{node_id}.{i.id}"
+        for o in schema.outputs:
+            assert o.tooltip, f"{node_id} output {o.display_name or o.io_type} has no tooltip"
+    assert numbers > 20, numbers  # the numeric check above really ran
