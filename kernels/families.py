@@ -27,6 +27,7 @@ class BlockSpec:
     text_in_img: bool              # single-stream block: args["img"] = cat(txt, img)
     img_at_end: bool = False       # reference tokens come first: the latent's tokens are the last n_img
     cross_attention: bool = False  # args["txt"] is attended by cross-attention, not joined with the image
+    text_first: bool = True        # joint sequence is [text, image]; False: [image, text] (HunyuanVideo)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Family:
     has_rope: bool                 # pe carries one rotary entry per token of the attention sequence
     pe_token_dim: int = 2          # token axis of pe: Flux (B, 1, L, ...) -> 2; Wan, Qwen (B, L, 1, ...) -> 1
     pe_has_text: bool = True       # pe covers cat(txt, img) (joint attention), not the image alone
+    key_mask_arg: str | None = None  # args key of a per-key attention mask over the joint sequence
 
     @property
     def num_blocks(self) -> int:
@@ -69,6 +71,14 @@ def qwen_image_family(name: str, n_blocks: int) -> Family:
                   has_rope=True, pe_token_dim=1)
 
 
+def hunyuan_video_family(name: str, n_double: int, n_single: int) -> Family:
+    """HunyuanVideo (and HunyuanImage 2.1): Flux-like blocks, but the joint sequence is
+    [reference?, image, text] and a per-key text mask travels as args["attention_mask"]."""
+    blocks = [BlockSpec(("double_block", i), i, False, img_at_end=True, text_first=False) for i in range(n_double)]
+    blocks += [BlockSpec(("single_block", i), n_double + i, True, text_first=False) for i in range(n_single)]
+    return Family(name, tuple(blocks), has_rope=True, key_mask_arg="attention_mask")
+
+
 @dataclass
 class ImageSpan:
     """Where the n_img latent image tokens sit inside one block call."""
@@ -77,6 +87,8 @@ class ImageSpan:
     n_img: int
     n_txt: int       # text tokens before the image in the joint attention sequence
     cross_attention: bool = False  # text comes by a later cross-attention: only the first attention is joint
+    n_txt_after: int = 0  # text tokens after args["img"] in the joint attention sequence (image-first families)
+    text_first: bool = True  # False: the text follows the image in the joint sequence (HunyuanVideo)
 
 
 def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int) -> ImageSpan | None:
@@ -84,19 +96,26 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int) -> Im
     img = args["img"]
     if img.ndim != 3:
         return None
+    n_txt_arg = args["txt"].shape[1] if args.get("txt") is not None else 0
+    n_after = 0
     if spec.text_in_img:
-        start, n_txt = n_txt_single, 0
+        start = n_txt_single if spec.text_first else img.shape[1] - n_txt_single - n_img
+        n_txt = 0
     elif spec.img_at_end:
         start, n_txt = img.shape[1] - n_img, 0
     else:
-        start, n_txt = 0, args["txt"].shape[1] if args.get("txt") is not None else 0
+        start, n_txt = 0, n_txt_arg
+    if not spec.text_first and not spec.text_in_img:
+        n_txt, n_after = 0, n_txt_arg
     if spec.cross_attention:
-        n_txt = 0
+        n_txt, n_after = 0, 0
     if start < 0 or img.shape[1] < start + n_img or n_img < 4:
         return None
     if args.get("attn_mask") is not None:
         return None  # a token-level mask would need re-indexing; run such calls unmerged
-    return ImageSpan(start, n_img, n_txt, spec.cross_attention)
+    if args.get("modulation_dims") is not None or args.get("modulation_dims_img") is not None:
+        return None  # per-range modulation (HunyuanVideo I2V token replace) indexes unmerged positions
+    return ImageSpan(start, n_img, n_txt, spec.cross_attention, n_after, spec.text_first)
 
 
 def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span: ImageSpan,
@@ -126,6 +145,15 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
         parts = [pe.narrow(d, 0, p0), plan.take_rep(pe.narrow(d, p0, span.n_img), dim=d),
                  pe.narrow(d, p1, pe.shape[d] - p1)]
         new_args["pe"] = torch.cat(parts, dim=d)
+    mask = args.get(family.key_mask_arg) if family.key_mask_arg else None
+    if isinstance(mask, torch.Tensor):
+        # A per-key mask over the joint sequence (HunyuanVideo's text mask): merged keys take their
+        # representative's entry.
+        k0 = span.n_txt + a
+        mask = mask.expand(x.shape[0], *mask.shape[1:]) if mask.shape[0] != x.shape[0] else mask
+        new_args[family.key_mask_arg] = torch.cat(
+            [mask[..., :k0], plan.take_rep(mask[..., k0:k0 + span.n_img], dim=mask.ndim - 1),
+             mask[..., k0 + span.n_img:]], dim=-1)
     vec = args.get("vec")
     if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1:
         # Per-token modulation (Wan 2.2 TI2V): merged tokens take their group's mean.

@@ -346,14 +346,14 @@ def _recorder_replace(spec, previous):
         new_args = args
         if store.wants_attention(step, block) and (("attention_image", step, block) not in store.maps):
             to = dict(args.get("transformer_options") or {})
-            to[ATTENTION_OVERRIDE_KEY] = _attention_probe(call, block, span, span.n_txt + full_len,
+            to[ATTENTION_OVERRIDE_KEY] = _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after,
                                                           to.get(ATTENTION_OVERRIDE_KEY))
             new_args = dict(args)
             new_args["transformer_options"] = to
         out = _run(previous, counting, new_args)
         if (step, block) not in store.counts and store.refused is None:
             n_comp = max(span.n_img - (full_len - seen["n"]), 0) if seen["n"] else 0
-            store.counts[(step, block)] = BlockCount(span.n_img, n_comp, full_len - span.n_img + span.n_txt,
+            store.counts[(step, block)] = BlockCount(span.n_img, n_comp, full_len - span.n_img + span.n_txt + span.n_txt_after,
                                                      int(args["img"].shape[-1]))
         return out
 
@@ -374,7 +374,7 @@ def _attention_probe(call: ActiveCall, block: int, span, full_len: int, previous
     def probe(func, *args, **kwargs):
         if not done["v"]:
             try:
-                done["v"] = _probe(call, block, offset, span.n_img, full_len, args, kwargs)
+                done["v"] = _probe(call, block, offset, span, full_len, args, kwargs)
             except Exception as e:  # a map is never worth a failed generation
                 done["v"] = True
                 log.warning("Token Map Recorder: attention map of block %d skipped: %s: %s", block,
@@ -386,7 +386,8 @@ def _attention_probe(call: ActiveCall, block: int, span, full_len: int, previous
     return probe
 
 
-def _probe(call, block, offset, n_img, full_len, args, kwargs) -> bool:
+def _probe(call, block, offset, span, full_len, args, kwargs) -> bool:
+    n_img = span.n_img
     q, k = args[0], args[1]
     heads = args[3] if len(args) > 3 else kwargs.get("heads")
     if kwargs.get("skip_reshape"):
@@ -415,10 +416,18 @@ def _probe(call, block, offset, n_img, full_len, args, kwargs) -> bool:
         return False
     img_q = offset + _strided(n_q_img, call.store.config.queries, q.device)
     with torch.no_grad():
-        # Text queries exist only in joint attention; cross-attention families (Wan) have none here.
         maps = {"attention_image": _received(qh, kh, img_q, mask, call.row, offset, n_keys)}
-        if offset > 0:
+        # Text queries: before the image (Flux, SD3, Qwen-Image), after it (HunyuanVideo), or none
+        # (cross-attention families: Wan's reference tokens precede the image but are not text).
+        n_after = qh.shape[1] - (offset + n_q_img)
+        text_q = None
+        if span.cross_attention:
+            pass
+        elif span.text_first and offset > 0:
             text_q = _strided(offset, call.store.config.queries, q.device)
+        elif not span.text_first and n_after > 0:
+            text_q = offset + n_q_img + _strided(n_after, call.store.config.queries, q.device)
+        if text_q is not None:
             maps["attention_text"] = _received(qh, kh, text_q, mask, call.row, offset, n_keys)
     for name, m in maps.items():
         if expand is not None and expand[0] == "plan":

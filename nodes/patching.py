@@ -25,11 +25,12 @@ import torch
 
 from ..kernels.block_patch import (CALL_KEY, RUNS_KEY, STATE_KEY, CallInfo, RunStats, begin_call, block_replaces,
                                    end_call, row_keys)
-from ..kernels.families import Family, flux_family, mmdit_family, qwen_image_family, wan_family
+from ..kernels.families import Family, flux_family, hunyuan_video_family, mmdit_family, qwen_image_family, wan_family
 from ..kernels.schedule import ProgressMap
 
 SUPPORTED_FAMILIES = ("Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 (MMDiT), Wan 2.1 / 2.2 "
-                      "(text/image-to-video, VACE, camera), Qwen-Image (and -Edit)")
+                      "(text/image-to-video, VACE, camera), Qwen-Image (and -Edit), HunyuanVideo (and "
+                      "HunyuanImage 2.1)")
 
 # Families the pack knows but cannot patch yet, and why (shown in the error).
 _NO_HOOK = "this ComfyUI version gives its transformer layers no per-block hook (patches_replace) to attach to"
@@ -38,8 +39,6 @@ KNOWN_UNSUPPORTED = {
     "HiDreamImageTransformer2DModel": "HiDream: " + _NO_HOOK,
     "LTXVModel": "LTXV: " + _NO_HOOK,
     "PixArtMS": "PixArt: " + _NO_HOOK,
-    "HunyuanVideo": "HunyuanVideo puts image tokens before the text and masks the text per call; its adapter "
-                    "is not written yet",
     "WanModel_S2V": "Wan speech-to-video blocks receive no transformer_options, so per-call state cannot reach them",
     "HumoWanModel": "Wan HuMo adds audio tokens this adapter does not lay out yet",
 }
@@ -47,7 +46,7 @@ KNOWN_UNSUPPORTED = {
 log = logging.getLogger("token_reduction")
 
 
-FAMILIES_SHORT = "Flux, Chroma, SD3/SD3.5, Wan and Qwen-Image"  # for node descriptions
+FAMILIES_SHORT = "Flux, Chroma, SD3/SD3.5, Wan, Qwen-Image and HunyuanVideo"  # for node descriptions
 
 
 def model_input():
@@ -72,10 +71,11 @@ def detect_family(model, method_name: str) -> ModelInfo:
     dm = model.get_model_object("diffusion_model")
     kind = type(dm)
     # Exact types: subclasses (e.g. pixel-space variants) lay out tokens differently.
-    flux_types, chroma_types, wan_types, qwen_types = _optional_types(
+    flux_types, chroma_types, wan_types, qwen_types, hunyuan_types = _optional_types(
         ("comfy.ldm.flux.model", ("Flux",)), ("comfy.ldm.chroma.model", ("Chroma",)),
         ("comfy.ldm.wan.model", ("WanModel", "VaceWanModel", "CameraWanModel")),
-        ("comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",)))
+        ("comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",)),
+        ("comfy.ldm.hunyuan_video.model", ("HunyuanVideo",)))
     if kind in flux_types | chroma_types:
         fam = flux_family(kind.__name__, len(dm.double_blocks), len(dm.single_blocks))
         return ModelInfo(fam, int(dm.patch_size))
@@ -88,6 +88,15 @@ def detect_family(model, method_name: str) -> ModelInfo:
         return ModelInfo(wan_family(kind.__name__, len(dm.blocks)), int(dm.patch_size[-1]))
     if kind in qwen_types:
         return ModelInfo(qwen_image_family("QwenImage", len(dm.transformer_blocks)), int(dm.patch_size))
+    if kind in hunyuan_types:
+        patch = tuple(dm.patch_size)
+        if len(patch) == 3 and patch[0] != 1:
+            raise UnsupportedModelError(f"{method_name}: HunyuanVideo with temporal patch size {patch[0]} is not "
+                                        "supported (the token grid assumes one latent frame per token row).")
+        if patch[-1] != patch[-2]:
+            raise UnsupportedModelError(f"{method_name}: HunyuanVideo with a non-square patch {patch} is not supported.")
+        fam = hunyuan_video_family(kind.__name__, len(dm.double_blocks), len(dm.single_blocks))
+        return ModelInfo(fam, int(patch[-1]))
     reason = KNOWN_UNSUPPORTED.get(kind.__name__, "")
     raise UnsupportedModelError(
         f"{method_name} cannot patch this model: its diffusion model is {kind.__name__} "
