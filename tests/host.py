@@ -176,6 +176,50 @@ def tiny_wan(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, dtyp
     return patcher
 
 
+def tiny_wan_vace(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, dtype=None):
+    """Wan 2.1 VACE: a control branch whose blocks add residuals (c_skip) after the main blocks."""
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "wan2.1", "model_type": "vace", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16,
+        "dim": dim, "ffn_dim": 2 * dim, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": heads,
+        "num_layers": layers, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+        "vace_layers": layers, "vace_in_dim": 96,
+    }
+    patcher = _build(comfy.supported_models.WAN21_Vace(unet_config), seed, dtype or torch.float32)
+    dm = patcher.model.diffusion_model
+    dm.patch_embedding.to(torch.float32)
+    dm.vace_patch_embedding.to(torch.float32)
+    with torch.no_grad():  # control residuals of a size that steers, not drowns, the main blocks
+        for blk in dm.vace_blocks:
+            blk.after_proj.weight.mul_(0.1)
+            blk.after_proj.bias.zero_()
+    return patcher
+
+
+def tiny_flux_controlnet(seed: int = 1, depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 2):
+    """An InstantX-style Flux ControlNet (latent hint, residuals after every double and single block) of
+    the host's own ControlNetFlux class, random weights, as comfy.controlnet loads one."""
+    import torch
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+    cfg = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": hidden,
+           "mlp_ratio": 4.0, "num_heads": heads, "depth": depth, "depth_single_blocks": depth_single,
+           "axes_dim": [hidden // heads // 4, hidden // heads * 3 // 8, hidden // heads * 3 // 8],
+           "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+    model = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, control_latent_channels=16,
+                                                     operations=comfy.ops.disable_weight_init,
+                                                     device=torch.device("cpu"), dtype=torch.float32, **cfg)
+    _init_weights(model, seed)
+    with torch.no_grad():  # residuals strong enough to steer the image visibly
+        for lin in list(model.controlnet_blocks) + list(model.controlnet_single_blocks):
+            lin.weight.mul_(4.0)
+    return comfy.controlnet.ControlNet(model, compression_ratio=1, latent_format=None,
+                                       load_device=torch.device("cpu"), manual_cast_dtype=None,
+                                       extra_conds=["y", "guidance"])
+
+
 def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32, dtype=None):
     """Qwen-Image: dual-stream blocks, joint attention; latents (B, 16, 1, H, W) as ComfyUI gives them."""
     import torch
@@ -186,6 +230,42 @@ def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: in
         "pooled_projection_dim": 32, "axes_dims_rope": (head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8),
     }
     return _build(comfy.supported_models.QwenImage(unet_config), seed, dtype or torch.float32)
+
+
+def tiny_hunyuan_video(seed: int = 0, depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 2,
+                       dtype=None):
+    """HunyuanVideo: Flux-like blocks with the image before the text; latents (B, 16, T, H, W)."""
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 32, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
+        "depth_single_blocks": depth_single,
+        "axes_dim": [hidden // heads // 4, hidden // heads * 3 // 8, hidden // heads * 3 // 8],
+        "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True, "byt5": False,
+        "meanflow": False,
+    }
+    return _build(comfy.supported_models.HunyuanVideo(unet_config), seed, dtype or torch.float32)
+
+
+def tiny_lumina2(seed: int = 0, layers: int = 3, dim: int = 64, heads: int = 2, dtype=None):
+    """Lumina 2 (NextDiT): one joint sequence [caption, image] per layer; sample with
+    cond_extra={"attention_mask": torch.ones(1, context_len, dtype=torch.long)} (it sets the caption
+    length)."""
+    import torch
+    import comfy.supported_models
+    head_dim = dim // heads
+    unet_config = {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim, "cap_feat_dim": 32,
+        "n_layers": layers, "n_refiner_layers": 1, "n_heads": heads, "n_kv_heads": 1, "qk_norm": True,
+        "axes_dims": [head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8], "axes_lens": [300, 512, 512],
+        "multiple_of": 16,
+    }
+    patcher = _build(comfy.supported_models.Lumina2(unet_config), seed, dtype or torch.float32)
+    with torch.no_grad():  # tanh-gated layer updates of a visible size (random gates sit near 0)
+        for layer in patcher.model.diffusion_model.layers:
+            layer.adaLN_modulation[1].bias.add_(1.0)
+    return patcher
 
 
 def _build(config, seed, dtype):
@@ -201,14 +281,18 @@ def _build(config, seed, dtype):
 
 def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int = 64, width: int = 64,
            batch: int = 1, denoise: float = 1.0, latent=None, context_len: int = 16, sampler: str = "euler",
-           scheduler: str = "simple", noise_mask=None):
-    """comfy.sample.sample with CFG and random text conditioning; returns the latent."""
+           scheduler: str = "simple", noise_mask=None, cond_extra: dict | None = None):
+    """comfy.sample.sample with CFG and random text conditioning; returns the latent. `cond_extra` is
+    added to both conditionings (e.g. Lumina 2's attention_mask, which sets its caption length)."""
     import torch
     import comfy.sample
     gen = torch.Generator().manual_seed(1234)
     ctx_dim = 32
-    pos = [[torch.randn(1, context_len, ctx_dim, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
-    neg = [[torch.randn(1, context_len, ctx_dim, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+    extra = dict(cond_extra or {})
+    pos = [[torch.randn(1, context_len, ctx_dim, generator=gen),
+            {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
+    neg = [[torch.randn(1, context_len, ctx_dim, generator=gen),
+            {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
     if latent is None:
         latent = torch.zeros(batch, 16, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
