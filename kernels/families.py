@@ -38,6 +38,8 @@ class Family:
     pe_token_dim: int = 2          # token axis of pe: Flux (B, 1, L, ...) -> 2; Wan, Qwen (B, L, 1, ...) -> 1
     pe_has_text: bool = True       # pe covers cat(txt, img) (joint attention), not the image alone
     key_mask_arg: str | None = None  # args key of a per-key attention mask over the joint sequence
+    layer_list: str | None = None  # no patches_replace hook: the host glue patches the forward of each
+                                   # layer in this diffusion-model ModuleList (ModelPatcher object patch)
 
     @property
     def num_blocks(self) -> int:
@@ -77,6 +79,13 @@ def hunyuan_video_family(name: str, n_double: int, n_single: int) -> Family:
     blocks = [BlockSpec(("double_block", i), i, False, img_at_end=True, text_first=False) for i in range(n_double)]
     blocks += [BlockSpec(("single_block", i), n_double + i, True, text_first=False) for i in range(n_single)]
     return Family(name, tuple(blocks), has_rope=True, key_mask_arg="attention_mask")
+
+
+def nextdit_family(name: str, n_layers: int) -> Family:
+    """Lumina 2 / Z-Image (NextDiT): each layer sees one joint sequence [caption, image] (args["img"]),
+    rope (B, L, 1, ...) over all of it and a key mask over it (args["x_mask"])."""
+    blocks = tuple(BlockSpec(("layer", i), i, False, img_at_end=True) for i in range(n_layers))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, key_mask_arg="x_mask", layer_list="layers")
 
 
 @dataclass

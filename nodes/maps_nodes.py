@@ -23,7 +23,7 @@ from ..kernels.maps import (KIND_HELP, KINDS, ActiveCall, RecorderConfig, TokenM
                             parse_selection, recorder_block_replaces, run_summary)
 from ..kernels.maps_render import overlay
 from . import maps_route
-from .patching import detect_family, progress_map
+from .patching import detect_family, progress_map, set_block_replaces
 
 RECORDER_KEY = "token_map_recorder"
 CATEGORY = "model_patches/token_reduction"
@@ -82,8 +82,7 @@ def install_recorder(model, store: TokenMapStore, patch_size: int):
     to = model.model_options.setdefault("transformer_options", {})
     to[RECORDER_KEY] = store
     existing = to.get("patches_replace", {}).get("dit", {})
-    for key, replace in recorder_block_replaces(store.family, existing).items():
-        model.set_model_patch_replace(replace, "dit", key[0], key[1])
+    set_block_replaces(model, store.family, recorder_block_replaces(store.family, existing))
 
 
 class TokenMapRecorder(io.ComfyNode):

@@ -25,17 +25,17 @@ import torch
 
 from ..kernels.block_patch import (CALL_KEY, RUNS_KEY, STATE_KEY, CallInfo, RunStats, begin_call, block_replaces,
                                    end_call, row_keys)
-from ..kernels.families import Family, flux_family, hunyuan_video_family, mmdit_family, qwen_image_family, wan_family
+from ..kernels.families import (Family, flux_family, hunyuan_video_family, mmdit_family, nextdit_family,
+                                qwen_image_family, wan_family)
 from ..kernels.schedule import ProgressMap
 
 SUPPORTED_FAMILIES = ("Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 (MMDiT), Wan 2.1 / 2.2 "
                       "(text/image-to-video, VACE, camera), Qwen-Image (and -Edit), HunyuanVideo (and "
-                      "HunyuanImage 2.1)")
+                      "HunyuanImage 2.1), Lumina 2 / Z-Image (NextDiT)")
 
 # Families the pack knows but cannot patch yet, and why (shown in the error).
 _NO_HOOK = "this ComfyUI version gives its transformer layers no per-block hook (patches_replace) to attach to"
 KNOWN_UNSUPPORTED = {
-    "NextDiT": "Lumina 2 / Z-Image: " + _NO_HOOK,
     "HiDreamImageTransformer2DModel": "HiDream: " + _NO_HOOK,
     "LTXVModel": "LTXV: " + _NO_HOOK,
     "PixArtMS": "PixArt: " + _NO_HOOK,
@@ -46,7 +46,7 @@ KNOWN_UNSUPPORTED = {
 log = logging.getLogger("token_reduction")
 
 
-FAMILIES_SHORT = "Flux, Chroma, SD3/SD3.5, Wan, Qwen-Image and HunyuanVideo"  # for node descriptions
+FAMILIES_SHORT = "Flux, Chroma, SD3/SD3.5, Wan, Qwen-Image, HunyuanVideo and Lumina 2 / Z-Image"  # for node descriptions
 
 
 def model_input():
@@ -71,11 +71,11 @@ def detect_family(model, method_name: str) -> ModelInfo:
     dm = model.get_model_object("diffusion_model")
     kind = type(dm)
     # Exact types: subclasses (e.g. pixel-space variants) lay out tokens differently.
-    flux_types, chroma_types, wan_types, qwen_types, hunyuan_types = _optional_types(
+    flux_types, chroma_types, wan_types, qwen_types, hunyuan_types, nextdit_types = _optional_types(
         ("comfy.ldm.flux.model", ("Flux",)), ("comfy.ldm.chroma.model", ("Chroma",)),
         ("comfy.ldm.wan.model", ("WanModel", "VaceWanModel", "CameraWanModel")),
         ("comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",)),
-        ("comfy.ldm.hunyuan_video.model", ("HunyuanVideo",)))
+        ("comfy.ldm.hunyuan_video.model", ("HunyuanVideo",)), ("comfy.ldm.lumina.model", ("NextDiT",)))
     if kind in flux_types | chroma_types:
         fam = flux_family(kind.__name__, len(dm.double_blocks), len(dm.single_blocks))
         return ModelInfo(fam, int(dm.patch_size))
@@ -97,6 +97,8 @@ def detect_family(model, method_name: str) -> ModelInfo:
             raise UnsupportedModelError(f"{method_name}: HunyuanVideo with a non-square patch {patch} is not supported.")
         fam = hunyuan_video_family(kind.__name__, len(dm.double_blocks), len(dm.single_blocks))
         return ModelInfo(fam, int(patch[-1]))
+    if kind in nextdit_types:
+        return ModelInfo(nextdit_family("NextDiT", len(dm.layers)), int(dm.patch_size))
     reason = KNOWN_UNSUPPORTED.get(kind.__name__, "")
     raise UnsupportedModelError(
         f"{method_name} cannot patch this model: its diffusion model is {kind.__name__} "
@@ -202,7 +204,49 @@ def install(model, method, method_key: str, info: ModelInfo):
     to = model.model_options.setdefault("transformer_options", {})
     to[METHODS_KEY] = list(to.get(METHODS_KEY, [])) + [(method_key, method.name, getattr(method, "composable", True))]
     existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for key, replace in block_replaces(info.family, method, method_key, existing).items():
+    set_block_replaces(model, info.family, block_replaces(info.family, method, method_key, existing))
+
+
+def set_block_replaces(model, family: Family, replaces: dict):
+    """Register {block key: replace} as `patches_replace["dit"]` entries on a cloned ModelPatcher.
+
+    Families whose layers read no such hook (NextDiT: `family.layer_list`) get, once per layer, an
+    object patch of the layer's `forward` that looks the entry up in the call's transformer_options,
+    so they chain, clone and unpatch like the hooked families. Weights and their keys stay as they are
+    (LoRA, weight patches and offloading are untouched).
+    """
+    for key, replace in replaces.items():
         model.set_model_patch_replace(replace, "dit", key[0], key[1])
+    if family.layer_list:
+        masked = {"mask": None, "any": False}  # shared by the layers: one mask check per model call
+        for spec in family.blocks:
+            name = f"diffusion_model.{family.layer_list}.{spec.key[1]}"
+            if name + ".forward" not in model.object_patches:
+                model.add_object_patch(name + ".forward", _hooked_nextdit_forward(model.get_model_object(name),
+                                                                                 spec.key, masked))
 
 
+def _hooked_nextdit_forward(layer, key, masked: dict):
+    """NextDiT's JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, transformer_options),
+    routed through the `patches_replace["dit"][key]` entry of the call when there is one. A caption mask
+    that masks any key means the rows' captions differ in length, so their image tokens start at
+    different places: the entry then gets `attn_mask` too, and runs the call unreduced."""
+    run = type(layer).forward.__get__(layer)
+
+    def original(a):
+        return {"img": run(a["img"], a["x_mask"], a["pe"], a["vec"], transformer_options=a["transformer_options"])}
+
+    def forward(x, x_mask, freqs_cis, adaln_input=None, transformer_options={}):
+        replace = transformer_options.get("patches_replace", {}).get("dit", {}).get(key)
+        if replace is None:
+            return run(x, x_mask, freqs_cis, adaln_input, transformer_options=transformer_options)
+        args = {"img": x, "x_mask": x_mask, "pe": freqs_cis, "vec": adaln_input,
+                "transformer_options": transformer_options}
+        if x_mask is not None:
+            if masked["mask"] is not x_mask:
+                masked.update(mask=x_mask, any=bool((x_mask != 0).any()))
+            if masked["any"]:
+                args["attn_mask"] = x_mask
+        return replace(args, {"original_block": original})["img"]
+
+    return forward

@@ -276,15 +276,15 @@ def test_stacking_with_sdtm_is_refused_clearly(host, cat_node, defaults):
 
 
 def test_unsupported_model_is_rejected(host, cat_node, defaults):
-    """Lumina 2 / Z-Image gets no per-block hook in this ComfyUI: refused, by name, model untouched."""
-    from test_host_sdtm import _tiny_lumina2
-    model = _tiny_lumina2(host)
+    """PixArt gets no per-block hook in this ComfyUI: refused, by name, model untouched."""
+    from test_host_sdtm import _tiny_pixart
+    model = _tiny_pixart(host)
     before = snapshot(model)
     with pytest.raises(ValueError) as info:
         patch(host, cat_node, model, **defaults)
     assert type(info.value).__name__ == "UnsupportedModelError"
     msg = str(info.value)
-    assert "CAT" in msg and "NextDiT" in msg and all(f in msg for f in ("Flux", "Chroma", "SD3", "Wan")), msg
+    assert "CAT" in msg and "PixArtMS" in msg and all(f in msg for f in ("Flux", "Chroma", "SD3", "Wan")), msg
     assert_same_snapshot(before, snapshot(model))
 
 

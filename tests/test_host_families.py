@@ -14,6 +14,9 @@ SDTM_DEFAULTS = dict(ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, ski
                      start_percent=0.0, end_percent=1.0)
 
 
+LUMINA_COND = {"cond_extra": {"attention_mask": torch.ones(1, 16, dtype=torch.long)}}  # caption length 16
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -91,36 +94,38 @@ def _node_defaults(node):
             if i.id != "model" and not getattr(i, "optional", False)}
 
 
-def test_density_schedule_on_wan_qwen_image_and_hunyuan_video(host):
-    """The density node pools per latent frame on the (T, H, W) grids of Wan and HunyuanVideo and on
-    Qwen-Image's (1, H, W) grid: identity window exact, output finite and near unpatched, input MODEL untouched."""
+def test_density_schedule_on_wan_qwen_image_hunyuan_video_and_lumina(host):
+    """The density node pools per latent frame on the (T, H, W) grids of Wan and HunyuanVideo, on
+    Qwen-Image's (1, H, W) grid and on Lumina 2's (H, W) grid: identity window exact, output finite and near unpatched, input MODEL untouched."""
     node = host.pack_nodes()["TokenDensityPatchModel"]
     d = _node_defaults(node)
-    for model, latent in ((host.tiny_wan(layers=4), torch.zeros(1, 16, 2, 10, 14)),
-                          (host.tiny_qwen_image(layers=4), torch.zeros(1, 16, 1, 16, 12)),
-                          (host.tiny_hunyuan_video(), torch.zeros(1, 16, 2, 10, 14))):
-        base = host.sample(model, latent=latent)
+    for model, latent, extra in ((host.tiny_wan(layers=4), torch.zeros(1, 16, 2, 10, 14), {}),
+                                 (host.tiny_qwen_image(layers=4), torch.zeros(1, 16, 1, 16, 12), {}),
+                                 (host.tiny_hunyuan_video(), torch.zeros(1, 16, 2, 10, 14), {}),
+                                 (host.tiny_lumina2(), torch.zeros(1, 16, 16, 12), LUMINA_COND)):
+        base = host.sample(model, latent=latent, **extra)
         before = snapshot(model)
         (identity,) = host.run_node(node, model=model, **{**d, "start_percent": 1.0})
-        assert torch.equal(host.sample(identity, latent=latent), base)
+        assert torch.equal(host.sample(identity, latent=latent, **extra), base)
         (patched,) = host.run_node(node, model=model, **d)
-        out = host.sample(patched, latent=latent)
+        out = host.sample(patched, latent=latent, **extra)
         assert_same_snapshot(before, snapshot(model))
         assert torch.isfinite(out).all()
         assert 1e-3 < _rel(out, base) < 0.45, _rel(out, base)
 
 
-def test_cat_on_wan_qwen_image_and_hunyuan_video(host, monkeypatch, caplog):
-    """CAT on the (T, H, W) grids of Wan, Qwen-Image and HunyuanVideo (image before text): identity window
+def test_cat_on_wan_qwen_image_hunyuan_video_and_lumina(host, monkeypatch, caplog):
+    """CAT on Wan, Qwen-Image, HunyuanVideo (image before text) and Lumina 2 (no block hook): identity window
     exact, only a fraction of the tokens computed in pruned steps, output finite and near unpatched, input MODEL untouched, and
     cond/uncond batched or called one by one agree (the cache is per conditioning and row)."""
     import comfy.model_management
     node = host.pack_nodes()["CATPruningPatchModel"]
     d = _node_defaults(node)
-    for model, latent in ((host.tiny_wan(layers=3), torch.zeros(1, 16, 3, 10, 14)),
-                          (host.tiny_qwen_image(layers=3), torch.zeros(1, 16, 1, 16, 12)),
-                          (host.tiny_hunyuan_video(), torch.zeros(1, 16, 3, 10, 14))):
-        kw = dict(latent=latent, steps=8)
+    for model, latent, extra in ((host.tiny_wan(layers=3), torch.zeros(1, 16, 3, 10, 14), {}),
+                                 (host.tiny_qwen_image(layers=3), torch.zeros(1, 16, 1, 16, 12), {}),
+                                 (host.tiny_hunyuan_video(), torch.zeros(1, 16, 3, 10, 14), {}),
+                                 (host.tiny_lumina2(), torch.zeros(1, 16, 16, 12), LUMINA_COND)):
+        kw = dict(latent=latent, steps=8, **extra)
         base = host.sample(model, **kw)
         before = snapshot(model)
         (identity,) = host.run_node(node, model=model, **{**d, "start_percent": 1.0})
@@ -292,3 +297,34 @@ def test_hunyuan_video_pruned_blocks_match_the_full_blocks(host):
             part = cat.run_block_pruned(args(), original, span, family, selection, store)
         idx = (n_ref + selection)[:, :, None].expand(-1, -1, dm.hidden_size)
         assert torch.allclose(part["img"].gather(1, idx), full["img"].gather(1, idx), atol=1e-5), single
+
+
+# ---- Lumina 2 / Z-Image (NextDiT): no block hook, layers patched by object patches ----------------------
+
+def test_lumina2_merges_only_the_image_tokens(host):
+    """NextDiT's layers read no patches_replace; the pack object-patches each layer's forward to route it
+    through the same block replacement. Caption tokens come first and are never merged; the image merges
+    on its (H, W) grid; after sampling, the layers' own forward is back (nothing left patched)."""
+    model = host.tiny_lumina2()
+    latent = torch.zeros(1, 16, 16, 12)
+    _check_family(host, model, latent, (8, 6), bound=0.40, **LUMINA_COND)
+    # Sampling the unpatched MODEL afterwards unloads the patched one; ComfyUI restores each object patch
+    # by setting back what it saved, the class's own bound forward.
+    host.sample(model, latent=latent, **LUMINA_COND)
+    assert all(getattr(layer.forward, "__func__", None) is type(layer).forward
+               for layer in model.model.diffusion_model.layers)
+
+
+def test_lumina2_masked_caption_runs_unreduced(host):
+    """A caption mask that masks any key means rows whose image tokens may start at different places:
+    those calls run unreduced, exactly as unpatched. (CFG 1: this host's NextDiT cannot batch a caption
+    mask over cond and uncond, patched or not.)"""
+    model = host.tiny_lumina2()
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[0, 3] = 0
+    kw = dict(latent=torch.zeros(1, 16, 16, 12), cond_extra={"attention_mask": mask}, cfg=1.0)
+    patched, spy = _patched_with_spy(host, model)
+    assert torch.equal(host.sample(patched, **kw), host.sample(model, **kw))
+    assert not spy.seen
+    host.sample(patched, latent=kw["latent"], **LUMINA_COND)
+    assert spy.seen, "without masked keys the same patch merges"

@@ -43,8 +43,13 @@ def recorder_defaults(node, **kw):
     return d
 
 
-def sdtm(host, nodes, model):
-    (out,) = host.run_node(nodes["SDTMPatchModel"], model=model, **sdtm_defaults(nodes["SDTMPatchModel"]))
+# Merging from the first step, first and last block whole: every step shows merged and unmerged blocks.
+FROM_FIRST_STEP = dict(start_percent=0.0, skip_first_blocks=1, skip_last_blocks=1)
+
+
+def sdtm(host, nodes, model, **overrides):
+    (out,) = host.run_node(nodes["SDTMPatchModel"], model=model,
+                           **{**sdtm_defaults(nodes["SDTMPatchModel"]), **overrides})
     return out
 
 
@@ -99,7 +104,7 @@ def test_recording_never_changes_the_latent(host, nodes, maps_mods, patch, caplo
 
 def test_map_shapes_and_ranges(host, nodes, maps_mods):
     maps = maps_mods[0]
-    model = record(host, nodes, sdtm(host, nodes, host.tiny_flux(seed=0)),
+    model = record(host, nodes, sdtm(host, nodes, host.tiny_flux(seed=0), **FROM_FIRST_STEP),
                    attention_steps="all", attention_blocks="all")
     run(host, model)
     store = maps_mods[1].recorder_store(model)
@@ -122,7 +127,7 @@ def test_map_shapes_and_ranges(host, nodes, maps_mods):
             assert bool((v >= 0).all()) and bool((v <= 1).all())
             assert float(v.sum()) <= 1.0 + 1e-2  # a share of each query's attention
             assert float(v.sum()) > 0.05        # image keys get a real share of it
-    # SDTM's defaults skip the first and last block.
+    # FROM_FIRST_STEP skips the first and last block.
     assert merged_blocks == set(range(1, n_blocks - 1))
     for kind in maps.KINDS:
         for step in range(STEPS):
@@ -235,7 +240,7 @@ def test_overlay_node_draws_and_reports(host, nodes, maps_mods):
 def test_route_serves_issued_ids_and_rejects_bad_requests(host, nodes, maps_mods):
     from aiohttp.test_utils import make_mocked_request
     route = maps_mods[2]
-    model = record(host, nodes, sdtm(host, nodes, host.tiny_flux(seed=0)))
+    model = record(host, nodes, sdtm(host, nodes, host.tiny_flux(seed=0), **FROM_FIRST_STEP))
     run(host, model)
     store = maps_mods[1].recorder_store(model)
     map_id = route.issue(store, torch.rand(1, SIZE, SIZE, 3), "stats")
@@ -329,3 +334,60 @@ def test_video_latents_record_per_frame_maps_and_overlay_every_frame(host, nodes
         t = round(f * 2 / 8)
         got = overlays[f, 8:64:16, 8:64:16]
         assert torch.allclose(got, render.colormap(sizes[t] / sizes.max()), atol=1e-5), f
+
+
+def test_hunyuan_video_maps_read_text_after_the_image(host, nodes, maps_mods):
+    """HunyuanVideo's joint attention is [image, text]: with every query sampled, the image map is the
+    attention image queries give image keys and the text map the attention the text queries (which come
+    after the image) give them; recording under SDTM leaves the latent bit-identical."""
+    model = host.tiny_hunyuan_video(seed=0)
+    latent = torch.zeros(1, 16, 2, 8, 8)
+    n_img = 2 * 4 * 4
+    seen = {}
+
+    def block0(args, extra):
+        to = dict(args["transformer_options"])
+        previous = to.get("optimized_attention_override")
+
+        def spy(func, *a, **kw):
+            seen.setdefault("qk", (a[0].detach().clone(), a[1].detach().clone()))
+            return previous(func, *a, **kw) if previous else func(*a, **kw)
+
+        to["optimized_attention_override"] = spy
+        return extra["original_block"]({**args, "transformer_options": to})
+
+    probe = model.clone()
+    probe.set_model_patch_replace(block0, "dit", "double_block", 0)
+    recorded = record(host, nodes, probe, attention_steps="0", attention_blocks="0", queries=4096)
+    host.sample(recorded, steps=1, cfg=1.0, latent=latent)
+    q, k = seen["qk"]
+    p = (q[0].float() @ k[0].float().transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)  # (H, L, L)
+    store = maps_mods[1].recorder_store(recorded)
+    assert store.grid == (2, 4, 4)
+    assert torch.allclose(store.maps[("attention_image", 0, 0)].float(), p[:, :n_img, :n_img].mean((0, 1)),
+                          atol=2e-3, rtol=1e-2)
+    assert torch.allclose(store.maps[("attention_text", 0, 0)].float(), p[:, n_img:, :n_img].mean((0, 1)),
+                          atol=2e-3, rtol=1e-2)
+    merged = record(host, nodes, sdtm(host, nodes, model), attention_steps="all", attention_blocks="all")
+    assert torch.equal(host.sample(merged, steps=2, latent=latent),
+                       host.sample(sdtm(host, nodes, model), steps=2, latent=latent))
+    kinds = {key[0] for key in maps_mods[1].recorder_store(merged).maps}
+    assert {"attention_image", "attention_text", "group"} <= kinds, kinds
+
+
+def test_lumina2_maps_through_patched_layer_forwards(host, nodes, maps_mods):
+    """Lumina 2 has no block hook: the recorder reaches its layers through the same per-layer forward
+    patches as the methods. Recording under SDTM leaves the latent bit-identical; groups, image and
+    caption attention are recorded on the (H, W) grid."""
+    cond = {"attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    latent = torch.zeros(1, 16, 16, 12)
+    model = host.tiny_lumina2(seed=0)
+    merged = record(host, nodes, sdtm(host, nodes, model, start_percent=0.0), attention_steps="all",
+                    attention_blocks="all")
+    out = host.sample(merged, steps=2, latent=latent, cond_extra=cond)
+    assert torch.equal(out, host.sample(sdtm(host, nodes, model, start_percent=0.0), steps=2, latent=latent,
+                                        cond_extra=cond))
+    store = maps_mods[1].recorder_store(merged)
+    assert store.grid == (8, 6)
+    kinds = {key[0] for key in store.maps}
+    assert {"attention_image", "attention_text", "group"} <= kinds, kinds
