@@ -19,7 +19,7 @@
    weighting by the step size (d sigma)^2 was measured worse on the tiny host
    models: errors made early propagate).
 The last block's update is not visible to the probe (nothing follows it), so it
-stays dense; `protect_first` blocks stay dense too (SDTM's default skips).
+stays dense; `protect_first` blocks stay dense too (the first block, which shapes every later one).
 """
 from __future__ import annotations
 

@@ -21,16 +21,17 @@ class TokenDensityPatchModel(io.ComfyNode):
             category="model_patches/token_reduction",
             description=(
                 f"Training-free FlexDiT (arXiv 2412.06028) for {FAMILIES_SHORT}: in chosen blocks and "
-                "early steps the image tokens are average-pooled into a coarser grid, the block runs on the "
-                "pooled tokens plus the full text, and its update is upsampled back onto every token. Density "
-                "rises as denoising progresses and toward the top layers."),
+                "steps the image tokens are average-pooled into a coarser grid, the block runs on the pooled "
+                "tokens plus the full text, and its update is upsampled back onto every token. Defaults: the "
+                "first 20% of progress dense, then 2x2 pooling in every block (measured closer to the "
+                "unpatched images than FlexDiT's own layout, which stays available)."),
             inputs=[
                 model_input(),
                 io.String.Input("stage_windows", default=", ".join(str(k) for k in d.stage_windows),
                                 tooltip="Pooling window per noise stage, noisiest first, 4 entries in 1..4 "
                                         "(2 = 2x2 average, 1 = full density). Stages end at progress 0.15 / 0.47 "
                                         "/ 0.76 (FlexDiT's timestep stages matched by signal-to-noise ratio). "
-                                        "\"2, 2, 2, 1\" balanced, \"2, 2, 1, 1\" gentler, \"3, 2, 2, 1\" faster."),
+                                        "\"2, 2, 2, 2\" default, \"2, 2, 2, 1\" FlexDiT's (last stage dense), \"3, 3, 2, 2\" faster."),
                 io.Float.Input("bottom_dense", default=d.bottom_dense, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the first blocks that always run at full density "
                                        "(rounded up, so any value above 0 keeps at least one)."),

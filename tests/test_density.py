@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.block_patch import RUNS_KEY
-from kernels.density import (DensityConfig, DensitySchedule, parse_stage_windows, pool_plan, window_for_ratio,
+from kernels.density import (FLEXDIT_LAYOUT, DensityConfig, DensitySchedule, parse_stage_windows, pool_plan, window_for_ratio,
                              window_ratio)
 from kernels.families import flux_family, image_span, run_block_merged
 from kernels.schedule import TokenRatioSchedule
@@ -18,6 +18,12 @@ from tools import reference_dit as R
 
 SETTINGS = settings(max_examples=30, deadline=None)
 CPU = torch.device("cpu")
+
+
+def flexdit(**kw) -> DensityConfig:
+    """FlexDiT's layout (pooling from the first step, dense bottom/top blocks, spans), with overrides:
+    the layout logic these tests check, independent of the node's measured defaults."""
+    return DensityConfig(**{**FLEXDIT_LAYOUT, **kw})
 
 
 # ---- the pooling plan -------------------------------------------------------------------------
@@ -96,18 +102,18 @@ def test_parse_stage_windows():
 # ---- schedules ------------------------------------------------------------------------------
 
 def test_temporal_stages_raise_density():
-    m = DensitySchedule(DensityConfig(stage_windows=(3, 2, 2, 1), span_pattern=False))
+    m = DensitySchedule(flexdit(stage_windows=(3, 2, 2, 1), span_pattern=False))
     ks = [m.window(5, 12, p) for p in (0.0, 0.14, 0.15, 0.46, 0.47, 0.75, 0.76, 0.99)]
     assert ks == [3, 3, 2, 2, 2, 2, 1, 1]
 
 
 def test_spatial_schedule_bottom_top_and_spans():
-    m = DensitySchedule(DensityConfig(bottom_dense=0.07, top_dense=0.07))
+    m = DensitySchedule(flexdit(bottom_dense=0.07, top_dense=0.07))
     # 57 blocks (Flux): bottom ceil(3.99) = 4, top 4 dense; middle spans [P P P P D D]
     ks = [m.window(b, 57, 0.0) for b in range(57)]
     assert ks[:4] == [1] * 4 and ks[-4:] == [1] * 4
     assert ks[4:16] == [2, 2, 2, 2, 1, 1] * 2
-    no_span = DensitySchedule(DensityConfig(span_pattern=False))
+    no_span = DensitySchedule(flexdit(span_pattern=False))
     assert [no_span.window(b, 57, 0.0) for b in range(4, 53)] == [2] * 49
     tiny = [no_span.window(b, 4, 0.0) for b in range(4)]
     assert tiny == [1, 2, 2, 1], "any fraction above 0 keeps at least one block dense"
@@ -115,7 +121,7 @@ def test_spatial_schedule_bottom_top_and_spans():
 
 def test_connected_schedule_decides_every_block_and_step():
     s = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.9, 0.0], [0.5, 0.2]])
-    m = DensitySchedule(DensityConfig(), schedule=s)
+    m = DensitySchedule(flexdit(), schedule=s)
     for b in range(6):
         for p in (0.0, 0.3, 0.6, 0.95):
             assert m.window(b, 6, p) == window_for_ratio(s.ratio(b / 5, p))
@@ -123,23 +129,23 @@ def test_connected_schedule_decides_every_block_and_step():
 
 
 def test_start_end_percent_window():
-    m = DensitySchedule(DensityConfig(span_pattern=False, start_percent=0.2, end_percent=0.5,
+    m = DensitySchedule(flexdit(span_pattern=False, start_percent=0.2, end_percent=0.5,
                                       stage_windows=(2, 2, 2, 2)))
     assert [m.window(2, 6, p) for p in (0.1, 0.2, 0.49, 0.5)] == [1, 2, 2, 1]
 
 
 def test_plan_and_bias():
-    m = DensitySchedule(DensityConfig(span_pattern=False))
+    m = DensitySchedule(flexdit(span_pattern=False))
     x = torch.randn(2, 35, 8)
     plan = m.plan(x, (5, 7), 2, 6, 0.0)
     assert plan.assign.shape == (2, 35) and plan.n_out == 12
     assert torch.equal(m.key_bias(plan), plan.sizes.log())
     assert m.plan(x, (5, 7), 0, 6, 0.0) is None  # bottom block is dense
     assert m.plan(x, (5, 7), 2, 6, 0.9) is None  # last stage is dense
-    off = DensitySchedule(DensityConfig(span_pattern=False, proportional_attention=False))
+    off = DensitySchedule(flexdit(span_pattern=False, proportional_attention=False))
     assert off.key_bias(plan) is None
     with pytest.raises(ValueError, match="bottom_dense must lie"):
-        DensitySchedule(DensityConfig(bottom_dense=1.5))
+        DensitySchedule(flexdit(bottom_dense=1.5))
 
 
 # ---- running a block pooled ------------------------------------------------------------------
@@ -161,7 +167,7 @@ def test_identity_block_restores_the_exact_input(single):
     spec = fam.blocks[1] if single else fam.blocks[0]
     args, n, n_txt = _args(single=single)
     span = image_span(spec, args, n, n_txt)
-    plan = DensitySchedule(DensityConfig(span_pattern=False, bottom_dense=0, top_dense=0)).plan(
+    plan = DensitySchedule(flexdit(span_pattern=False, bottom_dense=0, top_dense=0)).plan(
         args["img"][:, span.img_start:span.img_start + n], (5, 7), 0, 2, 0.0)
     seen = {}
 
@@ -182,7 +188,7 @@ def test_block_update_is_upsampled_onto_every_token():
     args, n, n_txt = _args()
     lin = torch.nn.Linear(8, 8)
     span = image_span(fam.blocks[0], args, n, n_txt)
-    plan = DensitySchedule(DensityConfig(span_pattern=False, bottom_dense=0, top_dense=0)).plan(
+    plan = DensitySchedule(flexdit(span_pattern=False, bottom_dense=0, top_dense=0)).plan(
         args["img"], (5, 7), 0, 1, 0.0)
 
     def block(a):
@@ -212,10 +218,10 @@ def ref(one_torch_thread):
 
 def test_reference_model_identity_window_and_token_savings(ref):
     base = R.sample(ref, [0, 1], steps=4, seed=0)
-    off = DensitySchedule(DensityConfig(start_percent=1.0))
+    off = DensitySchedule(flexdit(start_percent=1.0))
     assert torch.equal(R.sample(ref, [0, 1], steps=4, seed=0, transformer_options=R.method_options(off, ref, "density")),
                        base)
-    on = DensitySchedule(DensityConfig(span_pattern=False))
+    on = DensitySchedule(flexdit(span_pattern=False))
     to = R.method_options(on, ref, "density")
     out = R.sample(ref, [0, 1], steps=4, seed=0, transformer_options=to)
     stats = to[RUNS_KEY]["density"]

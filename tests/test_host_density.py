@@ -46,10 +46,22 @@ def test_pools_and_stays_close(host, nodes, defaults, family, caplog):
     base = host.sample(model, height=128, width=128)
     out, computed, calls, reduced = run_with_stats(host, density(host, nodes, model, defaults), caplog,
                                                    height=128, width=128)
-    # 6 steps (simple scheduler): progress < 0.76 for the first 5; blocks 1 and 2 of 4 pool 2x2
-    per_call = calls // 4
-    assert reduced == 2 * (per_call * 5 // 6)
+    # Defaults: every block pools 2x2 at each step from progress 0.2 on (6 steps, simple scheduler).
+    import importlib
+    import comfy.samplers
+    sched_mod = importlib.import_module(host.load_pack().__name__ + ".kernels.schedule")
+    ms = model.get_model_object("model_sampling")
+    pm = sched_mod.ProgressMap(ms.percent_to_sigma)
+    active = sum(pm(s) >= defaults["start_percent"] for s in comfy.samplers.calculate_sigmas(ms, "simple", 6)[:-1])
+    per_step = calls // (6 * 4)
+    assert 0 < active < 6 and reduced == 4 * active * per_step, (active, reduced, calls)
     assert computed < 80.0
+    # FlexDiT's layout: progress < 0.76 for the first 5 steps; blocks 1 and 2 of 4 pool 2x2.
+    dens = importlib.import_module(host.load_pack().__name__ + ".kernels.density")
+    layout = dict(dens.FLEXDIT_LAYOUT, stage_windows="2, 2, 2, 1")
+    _, _, calls, reduced = run_with_stats(host, density(host, nodes, model, defaults, **layout), caplog,
+                                          height=128, width=128)
+    assert reduced == 2 * (calls // 4 * 5 // 6)
     err = rel_l2(base, out)
     other = rel_l2(base, host.sample(model, seed=1, height=128, width=128))
     assert MIN_DIFFERENCE < err < REL_L2_BOUND[family], err
@@ -102,7 +114,7 @@ def test_obeys_a_connected_schedule(host, nodes, defaults, family, caplog):
                                            end_scale=1.0, switch_percent=0.4, progress_curve="0:0.75, 0.5:0.0",
                                            depth_curve="", schedule_json="")
     assert heatmap.ndim == 4 and heatmap.shape[-1] == 3 and '"ratios"' in text
-    patched = density(host, nodes, model, defaults, schedule=sched, span_pattern=False)
+    patched = density(host, nodes, model, defaults, schedule=sched, span_pattern=False, start_percent=0.0)
     _, computed, calls, reduced = run_with_stats(host, patched, caplog, height=128, width=128)
     # The ratio falls from 0.75 (2x2) to 0 at progress 0.5; below 0.375 the window is 1 (dense). Every block
     # (no bottom/top rule with a schedule) pools exactly at the steps where the schedule says so.

@@ -77,7 +77,7 @@ def cra(ratio, dev, p):
 
 
 def test_ratio_follows_cosine_cra():
-    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.2, skip_first_blocks=1, skip_last_blocks=1))
+    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.2, skip_first_blocks=1, skip_last_blocks=1, start_percent=0.0))
     assert m.ratio(1, 4, 0.0) == pytest.approx(0.7)
     assert m.ratio(1, 4, 1.0 - 1e-9) == pytest.approx(0.3, abs=1e-6)
     assert m.ratio(2, 4, 0.5) == pytest.approx(0.3 + 0.4 * math.cos(math.pi / 4))
@@ -91,7 +91,8 @@ def test_ratio_follows_cosine_cra():
 
 
 def test_ratio_constant_without_cra():
-    m = SDTM(SDTMConfig(ratio=0.42, deviation=0.3, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0))
+    m = SDTM(SDTMConfig(ratio=0.42, deviation=0.3, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0,
+                        start_percent=0.0))
     for p in (0.0, 0.1, 0.5, 0.9, 0.999):
         for block in range(5):
             assert m.ratio(block, 5, p) == pytest.approx(0.42)
@@ -121,7 +122,8 @@ def test_ratio_zero_for_skipped_blocks():
 
 def test_schedule_overrides_ratio_and_is_clamped():
     sched = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.1, 0.2], [0.9, 0.4]])
-    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.2, skip_first_blocks=0, skip_last_blocks=1), schedule=sched)
+    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.2, skip_first_blocks=0, skip_last_blocks=1, start_percent=0.0),
+             schedule=sched)
     nb = 5
     for block in range(nb - 1):
         for p in (0.0, 0.25, 0.6, 0.95):
@@ -131,7 +133,7 @@ def test_schedule_overrides_ratio_and_is_clamped():
     assert m.ratio(2, nb, 1.0 - 1e-9) == pytest.approx(0.3)    # CRA would say 0.3 too; depth 0.5
     assert m.ratio(1, nb, 0.5) == pytest.approx(0.25 * 0.65 + 0.75 * 0.15)
     assert m.ratio(nb - 1, nb, 0.0) == 0.0                     # skipped blocks stay skipped
-    full = SDTM(SDTMConfig(skip_first_blocks=0, skip_last_blocks=0), schedule=sched)
+    full = SDTM(SDTMConfig(skip_first_blocks=0, skip_last_blocks=0, start_percent=0.0), schedule=sched)
     assert full.ratio(nb - 1, nb, 0.0) == pytest.approx(0.75)  # 0.9 clamped to the 2x2 maximum
     late = SDTM(SDTMConfig(start_percent=0.5, skip_first_blocks=0, skip_last_blocks=0), schedule=sched)
     assert late.ratio(2, nb, 0.2) == 0.0                       # start/end still apply
@@ -144,7 +146,8 @@ def _metric(b=2, n=64, c=16, seed=0):
 
 
 def _const_cfg(**kw):
-    base = dict(ratio=0.5, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0, switch_percent=0.4)
+    base = dict(ratio=0.5, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0, switch_percent=0.4,
+                start_percent=0.0)
     base.update(kw)
     return SDTMConfig(**base)
 

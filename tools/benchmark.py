@@ -24,7 +24,7 @@ ModelSamplingDiscreteFlow shift 3.0 and "sgm_uniform"; 28 steps each.
 2. CPU wall time of one model call (the blocks of one call) at real width, reduced depth:
    one Flux double + one single block standing for blocks 9 and 38 of the 57 (so skip_first /
    skip_last act as in the full model), random fp32 weights, 20x20 image + 50 text tokens
-   (--quick 16x16 + 32). Baseline vs SDTM at a structure-stage and a detail-stage step;
+   (--quick 16x16 + 32). Baseline vs SDTM at the middle step of each merging stage of the defaults;
    median of repeats interleaved across configs.
 3. Bookkeeping share: an instrumented run with timers around SDTM.plan, MergePlan.merge,
    MergePlan.unmerge, the inner block and the whole replacement (CUDA events on GPU).
@@ -777,13 +777,14 @@ def report_flops(rep: Report, results: list[FlopResult], per_step: bool, quick: 
         base = r.per_image((r.base_call + nb) * a.steps)
         sdtm = r.per_image(sum(r.sdtm_calls) + nb * a.steps)
         sel = r.per_image(sum(r.selection_calls))
-        structure = sum(1 for p in r.progress if p < SDTMConfig().switch_percent)
+        stages = [sdtm_stage(p) for p in r.progress]
+        counts = " / ".join(str(stages.count(k)) for k in ("full", "structure", "detail"))
         rows.append([f"{a.title}", f"{a.n_img} img + {a.n_txt} txt tok, {a.steps} steps x {a.calls_per_step} call",
                      _g(base), _g(sdtm), f"{sdtm / base:.3f}", f"{base / sdtm:.2f}x", _g(sel),
-                     _pct(sum(r.computed) / len(r.computed)), f"{structure} / {a.steps - structure}"])
+                     _pct(sum(r.computed) / len(r.computed)), counts])
     rep.table(["model", "per image", "baseline GFLOPs/image", "SDTM GFLOPs/image", "SDTM / baseline",
                "FLOP speedup", "of which token selection GFLOPs", "image tokens computed (mean over calls)",
-               "structure / detail steps"], rows)
+               "full / structure / detail steps"], rows)
     for r in results:
         a = r.arch
         nb = "n/a (fallback: blocks only)" if r.nonblock is None else f"{_g(r.nonblock)} GFLOPs/call"
@@ -805,7 +806,7 @@ def report_flops(rep: Report, results: list[FlopResult], per_step: bool, quick: 
             row = [i]
             for r in results:
                 if i < len(r.progress):
-                    stage = "structure" if r.progress[i] < SDTMConfig().switch_percent else "detail"
+                    stage = sdtm_stage(r.progress[i])
                     row += [f"{r.sigmas[i]:.4f}", f"{r.progress[i]:.3f}", stage, f"{r.sdtm_calls[i] / r.base_call:.3f}"]
                 else:
                     row += ["", "", "", ""]
@@ -1029,14 +1030,26 @@ class Config:
         return self.progress is not None
 
 
+def sdtm_stage(progress: float) -> str:
+    """What SDTM at its defaults does at `progress`: 'full' (outside start/end), 'structure' or 'detail'."""
+    method = SDTM(SDTMConfig())
+    return method.stage(progress) if method.is_active(progress) else "full"
+
+
+def stage_ranges() -> list[tuple[str, float, float]]:
+    """(stage, first, last progress) of the SDTM defaults' merging stages that are not empty."""
+    c = SDTMConfig()
+    lo, sw, hi = c.start_percent, min(max(c.switch_percent, c.start_percent), c.end_percent), c.end_percent
+    return [(name, a, b) for name, a, b in (("structure", lo, sw), ("detail", sw, hi)) if b > a]
+
+
 def pick_steps(host: Host, arch: Arch) -> list[Config]:
-    """Baseline, and SDTM at the schedule steps nearest the middle of each stage."""
+    """Baseline, and SDTM at the schedule steps nearest the middle of each merging stage of the defaults."""
     _, sigmas, progress = schedule(host, arch)
-    sw = SDTMConfig().switch_percent
     out = [Config("baseline")]
-    for label, target in (("SDTM structure stage", sw / 2), ("SDTM detail stage", (1 + sw) / 2)):
-        i = min(range(len(progress)), key=lambda j: abs(progress[j] - target))
-        out.append(Config(label, i, float(sigmas[i]), progress[i]))
+    for stage, a, b in stage_ranges():
+        i = min(range(len(progress)), key=lambda j: abs(progress[j] - (a + b) / 2))
+        out.append(Config(f"SDTM {stage} stage", i, float(sigmas[i]), progress[i]))
     return out
 
 

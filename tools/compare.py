@@ -57,7 +57,15 @@ from tools import benchmark as B  # noqa: E402
 from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
-AGGRESSIVE = SDTMConfig(ratio=0.6, deviation=0.15)
+AGGRESSIVE = SDTMConfig(ratio=0.7, deviation=0.05)
+# Gentler settings for distilled 4-8 step models, where every step is a large part of the schedule
+# (README, "Few-step sampling"): merging from 30% of progress; CAT keeps 50% and the first 30% full.
+FEW_STEP_SDTM = SDTMConfig(start_percent=0.3)
+FEW_STEP_CAT = dict(ratio=0.5, full_percent=0.3)
+# The paper's stage layout (the pack's defaults before they were measured here): merging from the first
+# step, structure stage until 40% of progress, first and last block at full density.
+PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, switch_percent=0.4, start_percent=0.0, skip_first_blocks=1,
+                          skip_last_blocks=1)
 NAIVE_RATIO = 0.5
 STEP_FRACTIONS = (0.6, 0.5)
 
@@ -65,7 +73,7 @@ STEP_FRACTIONS = (0.6, 0.5)
 def naive_config(ratio: float) -> SDTMConfig:
     """ToMe-style merge: bipartite matching at one fixed ratio in every block, no DTM / CRA / PR."""
     return SDTMConfig(ratio=ratio, deviation=0.0, dynamic_merge=False, ratio_adjust=False, prompt_reweight=False,
-                      skip_first_blocks=0, skip_last_blocks=0)
+                      skip_first_blocks=0, skip_last_blocks=0, start_percent=0.0)
 
 
 # ---- the row registry ---------------------------------------------------------------------------------
@@ -119,16 +127,27 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
     rows += [sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block)", naive_config(NAIVE_RATIO),
                       baseline=True),
              sdtm_row("SDTM defaults", SDTMConfig()),
-             sdtm_row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", AGGRESSIVE)]
+             sdtm_row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", AGGRESSIVE),
+             sdtm_row("SDTM, few-step preset (start_percent 0.3)", FEW_STEP_SDTM),
+             sdtm_row("SDTM, paper's stage layout (ratio 0.5, deviation 0.2, from step 1, switch 0.4, skip 1/1)",
+                      PAPER_LAYOUT)]
     # Methods that plug in through reference_dit.method_options: one entry each.
     rows.append(optional_row("CAT pruning (defaults)", "kernels.cat",
                              lambda mod, model: R.method_options(mod.CATPruning(mod.CATConfig()), model, "cat")))
+    rows.append(optional_row("CAT pruning, few-step preset (ratio 0.5, full_percent 0.3)", "kernels.cat",
+                             lambda mod, model: R.method_options(mod.CATPruning(mod.CATConfig(**FEW_STEP_CAT)), model,
+                                                                 "cat")))
     rows.append(optional_row("density schedule (defaults)", "kernels.density",
                              lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
                                                                  "density")))
+    rows.append(optional_row("density schedule, FlexDiT layout (dense bottom/top blocks and spans, from step 1)",
+                             "kernels.density",
+                             lambda mod, model: R.method_options(
+                                 mod.DensitySchedule(mod.DensityConfig(**mod.FLEXDIT_LAYOUT)), model, "density")))
     rows.append(optional_row("SDTM + calibrated ratio schedule (40% of block FLOPs saved)", "kernels.calibration",
                              lambda mod, model: R.method_options(
-                                 SDTM(SDTMConfig(), schedule=calibrated_schedule(mod, model, s)), model, "sdtm")))
+                                 SDTM(SDTMConfig(start_percent=0.0), schedule=calibrated_schedule(mod, model, s)),
+                                 model, "sdtm")))
     return rows
 
 
