@@ -143,13 +143,12 @@ def test_map_shapes_and_ranges(host, nodes, maps_mods):
                     assert abs(float(v.sum()) - store.counts[(step, block)].n_computed) < 1e-3
 
 
-def test_attention_map_matches_direct_computation(host, nodes, maps_mods):
-    """With every query sampled, the unmerged map equals softmax(q k^T) averaged over the image queries."""
-    maps = maps_mods[0]
-    model = host.tiny_flux(seed=0)
+def _qk_spy(model):
+    """A clone whose double block 0 keeps the q, k of its (first) joint attention in `seen["qk"]`, then
+    chains to whatever attention override is there."""
     seen = {}
 
-    def block0(args, extra):  # keeps q, k of the joint attention of double block 0, then chains
+    def block0(args, extra):
         to = dict(args["transformer_options"])
         previous = to.get("optimized_attention_override")
 
@@ -162,6 +161,14 @@ def test_attention_map_matches_direct_computation(host, nodes, maps_mods):
 
     probe = model.clone()
     probe.set_model_patch_replace(block0, "dit", "double_block", 0)
+    return probe, seen
+
+
+def test_attention_map_matches_direct_computation(host, nodes, maps_mods):
+    """With every query sampled, the unmerged map equals softmax(q k^T) averaged over the image queries."""
+    maps = maps_mods[0]
+    model = host.tiny_flux(seed=0)
+    probe, seen = _qk_spy(model)
     recorded = record(host, nodes, probe, attention_steps="0", attention_blocks="0", queries=4096)
     host.sample(recorded, steps=1, height=SIZE, width=SIZE, cfg=1.0)
     q, k = seen["qk"]
@@ -343,21 +350,7 @@ def test_hunyuan_video_maps_read_text_after_the_image(host, nodes, maps_mods):
     model = host.tiny_hunyuan_video(seed=0)
     latent = torch.zeros(1, 16, 2, 8, 8)
     n_img = 2 * 4 * 4
-    seen = {}
-
-    def block0(args, extra):
-        to = dict(args["transformer_options"])
-        previous = to.get("optimized_attention_override")
-
-        def spy(func, *a, **kw):
-            seen.setdefault("qk", (a[0].detach().clone(), a[1].detach().clone()))
-            return previous(func, *a, **kw) if previous else func(*a, **kw)
-
-        to["optimized_attention_override"] = spy
-        return extra["original_block"]({**args, "transformer_options": to})
-
-    probe = model.clone()
-    probe.set_model_patch_replace(block0, "dit", "double_block", 0)
+    probe, seen = _qk_spy(model)
     recorded = record(host, nodes, probe, attention_steps="0", attention_blocks="0", queries=4096)
     host.sample(recorded, steps=1, cfg=1.0, latent=latent)
     q, k = seen["qk"]
