@@ -32,6 +32,7 @@ class CallInfo:
     progress: float  # 0 at the first full-schedule sigma, 1 at sigma 0
     sigma: float = 0.0   # this call's sigma (a change marks a new step)
     rows: tuple = ()     # one key per batch row: (uuid, cond_or_uncond, row within its chunk)
+    reduced: bool = False  # set when any block of this call ran on fewer tokens (merging methods)
 
 
 def row_keys(transformer_options: dict, batch: int) -> tuple:
@@ -117,6 +118,7 @@ def _block_replace(family, spec, method, method_key, previous):
             stats.add(span.n_img, span.n_img if plan is None else plan.n_out)
         if plan is None:
             return original(args)
+        call.reduced = True
         return run_block_merged(args, original, plan, span, family, method.key_bias(plan))
 
     return replace

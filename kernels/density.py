@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .detail_cache import DetailCache, DetailCached
 from .schedule import TokenRatioSchedule, block_depth
 from .schedule_presets import FLEXDIT_STAGE_BOUNDS
 from .token_ops import MergePlan, plan_from_targets
@@ -85,6 +86,7 @@ class DensityConfig:
     proportional_attention: bool = True
     start_percent: float = 0.2
     end_percent: float = 1.0
+    detail_cache: bool = False            # pooled calls reuse the last full call's per-token detail
 
     def validate(self) -> "DensityConfig":
         if len(self.stage_windows) != 4 or any(not (1 <= int(k) <= MAX_WINDOW) for k in self.stage_windows):
@@ -105,7 +107,7 @@ FLEXDIT_LAYOUT = dict(stage_windows=(2, 2, 2, 1), bottom_dense=0.07, top_dense=0
                       start_percent=0.0)
 
 
-class DensitySchedule:
+class DensitySchedule(DetailCached):
     """Per block and progress: the pooling window k, its MergePlan and the attention bias."""
 
     name = "Token Density"
@@ -113,6 +115,7 @@ class DensitySchedule:
     def __init__(self, config: DensityConfig, schedule: TokenRatioSchedule | None = None):
         self.config = config.validate()
         self.schedule = schedule
+        self.detail_cache = DetailCache(max(config.stage_windows)) if config.detail_cache else None
 
     def is_active(self, progress: float) -> bool:
         c = self.config

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .detail_cache import DetailCache, DetailCached
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import MergePlan, bipartite_merge_plan, max_merge_ratio, window_merge_plan
 
@@ -45,6 +46,7 @@ class SDTMConfig:
     prompt_reweight: bool = True
     start_percent: float = 0.2
     end_percent: float = 1.0
+    detail_cache: bool = False    # merged calls reuse the last full call's per-token detail (detail_cache.py)
     seed: int = 0
 
     def validate(self) -> "SDTMConfig":
@@ -68,7 +70,7 @@ class SDTMConfig:
         return self
 
 
-class SDTM:
+class SDTM(DetailCached):
     """Per block and progress: the merge plan, the ratio, and the attention bias."""
 
     name = "SDTM"
@@ -77,6 +79,7 @@ class SDTM:
         self.config = config.validate()
         self.schedule = schedule
         self._top = max_merge_ratio((config.window, config.window))
+        self.detail_cache = DetailCache(config.window) if config.detail_cache else None
 
     def is_active(self, progress: float) -> bool:
         c = self.config

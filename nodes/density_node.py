@@ -49,6 +49,13 @@ class TokenDensityPatchModel(io.ComfyNode):
                                        "the unpatched model)."),
                 io.Float.Input("end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
                                tooltip="Denoising progress at which pooling stops."),
+                io.Boolean.Input("detail_cache", default=d.detail_cache,
+                                 tooltip="Off by default. Pooled steps reuse the per-token detail of the model's last "
+                                         "full-density call (the steps before start_percent): the pooled call "
+                                         "decides the coarse picture, the cached one the fine detail. On the "
+                                         "reference model it removes the per-token noise pooled tokens leave "
+                                         "(+4 dB); the detail is from an early step, so fine texture that forms "
+                                         "late may soften. Needs start_percent > 0."),
                 TokenRatioScheduleType.Input("schedule", optional=True,
                                              tooltip="Optional ratio schedule from the Token Ratio Schedule node. "
                                                      "When connected it decides every block and step: ratio r "
@@ -62,11 +69,11 @@ class TokenDensityPatchModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, stage_windows, bottom_dense, top_dense, span_pattern, proportional_attention,
-                start_percent, end_percent, schedule=None) -> io.NodeOutput:
+                start_percent, end_percent, detail_cache=False, schedule=None) -> io.NodeOutput:
         config = DensityConfig(stage_windows=parse_stage_windows(stage_windows), bottom_dense=bottom_dense,
                                top_dense=top_dense, span_pattern=span_pattern,
                                proportional_attention=proportional_attention, start_percent=start_percent,
-                               end_percent=end_percent)
+                               end_percent=end_percent, detail_cache=detail_cache)
         method = RecordingMethod(DensitySchedule(config, schedule=schedule))  # feeds a Token Map Recorder, if any
         info = detect_family(model, "Token Density Schedule")
         patched = model.clone()

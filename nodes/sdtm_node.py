@@ -57,6 +57,13 @@ class SDTMPatchModel(io.ComfyNode):
                                        "to the unpatched model)."),
                 io.Float.Input("end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
                                tooltip="Denoising progress at which merging stops."),
+                io.Boolean.Input("detail_cache", default=d.detail_cache,
+                                 tooltip="Off by default. Merged steps reuse the per-token detail of the model's last "
+                                         "full-density call (the steps before start_percent): the merged call "
+                                         "decides the coarse picture, the cached one the fine detail. On the "
+                                         "reference model it removes the per-token noise merged tokens leave "
+                                         "(+4 dB); the detail is from an early step, so fine texture that forms "
+                                         "late may soften. Needs start_percent > 0."),
                 TokenRatioScheduleType.Input("schedule", optional=True,
                                              tooltip="Optional per-layer x per-progress ratio schedule from the "
                                                      "Token Ratio Schedule node; overrides ratio/deviation."),
@@ -66,12 +73,12 @@ class SDTMPatchModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, ratio, deviation, switch_percent, window, skip_first_blocks, skip_last_blocks,
-                dynamic_merge, ratio_adjust, prompt_reweight, start_percent, end_percent,
+                dynamic_merge, ratio_adjust, prompt_reweight, start_percent, end_percent, detail_cache=False,
                 schedule=None) -> io.NodeOutput:
         config = SDTMConfig(ratio=ratio, deviation=deviation, switch_percent=switch_percent, window=window,
                             skip_first_blocks=skip_first_blocks, skip_last_blocks=skip_last_blocks,
                             dynamic_merge=dynamic_merge, ratio_adjust=ratio_adjust, prompt_reweight=prompt_reweight,
-                            start_percent=start_percent, end_percent=end_percent)
+                            start_percent=start_percent, end_percent=end_percent, detail_cache=detail_cache)
         method = RecordingMethod(SDTM(config, schedule=schedule))  # feeds a Token Map Recorder, if any
         info = detect_family(model, "SDTM Token Merging")
         patched = model.clone()

@@ -406,3 +406,19 @@ def test_out_of_range_inputs_raise_and_leave_the_model_alone(host, sdtm_node, de
     # the same ratio without CRA is valid (deviation unused)
     ok = patch(host, sdtm_node, model, **dict(defaults, ratio=0.7, deviation=0.2, ratio_adjust=False))
     assert torch.isfinite(host.sample(ok)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detail_cache_needs_a_full_call_first(host, sdtm_node, defaults, family):
+    """The opt-in detail cache reuses the last full-density call's per-token detail: with merging from
+    the first step there is none, so the output equals the run without it (bit for bit); with the
+    default warm-up it changes the output. (Closeness is measured on the trained reference model,
+    tests/test_compare_quick.py: random weights predict unrelated detail from step to step.)"""
+    model = build(host, family)
+    kw = dict(height=128, width=128)
+    off = host.sample(patch(host, sdtm_node, model, **dict(defaults, start_percent=0.0)), **kw)
+    on = host.sample(patch(host, sdtm_node, model, **dict(defaults, start_percent=0.0, detail_cache=True)), **kw)
+    assert torch.equal(on, off)
+    cached = host.sample(patch(host, sdtm_node, model, **dict(defaults, detail_cache=True)), **kw)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, host.sample(patch(host, sdtm_node, model,
+                                                                                      **defaults), **kw))

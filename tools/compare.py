@@ -128,6 +128,7 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
                       baseline=True),
              sdtm_row("SDTM defaults", SDTMConfig()),
              sdtm_row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", AGGRESSIVE),
+             sdtm_row("SDTM + detail cache (opt-in)", SDTMConfig(detail_cache=True)),
              sdtm_row("SDTM, few-step preset (start_percent 0.3)", FEW_STEP_SDTM),
              sdtm_row("SDTM, paper's stage layout (ratio 0.5, deviation 0.2, from step 1, switch 0.4, skip 1/1)",
                       PAPER_LAYOUT)]
@@ -140,6 +141,9 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
     rows.append(optional_row("density schedule (defaults)", "kernels.density",
                              lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
                                                                  "density")))
+    rows.append(optional_row("density schedule + detail cache (opt-in)", "kernels.density",
+                             lambda mod, model: R.method_options(
+                                 mod.DensitySchedule(mod.DensityConfig(detail_cache=True)), model, "density")))
     rows.append(optional_row("density schedule, FlexDiT layout (dense bottom/top blocks and spans, from step 1)",
                              "kernels.density",
                              lambda mod, model: R.method_options(
