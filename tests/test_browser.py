@@ -350,17 +350,21 @@ def test_workflow_loads_in_ui(page, path):
     # Offline, the stock frontend's missing-models dialog fails to fetch the size of each model
     # download hint (properties.models): one network error and one console error per hint.
     hints = {m["url"] for n in wf["nodes"] for m in n["properties"].get("models", [])}
+    # A LoadImage example names an input file the user supplies; offline its preview is a 404.
+    inputs = {f"filename={n['widgets_values'][0]}&" for n in wf["nodes"] if n["type"] == "LoadImage"}
     size_errors = 0
     left = []
     for e in errors:
         if any(e.startswith("console error: network:") and e.endswith(u) for u in hints):
             continue
+        if e.startswith("console error: network:") and "/api/view?type=input&" in e and any(i in e for i in inputs):
+            continue
         if e.startswith("console error: Error fetching file size: TypeError: Failed to fetch") and size_errors < len(hints):
             size_errors += 1
             continue
         left.append(e)
+    page.baseline = (len(page.exceptions), len(page.errors))  # before asserting: one failure stays one
     assert left == []
-    page.baseline = (len(page.exceptions), len(page.errors))
 
 
 BUILD_TINY_GRAPH = """(() => {
