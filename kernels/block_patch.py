@@ -40,9 +40,18 @@ def row_keys(transformer_options: dict, batch: int) -> tuple:
     cu = transformer_options.get("cond_or_uncond") or []
     uuids = transformer_options.get("uuids") or []
     if not cu or batch % len(cu):
-        return tuple((None, None, r) for r in range(batch))
+        return _index_rows(batch)
     per = batch // len(cu)
     return tuple((str(uuids[i]) if i < len(uuids) else None, cu[i], r) for i in range(len(cu)) for r in range(per))
+
+
+def call_rows(call: CallInfo, batch: int) -> tuple:
+    """The call's key per batch row; hosts that give none (the reference model) get one key per row index."""
+    return tuple(call.rows) if len(call.rows) == batch else _index_rows(batch)
+
+
+def _index_rows(batch: int) -> tuple:
+    return tuple((None, None, r) for r in range(batch))
 
 
 def begin_call(method, transformer_options: dict, method_key: str, family: Family, x):

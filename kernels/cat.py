@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .block_patch import call_rows
 from .families import ATTENTION_OVERRIDE_KEY
 from .maps import record_token_map, recording
 from .schedule import TokenRatioSchedule, block_depth
@@ -309,7 +310,7 @@ class CATPruning:
             state.last_full = True
             state.call = None  # outside the window: the unpatched model, nothing recorded
             return None
-        rows = tuple(call.rows) if call.rows else tuple((None, None, r) for r in range(x.shape[0]))
+        rows = call_rows(call, x.shape[0])
         signature = (rows, x.shape[0])
         n_keep = self.n_keep(call.n_img, call.progress, num_blocks)
         full = (self._scheduled_full(call.progress, n_keep, call.n_img, state.pruned_since_full)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .block_patch import call_rows
+
 
 @dataclass
 class DetailRunState:
@@ -72,7 +74,7 @@ class DetailCache:
         call, state.call = state.call, None
         if call is None or noise.ndim not in (4, 5):
             return None
-        keys = call.rows if len(call.rows) == noise.shape[0] else tuple((None, None, i) for i in range(noise.shape[0]))
+        keys = call_rows(call, noise.shape[0])
         if not call.reduced:
             for i, key in enumerate(keys):
                 state.rows[key] = noise[i].detach().clone()

@@ -54,6 +54,17 @@ def model_input():
     return io.Model.Input("model", tooltip=f"The diffusion model to accelerate: {SUPPORTED_FAMILIES}.")
 
 
+def detail_cache_input(default: bool, verb: str):
+    """The `detail_cache` input of the merging nodes (SDTM, density); `verb` is "merged" or "pooled"."""
+    return io.Boolean.Input("detail_cache", default=default,
+                            tooltip=f"Off by default. {verb.capitalize()} steps reuse the per-token detail of the "
+                                    "model's last full-density call (the steps before start_percent): the "
+                                    f"{verb} call decides the coarse picture, the cached one the fine detail. On "
+                                    f"the reference model it removes the per-token noise {verb} tokens leave; the "
+                                    "detail is from an early step, so fine texture that forms late may soften. "
+                                    "Needs start_percent > 0.")
+
+
 class UnsupportedModelError(ValueError):
     pass
 
@@ -82,21 +93,12 @@ def detect_family(model, method_name: str) -> ModelInfo:
     if isinstance(dm, MMDiT) and hasattr(dm, "joint_blocks"):
         return ModelInfo(mmdit_family("SD3", len(dm.joint_blocks)), int(dm.patch_size))
     if kind in wan_types:
-        if tuple(dm.patch_size)[0] != 1:
-            raise UnsupportedModelError(f"{method_name}: Wan with temporal patch size {dm.patch_size[0]} is not "
-                                        "supported (the token grid assumes one latent frame per token row).")
-        return ModelInfo(wan_family(kind.__name__, len(dm.blocks)), int(dm.patch_size[-1]))
+        return ModelInfo(wan_family(kind.__name__, len(dm.blocks)), _spatial_patch(dm.patch_size, "Wan", method_name))
     if kind in qwen_types:
         return ModelInfo(qwen_image_family("QwenImage", len(dm.transformer_blocks)), int(dm.patch_size))
     if kind in hunyuan_types:
-        patch = tuple(dm.patch_size)
-        if len(patch) == 3 and patch[0] != 1:
-            raise UnsupportedModelError(f"{method_name}: HunyuanVideo with temporal patch size {patch[0]} is not "
-                                        "supported (the token grid assumes one latent frame per token row).")
-        if patch[-1] != patch[-2]:
-            raise UnsupportedModelError(f"{method_name}: HunyuanVideo with a non-square patch {patch} is not supported.")
         fam = hunyuan_video_family(kind.__name__, len(dm.double_blocks), len(dm.single_blocks))
-        return ModelInfo(fam, int(patch[-1]))
+        return ModelInfo(fam, _spatial_patch(dm.patch_size, "HunyuanVideo", method_name))
     if kind in nextdit_types:
         return ModelInfo(nextdit_family("NextDiT", len(dm.layers)), int(dm.patch_size))
     reason = KNOWN_UNSUPPORTED.get(kind.__name__, "")
@@ -104,6 +106,18 @@ def detect_family(model, method_name: str) -> ModelInfo:
         f"{method_name} cannot patch this model: its diffusion model is {kind.__name__} "
         f"(model type {type(model.model).__name__}){': ' + reason if reason else ''}. "
         f"Supported families: {SUPPORTED_FAMILIES}.")
+
+
+def _spatial_patch(patch, family_name: str, method_name: str) -> int:
+    """The square spatial patch of a (T,) H, W patch size; the token grid (the APPLY_MODEL wrapper's)
+    assumes one latent frame per token row."""
+    patch = tuple(patch)
+    if len(patch) == 3 and patch[0] != 1:
+        raise UnsupportedModelError(f"{method_name}: {family_name} with temporal patch size {patch[0]} is not "
+                                    "supported (the token grid assumes one latent frame per token row).")
+    if patch[-1] != patch[-2]:
+        raise UnsupportedModelError(f"{method_name}: {family_name} with a non-square patch {patch} is not supported.")
+    return int(patch[-1])
 
 
 def _optional_types(*modules) -> list[set]:

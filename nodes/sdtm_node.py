@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..kernels.maps import RecordingMethod
 from ..kernels.sdtm import SDTM, SDTMConfig
-from .patching import FAMILIES_SHORT, detect_family, install, model_input
+from .patching import FAMILIES_SHORT, detail_cache_input, detect_family, install, model_input
 from .types import TokenRatioScheduleType
 
 DEFAULTS = SDTMConfig()
@@ -57,13 +57,7 @@ class SDTMPatchModel(io.ComfyNode):
                                        "to the unpatched model)."),
                 io.Float.Input("end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
                                tooltip="Denoising progress at which merging stops."),
-                io.Boolean.Input("detail_cache", default=d.detail_cache,
-                                 tooltip="Off by default. Merged steps reuse the per-token detail of the model's last "
-                                         "full-density call (the steps before start_percent): the merged call "
-                                         "decides the coarse picture, the cached one the fine detail. On the "
-                                         "reference model it removes the per-token noise merged tokens leave "
-                                         "(+4 dB); the detail is from an early step, so fine texture that forms "
-                                         "late may soften. Needs start_percent > 0."),
+                detail_cache_input(d.detail_cache, "merged"),
                 TokenRatioScheduleType.Input("schedule", optional=True,
                                              tooltip="Optional per-layer x per-progress ratio schedule from the "
                                                      "Token Ratio Schedule node; overrides ratio/deviation."),
