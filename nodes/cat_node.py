@@ -25,16 +25,18 @@ class CATPruningPatchModel(io.ComfyNode):
                 "Place between the model loader and the sampler."),
             inputs=[
                 model_input(),
-                io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.95, step=0.01,
+                io.Float.Input("ratio", default=d.ratio, min=0.0, max=0.99, step=0.01,
                                tooltip="Fraction of image tokens NOT computed in each pruned step (paper: 0.7). "
-                                       "Higher is faster and less faithful. 0 disables pruning."),
+                                       "Higher is faster. The default prunes 95% and relies on the full refresh "
+                                       "steps (refresh_every) for fidelity. 0 disables pruning."),
                 io.Float.Input("full_percent", default=d.full_percent, min=0.0, max=1.0, step=0.01,
-                               tooltip="Denoising progress before which every step runs in full. 0.24 = the "
-                                       "first 7 of 28 steps; the paper's t0 is 8 of 28 (set 0.28): slower, "
-                                       "closer to the unpatched model."),
+                               tooltip="Denoising progress before which every step runs in full (0.28: the "
+                                       "first 8 of 28 steps, the paper's t0). Lower (0.18: the faster preset) is "
+                                       "faster and less faithful: the layout forms in these steps."),
                 io.Int.Input("refresh_every", default=d.refresh_every, min=0, max=100,
                              tooltip="Run one full step after this many pruned steps, refreshing every cached "
-                                     "token. 0 = never (the paper); stale tokens are still recomputed in turn."),
+                                     "key, value and noise. 2 (default): two pruned steps, then a full one. "
+                                     "0 = never (the paper): faster, and the cache grows stale."),
                 io.Int.Input("clusters", default=d.clusters, min=1, max=256,
                              tooltip="Spatial clusters of the token grid (paper: 20). Clusters whose noise changes "
                                      "most get the largest share of the recomputed tokens."),

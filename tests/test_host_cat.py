@@ -81,9 +81,15 @@ def test_runs_and_computes_the_requested_fraction(host, cat_node, defaults, fami
     out, computed, calls, reduced = run_with_stats(host, patch(host, cat_node, model, **defaults), caplog)
     assert out.shape == (1, 16, 16, 16) and torch.isfinite(out).all()
     n_blocks = 4 if family == "flux" else SD3_DEPTH
-    n, keep = 64, 64 - int(0.7 * 64)
-    full = sum(p < defaults["full_percent"] for p in progresses(host, model))
-    assert 0 < full < STEPS
+    n, keep = 64, 64 - int(defaults["ratio"] * 64)
+    # Full steps: the first ones (progress below full_percent), then one after every refresh_every pruned.
+    plan, pruned_since_full = [], 0
+    for p in progresses(host, model):
+        full_step = p < defaults["full_percent"] or pruned_since_full >= defaults["refresh_every"] > 0
+        plan.append(full_step)
+        pruned_since_full = 0 if full_step else pruned_since_full + 1
+    full = sum(plan)
+    assert 0 < full < STEPS and any(plan[i] and not plan[i - 1] for i in range(1, STEPS)), plan  # a refresh step
     per_step_calls = calls // (STEPS * n_blocks)  # 1 (cond+uncond batched) or 2 (separate)
     assert calls == per_step_calls * STEPS * n_blocks
     assert reduced == per_step_calls * (STEPS - full) * n_blocks, "every block of every pruned step is pruned"

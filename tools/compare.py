@@ -58,10 +58,14 @@ from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
 AGGRESSIVE = SDTMConfig(ratio=0.7, deviation=0.05)
-# Gentler settings for distilled 4-8 step models, where every step is a large part of the schedule
-# (README, "Few-step sampling"): merging from 30% of progress; CAT keeps 50% and the first 30% full.
+# Gentler SDTM setting for distilled 4-8 step models, where every step is a large part of the schedule
+# (README, "Few-step sampling"): merging from 30% of progress.
 FEW_STEP_SDTM = SDTMConfig(start_percent=0.3)
-FEW_STEP_CAT = dict(ratio=0.5, full_percent=0.3)
+# CAT, faster: the steps that form the layout run in full only up to 18% of progress (README, "Evidence").
+FAST_CAT = dict(full_percent=0.18)
+# CAT ablation: a pruned step computes 1% of the tokens, so nearly every token reuses its cached noise
+# until the next full step; the difference to the defaults is what recomputing 5% per step buys.
+REUSE_ONLY_CAT = dict(ratio=0.99)
 # The paper's stage layout (the pack's defaults before they were measured here): merging from the first
 # step, structure stage until 40% of progress, first and last block at full density.
 PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, switch_percent=0.4, start_percent=0.0, skip_first_blocks=1,
@@ -133,11 +137,15 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
              sdtm_row("SDTM, paper's stage layout (ratio 0.5, deviation 0.2, from step 1, switch 0.4, skip 1/1)",
                       PAPER_LAYOUT)]
     # Methods that plug in through reference_dit.method_options: one entry each.
-    rows.append(optional_row("CAT pruning (defaults)", "kernels.cat",
-                             lambda mod, model: R.method_options(mod.CATPruning(mod.CATConfig()), model, "cat")))
-    rows.append(optional_row("CAT pruning, few-step preset (ratio 0.5, full_percent 0.3)", "kernels.cat",
-                             lambda mod, model: R.method_options(mod.CATPruning(mod.CATConfig(**FEW_STEP_CAT)), model,
-                                                                 "cat")))
+    def cat_row(name: str, settings: Callable = lambda mod: {}) -> Row:
+        return optional_row(name, "kernels.cat", lambda mod, model: R.method_options(
+            mod.CATPruning(mod.CATConfig(**settings(mod))), model, "cat"))
+    rows += [cat_row("CAT pruning (defaults)"),
+             cat_row("CAT pruning, faster preset (full_percent 0.18)", lambda mod: FAST_CAT),
+             cat_row("CAT pruning, ablation: ratio 0.99 (cache reuse between full steps only)",
+                     lambda mod: REUSE_ONLY_CAT),
+             cat_row("CAT pruning, paper's setting (ratio 0.7, full_percent 0.28, no refresh)",
+                     lambda mod: mod.PAPER_SETTING)]
     rows.append(optional_row("density schedule (defaults)", "kernels.density",
                              lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
                                                                  "density")))
@@ -454,11 +462,21 @@ def host_rows(family: str) -> list[Row]:
         return lambda m: H.run_node(cache_cls, model=m, reuse_threshold=threshold, start_percent=0.15,
                                     end_percent=0.95, verbose=False)[0]
 
+    def pack_node(node_id: str, **overrides):
+        """The pack's node at its schema defaults (optional inputs left out), with `overrides`."""
+        cls = H.pack_nodes()[node_id]
+        inputs = {i.id: i.default for i in cls.define_schema().inputs
+                  if i.id != "model" and not getattr(i, "optional", False)}
+        return lambda m: H.run_node(cls, model=m, **{**inputs, **overrides})[0]
+
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
     rows += [Row(f"naive merge (ratio {NAIVE_RATIO}, every block)", node(naive_config(NAIVE_RATIO)), baseline=True),
              Row("SDTM defaults (node)", node(SDTMConfig())),
-             Row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", node(AGGRESSIVE))]
+             Row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", node(AGGRESSIVE)),
+             Row("CAT defaults (node)", pack_node("CATPruningPatchModel")),
+             Row("CAT faster preset (full_percent 0.18)", pack_node("CATPruningPatchModel", **FAST_CAT)),
+             Row("density schedule defaults (node)", pack_node("TokenDensityPatchModel"))]
     for label, thr in (("default, threshold 0.2", 0.2), ("stronger, threshold 0.5", 0.5)):
         name = f"ComfyUI {cache_name} ({label})"
         rows.append(Row(name, cache(thr), baseline=True) if cache_cls else Row(name, missing=ec_err))
