@@ -260,13 +260,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     result = demo.main(["--out", str(tmp_path), "--steps", "2", "--size", "16", "--classes", "0,1",
                         "--repeats", "1", "--random-init", "--scale", "2", "--threads", "1"])
     img = _read_png((tmp_path / "demo_side_by_side.png").read_bytes())
-    assert img.shape == (4 + 2 * (32 + 4), 4 + 2 * (32 + 4), 3)  # two rows of two 16 px images, x2, pad 4
+    assert img.shape == (4 + 3 * (32 + 4), 4 + 2 * (32 + 4), 3)  # three rows of two 16 px images, x2, pad 4
     assert (tmp_path / "demo_table.md").read_text().startswith("| setting |")
     printed = capsys.readouterr().out
-    assert "| baseline |" in printed and "| SDTM |" in printed and "random init" in printed
+    assert all(f"| {name} |" in printed for name in ("baseline", "SDTM", "CAT")) and "random init" in printed
     r = result["results"]
-    assert r["baseline"]["flops_ratio"] == 1.0 and r["SDTM"]["flops_ratio"] < 1.0
-    assert r["SDTM"]["tokens_computed"] < 1.0
+    assert r["baseline"]["flops_ratio"] == 1.0
+    for name in ("SDTM", "CAT"):
+        assert r[name]["flops_ratio"] < 1.0 and r[name]["tokens_computed"] < 1.0, name
 
 
 def test_matches_comfyui_flux(host, model):

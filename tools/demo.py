@@ -1,11 +1,11 @@
-"""Demo: class-conditioned images from the embedded reference DiT, with and without SDTM.
+"""Demo: class-conditioned images from the embedded reference DiT, unpatched, with SDTM and with CAT.
 
     python tools/demo.py [--out DIR] [--steps N] [--seed S] [--classes 0,1,2,3] [--cfg G]
                          [--repeats R] [--size PX] [--scale K] [--random-init]
                          [--threads T]
 
-Runs without ComfyUI. SDTM runs at the node's defaults (kernels.sdtm.SDTMConfig()).
-Writes DIR/demo_side_by_side.png (top row baseline, bottom row SDTM, nearest-upscaled)
+Runs without ComfyUI. SDTM and CAT run at their nodes' defaults (kernels.sdtm.SDTMConfig(),
+kernels.cat.CATConfig()). Writes DIR/demo_side_by_side.png (rows: baseline, SDTM, CAT; nearest-upscaled)
 and DIR/demo_table.md, and prints the table: FLOPs per image over one full sampling
 run (torch.utils.flop_counter; CFG's unconditional half included), median wall time of R timed runs (interleaved with
 the baseline's, so both see the same machine load), and the difference to the
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.block_patch import RUNS_KEY  # noqa: E402
+from kernels.cat import CATConfig, CATPruning  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
@@ -132,28 +133,33 @@ def _main(args, t_start) -> dict:
     size = args.size or cfg.image_size
     if any(not (0 <= c < cfg.num_classes) for c in classes):
         raise SystemExit(f"class ids must lie in [0, {cfg.num_classes})")
-    sdtm_config = SDTMConfig()
+    sdtm_config, cat_config = SDTMConfig(), CATConfig()
     n_img = (size // cfg.patch_size) ** 2
     print(f"reference DiT: {source}")
     print(f"  {cfg.depth_double} double + {cfg.depth_single} single blocks, hidden {cfg.hidden}, {cfg.heads} heads; "
           f"{size}x{size} RGB -> {n_img} image + {cfg.txt_len} text tokens; {len(classes)} images, "
           f"{args.steps} Euler steps, CFG {args.cfg}, seed {args.seed}, torch threads {torch.get_num_threads()}")
     print(f"  SDTM at the node defaults: {sdtm_config}")
+    print(f"  CAT at the node defaults: {cat_config}")
 
+    # name -> (runner, method key of its RunStats)
     settings = {
-        "baseline": _runner(model, classes, args, size, lambda: None),
-        "SDTM": _runner(model, classes, args, size, lambda: R.method_options(SDTM(sdtm_config), model, "sdtm")),
+        "baseline": (_runner(model, classes, args, size, lambda: None), None),
+        "SDTM": (_runner(model, classes, args, size, lambda: R.method_options(SDTM(sdtm_config), model, "sdtm")),
+                 "sdtm"),
+        "CAT": (_runner(model, classes, args, size, lambda: R.method_options(CATPruning(cat_config), model, "cat")),
+                "cat"),
     }
     res = {name: {"times": []} for name in settings}
-    for name, run in settings.items():
+    for name, (run, _) in settings.items():
         _, flops, _ = run(count_flops=True)
         res[name]["flops"] = flops
     for _ in range(max(args.repeats, 1)):
-        for name, run in settings.items():  # interleaved: both see the same load
+        for name, (run, key) in settings.items():  # interleaved: all see the same load
             images, dt, to = run()
             res[name]["times"].append(dt)
-            if to is not None:
-                res[name]["stats"] = to[RUNS_KEY]["sdtm"]
+            if key is not None:
+                res[name]["stats"] = to[RUNS_KEY][key]
             if "images" not in res[name]:
                 res[name]["images"] = images
             elif not torch.equal(images, res[name]["images"]):
@@ -180,7 +186,7 @@ def _main(args, t_start) -> dict:
 
     out = Path(args.out)
     png = write_png(out / "demo_side_by_side.png",
-                    side_by_side([base["images"], res["SDTM"]["images"]], scale=max(args.scale, 1)))
+                    side_by_side([r["images"] for r in res.values()], scale=max(args.scale, 1)))
     notes = (f"Reference DiT ({source}); {n} images of {size}x{size} px, classes {classes}, {args.steps} steps, "
              f"CFG {args.cfg}, seed {args.seed}; wall time = median of {max(args.repeats, 1)} runs on "
              f"{torch.get_num_threads()} torch threads. PSNR and max abs error on images in [-1, 1].")
@@ -189,9 +195,10 @@ def _main(args, t_start) -> dict:
     print(table)
     print()
     print(notes)
-    if "stats" in res["SDTM"]:
-        print(res["SDTM"]["stats"].summary("SDTM"))
-    print(f"wrote {png} (top row: baseline, bottom row: SDTM) and {out / 'demo_table.md'} "
+    for name, r in res.items():
+        if "stats" in r:
+            print(r["stats"].summary(name))
+    print(f"wrote {png} (rows: {', '.join(res)}) and {out / 'demo_table.md'} "
           f"in {time.perf_counter() - t_start:.1f} s")
     return {"png": png, "table": table, "source": source,
             "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("images", "stats")} for k, v in res.items()}}
