@@ -18,7 +18,8 @@ per FLOP than pruning less.
 
 Selection, per batch row (one row = one image of one conditioning), after each step:
 - noise relative magnitude: delta = N_t - N_ref, the change of each token's predicted noise
-  since the reference step (the next-to-last full step, as in the official code);
+  since the reference step (the next-to-last full step before the first pruned step, as in the
+  official code; refresh steps leave it: re-basing it at each refresh measured no better);
 - spatial clustering: k-means on the token grid (0.05 x noise + position), done once per run at
   the first pruned step; clusters are ranked by the norm of their element-wise max |delta|;
   the top clusters get larger quotas (3x, 2x, 1x the base quota, then 1x each), and inside a

@@ -78,7 +78,7 @@ def test_training_reduces_velocity_error(tmp_path):
     assert result["steps"] == 60
     assert err1 < 0.8 * err0, (err0, err1)
     meta = R.weights_metadata(out)
-    assert meta["steps"] == "60" and meta["seed"] == "1" and meta["complete"] == "true"
+    assert meta["steps"] == "60" and meta["seed"] == "1" and meta["complete"] == "true" and meta["device"] == "cpu"
     assert meta["command"].startswith("python tools/train_reference.py ") and "--steps 60" in meta["command"]
     loaded, source = R.build_model(weights=out)
     assert "trained" in source and loaded.config.image_size == 16
@@ -92,6 +92,17 @@ def test_training_reduces_velocity_error(tmp_path):
     meta2 = R.weights_metadata(more)
     assert meta2["steps"] == "63" and meta2["command"].startswith(meta["command"] + " && ")
     assert R.load_weights(more).config == loaded.config
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (training with --device cuda)")
+def test_training_on_cuda_matches_the_cpu_data(tmp_path):
+    """--device cuda trains on the same procedural batches (drawn on the CPU) and saves CPU weights."""
+    out = tmp_path / "cuda.safetensors"
+    result = T.train(["--steps", "3", "--batch", "4", "--config", TINY, "--out", str(out), "--save-every", "0",
+                      "--log-every", "1000", "--device", "cuda"])
+    assert next(result["model"].parameters()).is_cuda and R.weights_metadata(out)["device"] == "cuda"
+    assert torch.isfinite(torch.tensor(result["losses"])).all()
+    assert R.load_weights(out).config.image_size == 16
 
 
 # ---- the shipped weights ---------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of unconditional ids (for CFG)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data and sigmas")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device to train on, e.g. cuda (the procedural images are drawn on the CPU, with "
+                        "the same seeds, and moved there)")
     p.add_argument("--save-every", type=int, default=250, help="checkpoint (EMA weights) every N steps")
     p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16",
@@ -131,7 +134,7 @@ def save(ema: R.ReferenceDiT, args, command: str, step: int, loss: float, elapse
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "train_seconds": f"{elapsed:.0f}", "batch": str(args.batch), "lr": str(args.lr),
             "sigma_sampling": args.sigma_sampling, "cond_dropout": str(args.cond_dropout),
-            "ema": str(args.ema), "complete": str(final).lower(), "torch": torch.__version__,
+            "ema": str(args.ema), "complete": str(final).lower(), "torch": torch.__version__, "device": args.device,
             "threads": str(torch.get_num_threads()),
             "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
             "data": "tools/procedural.py sample_batch"}
@@ -179,6 +182,8 @@ def train(argv=None) -> dict:
         config = model.config
     else:
         model = init_model(config, args.seed).train()
+    device = torch.device(args.device)
+    model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -198,7 +203,8 @@ def train(argv=None) -> dict:
         progress = max(step / args.steps, elapsed / budget if budget else 0.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, progress, args)
-        x, s, ids, v = flow_batch(args.batch, gen, config, args.sigma_sampling, args.cond_dropout)
+        x, s, ids, v = (t.to(device) for t in flow_batch(args.batch, gen, config, args.sigma_sampling,
+                                                        args.cond_dropout))
         loss = F.mse_loss(model(x, s, ids), v)
         opt.zero_grad(set_to_none=True)
         loss.backward()
