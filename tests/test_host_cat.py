@@ -6,6 +6,7 @@ tiny and random, so the numbers check plumbing and bounds, not image quality.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import re
 
@@ -54,7 +55,6 @@ def sample(host, model, **kw):
 
 def progresses(host, model, steps=STEPS):
     """Progress of every step of the `simple` schedule, read the way the pack reads it."""
-    import importlib
     import comfy.samplers
     patching = importlib.import_module(f"{host.PACK_NAME}.nodes.patching")
     ms = model.get_model_object("model_sampling")
@@ -81,19 +81,18 @@ def test_runs_and_computes_the_requested_fraction(host, cat_node, defaults, fami
     out, computed, calls, reduced = run_with_stats(host, patch(host, cat_node, model, **defaults), caplog)
     assert out.shape == (1, 16, 16, 16) and torch.isfinite(out).all()
     n_blocks = 4 if family == "flux" else SD3_DEPTH
-    n, keep = 64, 64 - int(defaults["ratio"] * 64)
-    # Full steps: the first ones (progress below full_percent), then one after every refresh_every pruned.
-    plan, pruned_since_full = [], 0
-    for p in progresses(host, model):
-        full_step = p < defaults["full_percent"] or pruned_since_full >= defaults["refresh_every"] > 0
-        plan.append(full_step)
-        pruned_since_full = 0 if full_step else pruned_since_full + 1
+    n = 64
+    # The node's own schedule rule (the one benchmark.py counts FLOPs with): image tokens per step.
+    cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")
+    tokens = cat.CATPruning(cat.CATConfig(**defaults)).step_plan(progresses(host, model), n)
+    plan = [k == n for k in tokens]
     full = sum(plan)
     assert 0 < full < STEPS and any(plan[i] and not plan[i - 1] for i in range(1, STEPS)), plan  # a refresh step
+    assert set(tokens) == {n, n - int(defaults["ratio"] * n)}
     per_step_calls = calls // (STEPS * n_blocks)  # 1 (cond+uncond batched) or 2 (separate)
     assert calls == per_step_calls * STEPS * n_blocks
     assert reduced == per_step_calls * (STEPS - full) * n_blocks, "every block of every pruned step is pruned"
-    expected = 100 * (full * n + (STEPS - full) * keep) / (STEPS * n)
+    expected = 100 * sum(tokens) / (STEPS * n)
     assert computed == pytest.approx(expected, abs=0.06)
 
 
@@ -139,7 +138,6 @@ def _live_tensors() -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_is_freed_after_each_run(host, cat_node, defaults, family, monkeypatch):
-    import importlib
     cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")
     states = []
     real_new = cat.CATPruning.new_run_state
@@ -299,7 +297,6 @@ def test_pruned_wan_block_matches_the_full_block(host):
     filled from the same input, the selected tokens' outputs equal the full block's. The text is
     longer than the image here, so a cache that took the cross-attention's text keys for image keys
     would fail."""
-    import importlib
     host.load_pack()
     cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")
     families = importlib.import_module(f"{host.PACK_NAME}.kernels.families")
@@ -360,7 +357,6 @@ def test_chroma_and_kontext_reference_tokens(host, cat_node, defaults):
 def test_pruned_sd3_block_matches_the_full_block(host, dual_attention):
     """On the host's own JointBlock (SD3.5 medium's image-only second attention included): with the
     cache filled from the same input, the selected tokens' outputs equal the full block's."""
-    import importlib
     import comfy.supported_models
     host.load_pack()
     cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")

@@ -62,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from kernels import token_ops  # noqa: E402
 from kernels.block_patch import CALL_KEY, RUNS_KEY, CallInfo, RunStats, block_replaces  # noqa: E402
-from kernels.cat import PAPER_SETTING, CATConfig, CATPruning, run_block_pruned  # noqa: E402
+from kernels.cat import FAST_SETTING, PAPER_SETTING, CATConfig, CATPruning, run_block_pruned  # noqa: E402
 from kernels.families import ATTENTION_OVERRIDE_KEY, flux_family, image_span, mmdit_family  # noqa: E402
 from kernels.schedule import ProgressMap  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
@@ -820,7 +820,7 @@ CAT_SETTINGS = (
     # (label, config, full steps forced as in the paper (t0 of the schedule's steps) or None)
     ("CAT paper setting (70% pruned, t0 = 8 of 28, no refresh)", CATConfig(**PAPER_SETTING), 8),
     ("CAT node defaults", CATConfig(), None),
-    ("CAT faster preset (full_percent 0.18)", CATConfig(full_percent=0.18), None),
+    ("CAT faster preset (full_percent 0.18)", CATConfig(**FAST_SETTING), None),
 )
 
 

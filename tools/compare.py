@@ -61,8 +61,6 @@ AGGRESSIVE = SDTMConfig(ratio=0.7, deviation=0.05)
 # Gentler SDTM setting for distilled 4-8 step models, where every step is a large part of the schedule
 # (README, "Few-step sampling"): merging from 30% of progress.
 FEW_STEP_SDTM = SDTMConfig(start_percent=0.3)
-# CAT, faster: the steps that form the layout run in full only up to 18% of progress (README, "Evidence").
-FAST_CAT = dict(full_percent=0.18)
 # CAT ablation: a pruned step computes 1% of the tokens, so nearly every token reuses its cached noise
 # until the next full step; the difference to the defaults is what recomputing 5% per step buys.
 REUSE_ONLY_CAT = dict(ratio=0.99)
@@ -141,7 +139,7 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
         return optional_row(name, "kernels.cat", lambda mod, model: R.method_options(
             mod.CATPruning(mod.CATConfig(**settings(mod))), model, "cat"))
     rows += [cat_row("CAT pruning (defaults)"),
-             cat_row("CAT pruning, faster preset (full_percent 0.18)", lambda mod: FAST_CAT),
+             cat_row("CAT pruning, faster preset (full_percent 0.18)", lambda mod: mod.FAST_SETTING),
              cat_row("CAT pruning, ablation: ratio 0.99 (cache reuse between full steps only)",
                      lambda mod: REUSE_ONLY_CAT),
              cat_row("CAT pruning, paper's setting (ratio 0.7, full_percent 0.28, no refresh)",
@@ -446,10 +444,7 @@ def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s:
 def host_rows(family: str) -> list[Row]:
     """Rows for a tiny host model; build(patcher) returns a patched ModelPatcher (None: unpatched)."""
     import host as H
-
-    def node(cfg: SDTMConfig):
-        inputs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
-        return lambda m: H.run_node(H.pack_nodes()["SDTMPatchModel"], model=m, **inputs)[0]
+    from kernels.cat import FAST_SETTING
 
     try:
         from comfy_extras import nodes_easycache as EC
@@ -469,13 +464,16 @@ def host_rows(family: str) -> list[Row]:
                   if i.id != "model" and not getattr(i, "optional", False)}
         return lambda m: H.run_node(cls, model=m, **{**inputs, **overrides})[0]
 
+    def node(cfg: SDTMConfig):
+        return pack_node("SDTMPatchModel", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"})
+
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
     rows += [Row(f"naive merge (ratio {NAIVE_RATIO}, every block)", node(naive_config(NAIVE_RATIO)), baseline=True),
              Row("SDTM defaults (node)", node(SDTMConfig())),
              Row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", node(AGGRESSIVE)),
              Row("CAT defaults (node)", pack_node("CATPruningPatchModel")),
-             Row("CAT faster preset (full_percent 0.18)", pack_node("CATPruningPatchModel", **FAST_CAT)),
+             Row("CAT faster preset (full_percent 0.18)", pack_node("CATPruningPatchModel", **FAST_SETTING)),
              Row("density schedule defaults (node)", pack_node("TokenDensityPatchModel"))]
     for label, thr in (("default, threshold 0.2", 0.2), ("stronger, threshold 0.5", 0.5)):
         name = f"ComfyUI {cache_name} ({label})"
