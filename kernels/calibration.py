@@ -15,11 +15,15 @@
    attention 4 C L^2 for L = image + text tokens). Starting from no compression,
    a greedy pass repeatedly takes the step (along each cell's lower convex
    hull) with the least error per FLOP saved, until the target share of block
-   FLOPs is saved. Steps count equally by default (optional step_weights;
-   weighting by the step size (d sigma)^2 was measured worse on the tiny host
-   models: errors made early propagate).
+   FLOPs is saved. A step's errors are weighted by (1 - progress)^2: an error
+   made early is carried through every later step, while the layout still
+   forms. On the trained reference model (40% saved, 8-20 steps) (1 - p)^2 beat
+   1 - p by 0.2 - 0.8 dB and equal weights by 0.8 - 2.5 dB; weighting by the
+   step size (d sigma)^2 was worse.
 The last block's update is not visible to the probe (nothing follows it), so it
-stays dense; `protect_first` blocks stay dense too (the first block, which shapes every later one).
+stays dense. `protect_first` keeps the first blocks dense too; it is 0 by default
+because on the trained reference model the first block tolerated merging as well
+as any (protecting it cost 3.5 - 5.8 dB at equal FLOPs: the other blocks had to take more).
 """
 from __future__ import annotations
 
@@ -110,7 +114,7 @@ class Calibration:
 
 
 def allocate(probe: RedundancyProbe, num_blocks: int, n_txt: int, target_saving: float,
-             step_weights: dict | None = None, protect_first: int = 1, mlp_ratio: float = MLP_RATIO,
+             step_weights: dict | None = None, protect_first: int = 0, mlp_ratio: float = MLP_RATIO,
              name: str = "calibrated") -> Calibration:
     """Greedy FLOPs-constrained allocation of ratios over the probe's (block, progress) cells."""
     if not probe.errors:
@@ -120,7 +124,7 @@ def allocate(probe: RedundancyProbe, num_blocks: int, n_txt: int, target_saving:
     opts = probe.options
     n, c = probe.n_img, probe.width
     progresses = sorted({p for _, p in probe.errors})
-    weights = {p: 1.0 for p in progresses} if step_weights is None else step_weights
+    weights = remaining_weights(progresses) if step_weights is None else step_weights
     full = block_cost(n, n_txt, c, mlp_ratio)
     total = full * num_blocks * len(progresses)
     saved_at = [full - block_cost(n - int(r * n), n_txt, c, mlp_ratio) for r in opts]
@@ -176,14 +180,13 @@ def _weight(weights: dict, progress: float) -> float:
     return weights[nearest]
 
 
-def step_weights_from_sigmas(sigmas, progress_of: Callable[[float], float]) -> dict:
-    """{progress of step s: (sigma_s - sigma_{s+1})^2} for a sampler's sigma list."""
-    sig = [float(s) for s in sigmas]
-    return {progress_of(a): (a - b) ** 2 for a, b in zip(sig[:-1], sig[1:])}
+def remaining_weights(progresses) -> dict:
+    """{progress: (1 - progress)^2}: errors of early steps, which every later step inherits, weigh most."""
+    return {p: max(1.0 - p, 1e-3) ** 2 for p in progresses}
 
 
 def constant_ratio_for_saving(saving: float, n_img: int, n_txt: int, width: int, num_blocks: int,
-                              protect_first: int = 1, protect_last: int = 1, mlp_ratio: float = MLP_RATIO) -> float:
+                              protect_first: int = 0, protect_last: int = 1, mlp_ratio: float = MLP_RATIO) -> float:
     """The constant ratio (in every unprotected block and step) that saves `saving` of block FLOPs."""
     full = block_cost(n_img, n_txt, width, mlp_ratio)
     active = max(num_blocks - protect_first - protect_last, 0)
@@ -201,7 +204,7 @@ def constant_ratio_for_saving(saving: float, n_img: int, n_txt: int, width: int,
 
 
 def calibrate(run_pass: Callable[[RedundancyProbe], None], num_blocks: int, n_txt: int, target_saving: float,
-              step_weights: dict | None = None, protect_first: int = 1, passes: int = 1,
+              step_weights: dict | None = None, protect_first: int = 0, passes: int = 1,
               name: str | None = None) -> Calibration:
     """Run `passes` unpatched sampling passes with a probe, then allocate (see the module docstring)."""
     probe = RedundancyProbe()

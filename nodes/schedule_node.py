@@ -71,7 +71,9 @@ class TokenRatioSchedule(io.ComfyNode):
                 io.Model.Input("model", optional=True,
                                tooltip="Connect to calibrate: one unpatched sampling pass measures how much each "
                                        "block changes neighbouring tokens differently at each step, then the "
-                                       "ratios are allocated to meet flops_saving. Overrides preset and curves."),
+                                       "ratios are allocated to meet flops_saving (errors in early steps weigh "
+                                       "most; the last block stays dense). Overrides preset and curves. On SDTM, "
+                                       "set start_percent 0 so that the schedule decides every step."),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Calibration only: the prompt conditioning to calibrate with "
                                               "(required when a model is connected)."),

@@ -279,6 +279,18 @@ def _build(config, seed, dtype):
                                             offload_device=torch.device("cpu"))
 
 
+def conditioning(context_len: int = 16, extra: dict | None = None):
+    """(positive, negative): the random text conditioning sample() uses, the same on every call."""
+    import torch
+    gen = torch.Generator().manual_seed(1234)
+    ctx_dim = 32
+    pos = [[torch.randn(1, context_len, ctx_dim, generator=gen),
+            {"pooled_output": torch.randn(1, 32, generator=gen), **(extra or {})}]]
+    neg = [[torch.randn(1, context_len, ctx_dim, generator=gen),
+            {"pooled_output": torch.randn(1, 32, generator=gen), **(extra or {})}]]
+    return pos, neg
+
+
 def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int = 64, width: int = 64,
            batch: int = 1, denoise: float = 1.0, latent=None, context_len: int = 16, sampler: str = "euler",
            scheduler: str = "simple", noise_mask=None, cond_extra: dict | None = None):
@@ -286,13 +298,7 @@ def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int =
     added to both conditionings (e.g. Lumina 2's attention_mask, which sets its caption length)."""
     import torch
     import comfy.sample
-    gen = torch.Generator().manual_seed(1234)
-    ctx_dim = 32
-    extra = dict(cond_extra or {})
-    pos = [[torch.randn(1, context_len, ctx_dim, generator=gen),
-            {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
-    neg = [[torch.randn(1, context_len, ctx_dim, generator=gen),
-            {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
+    pos, neg = conditioning(context_len, cond_extra)
     if latent is None:
         latent = torch.zeros(batch, 16, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)

@@ -2,11 +2,13 @@
 
 Measured on the reference model below (seeded random init, 32x32 px = 256 image tokens, 2 double +
 4 single blocks, 8 Euler steps, CFG 3, classes 0-3), SDTM driven by the calibrated schedule vs. SDTM
-with a constant ratio at equal block FLOPs, relative L2 to the unpatched images (CPU, 2 cores):
-  target 0.30: init seed 0: 0.099 vs 0.149, seed 1: 0.102 vs 0.181, seed 2: 0.112 vs 0.156
-  target 0.45: init seed 0: 0.178 vs 0.205, seed 1: 0.206 vs 0.244, seed 2: 0.183 vs 0.213
-Realised block-FLOPs saving 0.299 - 0.301 for target 0.30 and 0.449 for 0.45. These are random
-weights: the margin shows the allocator works on this network, not that it transfers to trained ones.
+with a constant ratio at equal block FLOPs (every block but the last), relative L2 to the unpatched
+images (CPU, 2 cores, 2026-12-03):
+  target 0.30: init seed 0: 0.129 vs 0.192, seed 1: 0.145 vs 0.234, seed 2: 0.142 vs 0.225
+  target 0.45: init seed 0: 0.211 vs 0.262, seed 1: 0.242 vs 0.309, seed 2: 0.232 vs 0.288
+Realised block-FLOPs saving 0.298 - 0.299 for target 0.30 and 0.447 - 0.448 for 0.45. These are random
+weights: the margin shows the allocator works on this network; the trained model's margin (README,
+"Calibration": +3.8 to +4.9 dB) and tests/test_compare_quick.py show what it gains there.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from kernels.calibration import (RATIO_OPTIONS, CalibrationCache, RedundancyProbe, allocate, block_cost, calibrate,
-                                 constant_ratio_for_saving, merge_errors, step_weights_from_sigmas)
+                                 constant_ratio_for_saving, merge_errors, remaining_weights)
 from kernels.token_ops import bipartite_merge_plan
 from kernels.schedule import TokenRatioSchedule
 from kernels.sdtm import SDTM, SDTMConfig
@@ -92,11 +94,14 @@ def test_allocate_weights_steps():
 
 
 def test_step_weights_and_constant_ratio():
-    w = step_weights_from_sigmas([1.0, 0.75, 0.25, 0.0], lambda s: 1.0 - s)
-    assert w == pytest.approx({0.0: 0.0625, 0.25: 0.25, 0.75: 0.0625})
+    assert remaining_weights([0.0, 0.5, 0.75]) == pytest.approx({0.0: 1.0, 0.5: 0.25, 0.75: 0.0625})
+    # by default a later step's error weighs less, so it is compressed more
+    errors = {(b, p): 1.0 for b in range(0, 2) for p in (0.0, 0.5)}
+    res = allocate(_synthetic_probe(errors), 3, 8, 0.15)
+    assert res.cell_ratio[(0, 0.5)] > res.cell_ratio[(0, 0.0)], "the first block is not protected by default"
     r = constant_ratio_for_saving(0.3, 256, 4, 64, num_blocks=6)
     full = block_cost(256, 4, 64)
-    saved = 4 * (full - block_cost(256 - int(r * 256), 4, 64)) / (6 * full)
+    saved = 5 * (full - block_cost(256 - int(r * 256), 4, 64)) / (6 * full)  # every block but the last
     assert saved == pytest.approx(0.3, abs=0.01)
     with pytest.raises(ValueError, match="cannot save"):
         constant_ratio_for_saving(0.9, 256, 4, 64, num_blocks=6)
@@ -143,9 +148,9 @@ def test_probe_changes_nothing(model):
 @pytest.mark.parametrize("target", [0.3])
 def test_calibrated_schedule_meets_target_and_beats_constant(model, target):
     cal = _calibrate(model, target)
-    # The schedule decides every step; first and last block dense, as the calibration and the constant
-    # ratio below assume.
-    sdtm = SDTMConfig(ratio=0.5, ratio_adjust=False, start_percent=0.0, skip_first_blocks=1, skip_last_blocks=1)
+    # The schedule decides every step; the last block dense, as the calibration and the constant ratio
+    # below assume.
+    sdtm = SDTMConfig(ratio=0.5, ratio_adjust=False, start_percent=0.0, skip_first_blocks=0, skip_last_blocks=1)
     base = R.sample(model, CLASSES, steps=STEPS, seed=0)
     base_flops = _block_flops(model, None)
     saved = 1 - _block_flops(model, R.method_options(SDTM(sdtm, cal.schedule), model)) / base_flops
@@ -160,5 +165,5 @@ def test_calibrated_schedule_meets_target_and_beats_constant(model, target):
                                                                                               model))
     err = float((out - base).norm() / base.norm())
     err_c = float((out_c - base).norm() / base.norm())
-    # measured 0.099 vs 0.149 at init seed 0 (target 0.3)
+    # measured 0.129 vs 0.192 at init seed 0 (target 0.3)
     assert err < 0.95 * err_c, (err, err_c)

@@ -1,20 +1,20 @@
 """Host tests: Token Ratio Schedule calibration on tiny models of ComfyUI's own Flux and SD3 classes.
 
-Measured (CPU, 2 cores; 192x192 px = 12x12 tokens, 6 euler steps, CFG 3; calibration: one cfg-1 pass of
-6 steps, target 25% of block FLOPs; SDTM driven by the schedule vs. a constant ratio at equal FLOPs;
-relative L2 to the unpatched latent):
-  Flux (2 double + 4 single, hidden 64) model seed 0: 0.162 vs 0.166, seed 1: 0.136 vs 0.137
-  SD3 (6 joint blocks, hidden 384)       model seed 0: 0.0538 vs 0.0535, seed 1: 0.0515 vs 0.0519
-Realised block-FLOPs saving 0.249 - 0.250. On these tiny random models the calibrated schedule is only
-level with a constant one (margins of 1-3%, both signs); the reference-model test (test_calibration.py)
-shows a clear margin. So here the fidelity check is "not worse than constant by more than 5%".
+Measured (CPU, 2 cores, 2026-12-03; 192x192 px = 12x12 tokens, 6 euler steps, CFG 3; calibration: one
+cfg-1 pass of 6 steps, target 25% of block FLOPs; SDTM driven by the schedule vs. a constant ratio at
+equal FLOPs in every block but the last; relative L2 to the unpatched latent):
+  Flux (2 double + 4 single, hidden 64) model seed 0: 0.225 vs 0.222, seed 1: 0.170 vs 0.182
+  SD3 (6 joint blocks, hidden 384)       model seed 0: 0.0733 vs 0.0748, seed 1: 0.0725 vs 0.0738
+Realised block-FLOPs saving 0.247 - 0.251. On these tiny random models the calibrated schedule is only
+level with a constant one (margins of 1-7%, both signs); the reference-model tests (test_calibration.py,
+test_compare_quick.py) show a clear margin. So here the fidelity check is "not worse than constant by
+more than 5%".
 """
 from __future__ import annotations
 
 import re
 
 import pytest
-import torch
 
 from test_host_sdtm import assert_same_snapshot, count_flops, rel_l2, snapshot
 
@@ -28,9 +28,6 @@ def build(host, family, seed=0):
     return host.tiny_sd3(seed=seed, depth=6)
 
 
-def positive():
-    gen = torch.Generator().manual_seed(1234)  # the same conditioning host.sample uses
-    return [[torch.randn(1, 16, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
 
 
 def schedule_node(host, nodes, **kw):
@@ -54,14 +51,14 @@ def test_calibration_meets_the_flops_target(host, nodes, family):
     import importlib
     model = build(host, family)
     before = snapshot(model)
-    sched, heatmap, text = schedule_node(host, nodes, model=model, positive=positive())
+    sched, heatmap, text = schedule_node(host, nodes, model=model, positive=host.conditioning()[0])
     assert_same_snapshot(before, snapshot(model))  # calibration patches a clone only
     assert "calibrated" in sched.name and heatmap.shape[0] == 1 and '"ratios"' in text
     sdtm = nodes["SDTMPatchModel"]
     sdefaults = {i.id: i.default for i in sdtm.define_schema().inputs if i.id not in ("model", "schedule")}
-    # The schedule decides every step (README: calibrated schedules); first and last block dense, as
-    # the calibration and constant_ratio_for_saving below assume.
-    sdefaults.update(start_percent=0.0, skip_first_blocks=1, skip_last_blocks=1)
+    # The schedule decides every step (README: calibrated schedules); the last block dense, as the
+    # calibration and constant_ratio_for_saving below assume.
+    sdefaults.update(start_percent=0.0, skip_first_blocks=0, skip_last_blocks=1)
     (patched,) = host.run_node(sdtm, model=model, schedule=sched, **sdefaults)
     kw = dict(height=PX, width=PX, steps=STEPS)
     base_counts, _ = count_flops(host, model, **kw)
@@ -91,12 +88,12 @@ def test_calibration_meets_the_flops_target(host, nodes, family):
 
 def test_calibration_is_cached_per_model_and_resolution(host, nodes):
     model = build(host, "flux")
-    a = schedule_node(host, nodes, model=model, positive=positive())[0]
-    b = schedule_node(host, nodes, model=model, positive=positive())[0]
+    a = schedule_node(host, nodes, model=model, positive=host.conditioning()[0])[0]
+    b = schedule_node(host, nodes, model=model, positive=host.conditioning()[0])[0]
     assert a is b, "the second call is a cache hit"
-    c = schedule_node(host, nodes, model=model, positive=positive(), width=PX + 32)[0]
+    c = schedule_node(host, nodes, model=model, positive=host.conditioning()[0], width=PX + 32)[0]
     assert c is not a and c.progress == a.progress
-    d = schedule_node(host, nodes, model=model.clone(), positive=positive())[0]
+    d = schedule_node(host, nodes, model=model.clone(), positive=host.conditioning()[0])[0]
     assert d is a, "a clone with the same weights and patches shares the entry"
 
 

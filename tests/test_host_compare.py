@@ -21,10 +21,11 @@ def test_every_host_row_builds_and_samples(host, family):
     make = {"flux": lambda: host.tiny_flux(seed=0, depth=2, depth_single=4),
             "sd3": lambda: host.tiny_sd3(seed=0, depth=3)}[family]
     model = make()
-    rows = C.host_rows(family)
+    rows = C.host_rows(family, steps=6, px=128)
     names = [r.name for r in rows]
     assert len(set(names)) == len(names)
     assert {"SDTM defaults (node)", "CAT defaults (node)", "density schedule defaults (node)"} <= set(names)
+    assert sum("calibrated schedule" in n for n in names) == len(C.CALIBRATED_SAVINGS)
     before = snapshot(model)
     base = host.sample(model, steps=6, height=128, width=128)
     for row in rows:

@@ -851,6 +851,27 @@ def cat_call_flops(host: Host, arch: Arch, n_keep: int) -> tuple[int, int]:
     return c.get_total_flops(), cache
 
 
+def cat_flops(host: Host, r: FlopResult, cfg: CATConfig, t0: int | None = None, pruned_cost: dict | None = None):
+    """(FLOPs per image, image tokens computed per step, K/V cache bytes per row, config) of CAT on the
+    schedule of `r` (a count_flops result). t0: force the first t0 steps full, as the paper does.
+    pruned_cost memoises cat_call_flops per kept-token count across calls."""
+    a = r.arch
+    pruned_cost = {} if pruned_cost is None else pruned_cost
+    if t0 is not None:  # full_percent between the progress of step t0-1 and step t0
+        cfg = CATConfig(**{**cfg.__dict__, "full_percent": (r.progress[t0 - 1] + r.progress[t0]) / 2})
+    plan = CATPruning(cfg).step_plan(r.progress, a.n_img, a.family().num_blocks)
+    total, cache = 0, 0
+    for k in plan:
+        if k == a.n_img:
+            total += r.base_call
+        else:
+            if k not in pruned_cost:
+                pruned_cost[k] = cat_call_flops(host, a, k)
+            total += pruned_cost[k][0]
+            cache = pruned_cost[k][1]
+    return r.per_image(total) + r.per_image((r.nonblock or 0) * a.steps), plan, cache, cfg
+
+
 def report_cat(rep: Report, host: Host, results: list[FlopResult]):
     rep("## 1b. CAT cached token pruning: FLOPs per image, full-size models")
     rep()
@@ -871,21 +892,7 @@ def report_cat(rep: Report, host: Host, results: list[FlopResult]):
                      _pct(sum(r.computed) / len(r.computed)), "-", "0"])
         pruned_cost: dict = {}
         for label, cfg, t0 in CAT_SETTINGS:
-            method = CATPruning(cfg)
-            if t0 is not None:  # full_percent between the progress of step t0-1 and step t0
-                cfg = CATConfig(**{**cfg.__dict__, "full_percent": (r.progress[t0 - 1] + r.progress[t0]) / 2})
-                method = CATPruning(cfg)
-            plan = method.step_plan(r.progress, a.n_img, a.family().num_blocks)
-            total, cache = 0, 0
-            for k in plan:
-                if k == a.n_img:
-                    total += r.base_call
-                else:
-                    if k not in pruned_cost:
-                        pruned_cost[k] = cat_call_flops(host, a, k)
-                    total += pruned_cost[k][0]
-                    cache = pruned_cost[k][1]
-            per_image = r.per_image(total) + r.per_image(nb)
+            per_image, plan, cache, cfg = cat_flops(host, r, cfg, t0, pruned_cost)
             full_steps = sum(1 for k in plan if k == a.n_img)
             cache_all = cache * a.calls_per_step
             rows.append([a.title, f"{label}: {full_steps} full + {a.steps - full_steps} pruned steps",

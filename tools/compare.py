@@ -68,6 +68,11 @@ REUSE_ONLY_CAT = dict(ratio=0.99)
 # step, structure stage until 40% of progress, first and last block at full density.
 PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, switch_percent=0.4, start_percent=0.0, skip_first_blocks=1,
                           skip_last_blocks=1)
+# Density schedule, aggressive: 3x3 pooling in every block after the dense first 20% (about 3.3x fewer
+# FLOPs than unpatched on the reference model, where the defaults' 2x2 give 2.7x).
+DENSITY_AGGRESSIVE = dict(stage_windows=(3, 3, 3, 3))
+# Calibrated schedules: the schedule node's default target, and an aggressive one near its maximum (0.6).
+CALIBRATED_SAVINGS = (0.4, 0.55)
 NAIVE_RATIO = 0.5
 STEP_FRACTIONS = (0.6, 0.5)
 
@@ -113,9 +118,8 @@ def calibrated_schedule(mod, model, s: "Settings", saving: float = 0.4):
         def run_pass(probe):
             R.sample(model, [0, 1, 2, 3], steps=s.steps, cfg=s.cfg, seed=100, device=s.device,
                      transformer_options=R.method_options(probe, model, "calibration"))
-        weights = mod.step_weights_from_sigmas(R.sigmas(s.steps), R.progress_map())
-        _CALIBRATED[key] = mod.calibrate(run_pass, model.family().num_blocks, model.config.txt_len, saving,
-                                         step_weights=weights).schedule
+        _CALIBRATED[key] = mod.calibrate(run_pass, model.family().num_blocks, model.config.txt_len,
+                                         saving).schedule
     return _CALIBRATED[key]
 
 
@@ -147,6 +151,9 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
     rows.append(optional_row("density schedule (defaults)", "kernels.density",
                              lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
                                                                  "density")))
+    rows.append(optional_row("density schedule, aggressive (3x3 windows)", "kernels.density",
+                             lambda mod, model: R.method_options(
+                                 mod.DensitySchedule(mod.DensityConfig(**DENSITY_AGGRESSIVE)), model, "density")))
     rows.append(optional_row("density schedule + detail cache (opt-in)", "kernels.density",
                              lambda mod, model: R.method_options(
                                  mod.DensitySchedule(mod.DensityConfig(detail_cache=True)), model, "density")))
@@ -154,10 +161,13 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
                              "kernels.density",
                              lambda mod, model: R.method_options(
                                  mod.DensitySchedule(mod.DensityConfig(**mod.FLEXDIT_LAYOUT)), model, "density")))
-    rows.append(optional_row("SDTM + calibrated ratio schedule (40% of block FLOPs saved)", "kernels.calibration",
-                             lambda mod, model: R.method_options(
-                                 SDTM(SDTMConfig(start_percent=0.0), schedule=calibrated_schedule(mod, model, s)),
-                                 model, "sdtm")))
+    for saving in CALIBRATED_SAVINGS:
+        rows.append(optional_row(
+            f"SDTM + calibrated ratio schedule ({100 * saving:.0f}% of block FLOPs saved"
+            + (", aggressive)" if saving != CALIBRATED_SAVINGS[0] else ")"), "kernels.calibration",
+            lambda mod, model, saving=saving: R.method_options(
+                SDTM(SDTMConfig(start_percent=0.0), schedule=calibrated_schedule(mod, model, s, saving)),
+                model, "sdtm")))
     return rows
 
 
@@ -441,7 +451,7 @@ def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s:
 
 # ---- (b) tiny ComfyUI models --------------------------------------------------------------------------
 
-def host_rows(family: str) -> list[Row]:
+def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
     """Rows for a tiny host model; build(patcher) returns a patched ModelPatcher (None: unpatched)."""
     import host as H
     from kernels.cat import FAST_SETTING
@@ -457,15 +467,28 @@ def host_rows(family: str) -> list[Row]:
         return lambda m: H.run_node(cache_cls, model=m, reuse_threshold=threshold, start_percent=0.15,
                                     end_percent=0.95, verbose=False)[0]
 
-    def pack_node(node_id: str, **overrides):
-        """The pack's node at its schema defaults (optional inputs left out), with `overrides`."""
-        cls = H.pack_nodes()[node_id]
-        inputs = {i.id: i.default for i in cls.define_schema().inputs
-                  if i.id != "model" and not getattr(i, "optional", False)}
-        return lambda m: H.run_node(cls, model=m, **{**inputs, **overrides})[0]
+    def inputs(node_id: str, **overrides) -> dict:
+        """The pack node's schema defaults (optional inputs left out), with `overrides`."""
+        return {**{i.id: i.default for i in H.pack_nodes()[node_id].define_schema().inputs
+                   if i.id != "model" and not getattr(i, "optional", False)}, **overrides}
 
-    def node(cfg: SDTMConfig):
-        return pack_node("SDTMPatchModel", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"})
+    def pack_node(node_id: str, **overrides):
+        return lambda m: H.run_node(H.pack_nodes()[node_id], model=m, **inputs(node_id, **overrides))[0]
+
+    def node(cfg: SDTMConfig, **extra):
+        return pack_node("SDTMPatchModel", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"},
+                         **extra)
+
+    def calibrated(saving: float):
+        """The SDTM node driven by the Token Ratio Schedule node calibrated on the model itself, wired as a
+        user would: the sampler's steps, image size and prompt; SDTM's start_percent 0 so that the schedule
+        decides every step."""
+        def build(m):
+            schedule = H.run_node(H.pack_nodes()["TokenRatioSchedule"], model=m, positive=H.conditioning()[0],
+                                  **inputs("TokenRatioSchedule", flops_saving=saving, width=px, height=px,
+                                           calibration_steps=steps))[0]
+            return node(SDTMConfig(start_percent=0.0), schedule=schedule)(m)
+        return build
 
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
@@ -474,7 +497,12 @@ def host_rows(family: str) -> list[Row]:
              Row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", node(AGGRESSIVE)),
              Row("CAT defaults (node)", pack_node("CATPruningPatchModel")),
              Row("CAT faster preset (full_percent 0.18)", pack_node("CATPruningPatchModel", **FAST_SETTING)),
-             Row("density schedule defaults (node)", pack_node("TokenDensityPatchModel"))]
+             Row("density schedule defaults (node)", pack_node("TokenDensityPatchModel")),
+             Row("density schedule, aggressive (3x3 windows)",
+                 pack_node("TokenDensityPatchModel",
+                           stage_windows=", ".join(map(str, DENSITY_AGGRESSIVE["stage_windows"]))))]
+    rows += [Row(f"SDTM + calibrated schedule ({100 * saving:.0f}% of block FLOPs saved, node)", calibrated(saving))
+             for saving in CALIBRATED_SAVINGS]
     for label, thr in (("default, threshold 0.2", 0.2), ("stronger, threshold 0.5", 0.5)):
         name = f"ComfyUI {cache_name} ({label})"
         rows.append(Row(name, cache(thr), baseline=True) if cache_cls else Row(name, missing=ec_err))
@@ -503,7 +531,7 @@ def run_host(rep: B.Report, quick: bool, steps: int):
     for family, make, depth in (("flux", H.tiny_flux, dict(depth=2, depth_single=4)),
                                 ("sd3", H.tiny_sd3, dict(depth=3))):
         patcher = make(seed=0, **depth)
-        rows = host_rows(family)
+        rows = host_rows(family, steps, px)
         res = {}
         for row in rows:
             r = res[row.name] = Result(row)
@@ -559,13 +587,20 @@ def run_full_size(rep: B.Report, quick: bool, device: str, no_host: bool):
         f"where the host provides them).")
     rep()
     notes: list = []
-    methods = [("SDTM defaults", SDTM(SDTMConfig())), ("SDTM aggressive", SDTM(AGGRESSIVE)),
-               (f"naive merge (ratio {NAIVE_RATIO}, every block)", SDTM(naive_config(NAIVE_RATIO)))]
+    from kernels.cat import FAST_SETTING, CATConfig
+    from kernels.density import DensityConfig, DensitySchedule
+    # (name, merging method, reuse replacement counts in --quick: only where the method has SDTM's ratio)
+    methods = [(f"naive merge (ratio {NAIVE_RATIO}, every block)", SDTM(naive_config(NAIVE_RATIO)), quick),
+               ("SDTM defaults", SDTM(SDTMConfig()), quick), ("SDTM aggressive", SDTM(AGGRESSIVE), quick),
+               ("density schedule defaults", DensitySchedule(DensityConfig()), False),
+               ("density schedule, aggressive (3x3 windows)", DensitySchedule(DensityConfig(**DENSITY_AGGRESSIVE)),
+                False)]
+    cat_settings = [("CAT defaults", CATConfig()), ("CAT faster preset", CATConfig(**FAST_SETTING))]
     rows = []
     for arch in (B.FLUX, B.SD35):
         base = None
-        for name, method in methods:
-            r = B.count_flops(host, arch, notes, reuse_replace=quick, method=method)
+        for name, method, reuse in methods:
+            r = B.count_flops(host, arch, notes, reuse_replace=reuse, method=method)
             nb = r.nonblock or 0
             if base is None:
                 base = r.per_image((r.base_call + nb) * arch.steps)
@@ -574,8 +609,10 @@ def run_full_size(rep: B.Report, quick: bool, device: str, no_host: bool):
                     k = round(arch.steps * f)
                     rows.append([arch.title, f"fewer steps ({int(100 * f)}%)", B._g(base * k / arch.steps),
                                  f"{k / arch.steps:.3f}", f"{arch.steps / k:.2f}x"])
+                cat_rows = [(label, B.cat_flops(host, r, cfg)[0]) for label, cfg in cat_settings]
             m = r.per_image(sum(r.sdtm_calls) + nb * arch.steps)
             rows.append([arch.title, name, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"])
+        rows += [[arch.title, label, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"] for label, m in cat_rows]
     rep.table(["model", "row", "GFLOPs / image", "FLOPs / unpatched", "FLOP speedup"], rows)
     for n in dict.fromkeys(notes):
         rep(f"- {n}")
