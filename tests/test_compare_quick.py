@@ -45,13 +45,12 @@ def measured():
     from tools import reference_dit as R
     model, source = C.reference_model()
     from kernels.density import DensityConfig, DensitySchedule
-    from kernels import calibration
     rows = [C.Row("unpatched", baseline=True), C.sdtm_row("SDTM defaults", SDTMConfig()),
             C.Row("CAT defaults", lambda m: R.method_options(CATPruning(CATConfig()), m, "cat")),
             C.Row("density defaults", lambda m: R.method_options(DensitySchedule(DensityConfig()), m, "density")),
             C.sdtm_row("SDTM + detail cache", SDTMConfig(detail_cache=True)),
             C.sdtm_row("SDTM + calibrated schedule", SDTMConfig(start_percent=0.0),
-                       schedule=C.calibrated_schedule(calibration, model, SETTINGS))]
+                       schedule=C.calibrated_schedule(model, SETTINGS))]
     res = C.run_reference(model, rows, SETTINGS, timing=False, kid=False)
     return model, source, res
 

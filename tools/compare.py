@@ -110,16 +110,16 @@ def optional_row(name: str, module: str, build: Callable) -> Row:
     return Row(name, lambda model: build(mod, model))
 
 
-def calibrated_schedule(mod, model, s: "Settings", saving: float = 0.4):
+def calibrated_schedule(model, s: "Settings", saving: float = 0.4):
     """kernels.calibration on the reference model, as the schedule node does it (one unpatched probe
     pass; classes 0-3, noise seed 100, not an evaluation seed), for the sampler settings `s`; cached."""
+    from kernels.calibration import calibrate
     key = (id(model), s.steps, s.cfg, saving)
     if key not in _CALIBRATED:
         def run_pass(probe):
             R.sample(model, [0, 1, 2, 3], steps=s.steps, cfg=s.cfg, seed=100, device=s.device,
                      transformer_options=R.method_options(probe, model, "calibration"))
-        _CALIBRATED[key] = mod.calibrate(run_pass, model.family().num_blocks, model.config.txt_len,
-                                         saving).schedule
+        _CALIBRATED[key] = calibrate(run_pass, model.family().num_blocks, model.config.txt_len, saving).schedule
     return _CALIBRATED[key]
 
 
@@ -166,8 +166,14 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
             f"SDTM + calibrated ratio schedule ({100 * saving:.0f}% of block FLOPs saved"
             + (", aggressive)" if saving != CALIBRATED_SAVINGS[0] else ")"), "kernels.calibration",
             lambda mod, model, saving=saving: R.method_options(
-                SDTM(SDTMConfig(start_percent=0.0), schedule=calibrated_schedule(mod, model, s, saving)),
+                SDTM(SDTMConfig(start_percent=0.0), schedule=calibrated_schedule(model, s, saving)),
                 model, "sdtm")))
+    # The same schedule type drives the density schedule (a ratio picks the nearest pooling window).
+    rows.append(optional_row(
+        f"density schedule + calibrated ratio schedule ({100 * CALIBRATED_SAVINGS[0]:.0f}% of block FLOPs saved)",
+        "kernels.density", lambda mod, model: R.method_options(
+            mod.DensitySchedule(mod.DensityConfig(start_percent=0.0),
+                                schedule=calibrated_schedule(model, s, CALIBRATED_SAVINGS[0])), model, "density")))
     return rows
 
 
