@@ -28,8 +28,6 @@ def build(host, family, seed=0):
     return host.tiny_sd3(seed=seed, depth=6)
 
 
-
-
 def schedule_node(host, nodes, **kw):
     args = dict(preset="constant", ratio=0.5, end_scale=1.0, switch_percent=0.4, progress_curve="", depth_curve="",
                 schedule_json="", flops_saving=TARGET, width=PX, height=PX, calibration_steps=STEPS)

@@ -615,7 +615,9 @@ def run_full_size(rep: B.Report, quick: bool, device: str, no_host: bool):
                     k = round(arch.steps * f)
                     rows.append([arch.title, f"fewer steps ({int(100 * f)}%)", B._g(base * k / arch.steps),
                                  f"{k / arch.steps:.3f}", f"{arch.steps / k:.2f}x"])
-                cat_rows = [(label, B.cat_flops(host, r, cfg)[0]) for label, cfg in cat_settings]
+                pruned_cost: dict = {}  # both CAT settings prune the same token count: count it once
+                cat_rows = [(label, B.cat_flops(host, r, cfg, pruned_cost=pruned_cost)[0])
+                            for label, cfg in cat_settings]
             m = r.per_image(sum(r.sdtm_calls) + nb * arch.steps)
             rows.append([arch.title, name, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"])
         rows += [[arch.title, label, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"] for label, m in cat_rows]
