@@ -33,7 +33,18 @@ Selection, per batch row (one row = one image of one conditioning), after each s
 Exactly `n_keep` distinct tokens are chosen per row. What is cached: per transformer block the
 keys and values of every image token (non-selected tokens still serve as keys/values, with the
 values of their last computed step, as in the official attention), and per row the last
-predicted noise per token (non-selected tokens reuse it, as the official `proj_out` does).
+predicted noise per token.
+
+Forecast (this pack's addition; `forecast` 0 is the paper's plain reuse, as the official
+`proj_out`): a non-selected token's noise is its last noise moved along the trend of the last two
+full steps, damped:  N(sigma) = N_last + forecast * slope * (sigma - sigma_last),  slope = (N_full -
+N_full_before) / (sigma_full - sigma_full_before). A token's prediction changes smoothly along a
+trajectory, so a first-order step beats holding it still (first-order forecasting of cached
+features, as in TaylorSeer, arXiv 2503.06923). The run's first full step never serves as the older
+end of a slope: at pure noise the model predicts roughly the mean image, and the change from it to
+the next step is not a trend (on the trained reference model such slopes cost up to 2 dB). The
+damping 0.5 was measured there (README, "Evidence"): 0.3-0.7 all beat plain reuse once the first
+step is left out.
 """
 from __future__ import annotations
 
@@ -61,6 +72,7 @@ class CATConfig:
     refresh_every: int = 2      # a full step after this many pruned steps (0: never, as the paper)
     clusters: int = 20
     balance: float = 0.75       # fraction of kept tokens chosen as the least recently computed
+    forecast: float = 0.5       # damping of the first-order forecast of cached noise (0: plain reuse, the paper)
     start_percent: float = 0.0
     end_percent: float = 1.0
     seed: int = 0
@@ -68,7 +80,7 @@ class CATConfig:
     def validate(self) -> "CATConfig":
         if not (0.0 <= self.ratio < 1.0):
             raise ValueError(f"CAT Pruning: ratio must lie in [0, 1), got {self.ratio}")
-        for name in ("full_percent", "start_percent", "end_percent", "balance"):
+        for name in ("full_percent", "start_percent", "end_percent", "balance", "forecast"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
                 raise ValueError(f"CAT Pruning: {name} must lie in [0, 1], got {v}")
@@ -79,9 +91,9 @@ class CATConfig:
         return self
 
 
-# The paper's schedule (70% pruned, t0 = 8 of 28 steps: progress 0.28, no refresh), kept as a
+# The paper's schedule (70% pruned, t0 = 8 of 28 steps: progress 0.28, no refresh, no forecast), kept as a
 # comparison row (tools/compare.py, tools/benchmark.py).
-PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0)
+PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0, forecast=0.0)
 # The faster preset (node tooltip, README): the layout steps run in full only up to 18% of progress.
 FAST_SETTING = dict(full_percent=0.18)
 
@@ -234,6 +246,10 @@ class RowState:
     labels: torch.Tensor | None = None  # clusters, computed at the first pruned step
     age: torch.Tensor | None = None     # steps since each token was last computed (N,)
     sigma: float | None = None          # sigma of the step `prev` belongs to
+    full: torch.Tensor | None = None    # noise of the last full step (N, D)
+    full_sigma: float | None = None
+    full_steps: int = 0                 # full steps seen (the first never starts a slope)
+    slope: torch.Tensor | None = None   # d noise / d sigma between the last two full steps (N, D)
 
 
 @dataclass
@@ -274,7 +290,7 @@ class CATRunState:
                 for entry in per_call.values():
                     total += sum(t.numel() * t.element_size() for t in entry.values() if isinstance(t, torch.Tensor))
         for r in self.rows.values():
-            for t in (r.prev, r.before, r.ref, r.labels, r.age):
+            for t in (r.prev, r.before, r.ref, r.labels, r.age, r.full, r.slope):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
@@ -365,9 +381,16 @@ class CATPruning:
             row.labels = kmeans_labels(row.prev, grid, c.clusters, seed=c.seed)
         return select_tokens(row.prev - row.ref, row.labels, row.age, n_keep, c.balance, first)
 
+    def _forecast(self, row: RowState, sigma: float) -> torch.Tensor:
+        """The row's cached noise carried from its last step to `sigma` (see the module docstring)."""
+        if row.slope is None or self.config.forecast == 0.0:
+            return row.prev
+        return row.prev + (self.config.forecast * (sigma - row.sigma)) * row.slope
+
     def end_call(self, state: CATRunState, noise: torch.Tensor, grid, patch: int):
         """Record this call's predicted noise (B, C, H, W). Returns (noise with non-computed tokens
-        replaced by their cached noise, pixel mask of computed tokens) or None when all were computed."""
+        replaced by their cached noise, forecast to this sigma; pixel mask of computed tokens) or None
+        when all were computed."""
         plan = state.call
         state.call = None
         if plan is None:
@@ -378,13 +401,18 @@ class CATPruning:
         if plan.selection is not None:
             keep = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             keep.scatter_(1, plan.selection, True)
-            cached = torch.stack([state.rows[r].prev.to(tokens.device) for r in plan.rows])
+            cached = torch.stack([self._forecast(state.rows[r], sigma).to(tokens.device) for r in plan.rows])
             replaced = torch.where(keep[..., None], tokens, cached)
         for i, key in enumerate(plan.rows):
             row = state.rows.setdefault(key, RowState())
             if plan.selection is None:
                 if row.sigma != sigma:
                     row.before = row.prev
+                if row.full_sigma != sigma:
+                    if row.full_steps >= 2:
+                        row.slope = (tokens[i] - row.full) / (sigma - row.full_sigma)
+                    row.full_steps += 1
+                row.full, row.full_sigma = tokens[i].clone(), sigma
                 row.prev = tokens[i].clone()
                 row.age = torch.zeros(tokens.shape[1], dtype=torch.long, device=tokens.device)
             else:

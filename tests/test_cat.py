@@ -120,6 +120,63 @@ def test_schedule_full_then_pruned_with_refresh_and_reset():
     assert state.call.selection is None and not state.rows
 
 
+def _run_linear_noise(forecast: float, first_off_trend: bool = True):
+    """A 10-step run whose predicted noise is exactly A + B * sigma (the first step off that line when
+    `first_off_trend`); returns per step (output noise or None for a full call, the exact noise)."""
+    method = CATPruning(CATConfig(ratio=0.75, full_percent=0.15, refresh_every=2, forecast=forecast))
+    state = method.new_run_state()
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 4, 16, 16, generator=gen)
+    x = torch.zeros(1, 4, 16, 16)
+    out = []
+    for i in range(10):
+        p = i / 10
+        plan = method.begin_call(state, _call(p, 1 - p), x, 4)
+        state.kv.setdefault(plan.signature, {0: {}})
+        exact = a + b * (1 - p)
+        fed = torch.randn(1, 4, 16, 16, generator=gen) if (i == 0 and first_off_trend) else exact
+        res = method.end_call(state, fed, (8, 8), 2)
+        out.append((res, exact))
+    return out
+
+
+def test_forecast_follows_the_trend_of_the_last_two_full_steps():
+    """Full steps 0, 1, 4, 7. Step 0 (pure noise, off the line) never starts a slope, so steps 2-3
+    hold step 1's noise; from step 5 on, forecast 1 continues the linear trend exactly for the tokens
+    not computed (steps 5-6 from steps 1 and 4, 8-9 from 4 and 7)."""
+    steps = _run_linear_noise(1.0)
+    pruned = [(i, r, e) for i, (r, e) in enumerate(steps) if r is not None]
+    assert [i for i, _, _ in pruned] == [2, 3, 5, 6, 8, 9]
+    for i, (noise, computed), exact in pruned:
+        idle = ~computed
+        assert idle.any() and torch.equal(noise[computed], exact[computed]), i
+        if i < 4:  # no slope yet: the noise of the previous step, held
+            held = steps[i - 1][1] if steps[i - 1][0] is None else steps[i - 1][0][0]
+            assert torch.equal(noise[idle], held[idle]), i
+        else:
+            assert torch.allclose(noise, exact, atol=1e-5), i
+
+
+def test_forecast_is_damped_and_zero_is_plain_reuse():
+    damped, plain = _run_linear_noise(0.5), _run_linear_noise(0.0)
+    for i in (5, 6, 8, 9):
+        for run, check in ((plain, "hold"), (damped, "half")):
+            (noise, computed), exact = run[i]
+            held = run[i - 1][1] if run[i - 1][0] is None else run[i - 1][0][0]
+            idle = ~computed
+            if check == "hold":  # plain reuse: a token not computed keeps the noise it had at the previous step
+                assert torch.equal(noise[idle], held[idle]), i
+            elif run[i - 1][0] is None:  # right after a full step: halfway between holding and the trend
+                assert torch.allclose(noise[idle], 0.5 * (held[idle] + exact[idle]), atol=1e-5), i
+        err = [(run[i][0][0] - run[i][1]).abs().max() for run in (damped, plain)]
+        assert err[0] < err[1], (i, err)
+
+
+def test_forecast_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="forecast"):
+        CATPruning(CATConfig(forecast=1.5))
+
+
 def test_ratio_from_a_schedule_is_averaged_over_depth():
     sched = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.2, 0.2], [0.6, 0.6]])
     method = CATPruning(CATConfig(ratio=0.9), schedule=sched)

@@ -818,7 +818,7 @@ def report_flops(rep: Report, results: list[FlopResult], per_step: bool, quick: 
 
 CAT_SETTINGS = (
     # (label, config, full steps forced as in the paper (t0 of the schedule's steps) or None)
-    ("CAT paper setting (70% pruned, t0 = 8 of 28, no refresh)", CATConfig(**PAPER_SETTING), 8),
+    ("CAT paper setting (70% pruned, t0 = 8 of 28, no refresh, no forecast)", CATConfig(**PAPER_SETTING), 8),
     ("CAT node defaults", CATConfig(), None),
     ("CAT faster preset (full_percent 0.18)", CATConfig(**FAST_SETTING), None),
 )

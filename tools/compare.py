@@ -61,9 +61,11 @@ AGGRESSIVE = SDTMConfig(ratio=0.7, deviation=0.05)
 # Gentler SDTM setting for distilled 4-8 step models, where every step is a large part of the schedule
 # (README, "Few-step sampling"): merging from 30% of progress.
 FEW_STEP_SDTM = SDTMConfig(start_percent=0.3)
-# CAT ablation: a pruned step computes 1% of the tokens, so nearly every token reuses its cached noise
-# until the next full step; the difference to the defaults is what recomputing 5% per step buys.
+# CAT ablations: a pruned step computing 1% of the tokens, so nearly every token serves its cached
+# (forecast) noise until the next full step (the difference to the defaults is what recomputing 5% per
+# step buys); and forecast 0, the paper's plain reuse of the cached noise (what the forecast buys).
 REUSE_ONLY_CAT = dict(ratio=0.99)
+PLAIN_REUSE_CAT = dict(forecast=0.0)
 # The paper's stage layout (the pack's defaults before they were measured here): merging from the first
 # step, structure stage until 40% of progress, first and last block at full density.
 PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, switch_percent=0.4, start_percent=0.0, skip_first_blocks=1,
@@ -146,7 +148,9 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
              cat_row("CAT pruning, faster preset (full_percent 0.18)", lambda mod: mod.FAST_SETTING),
              cat_row("CAT pruning, ablation: ratio 0.99 (cache reuse between full steps only)",
                      lambda mod: REUSE_ONLY_CAT),
-             cat_row("CAT pruning, paper's setting (ratio 0.7, full_percent 0.28, no refresh)",
+             cat_row("CAT pruning, ablation: forecast 0 (cached noise held, as the paper)",
+                     lambda mod: PLAIN_REUSE_CAT),
+             cat_row("CAT pruning, paper's setting (ratio 0.7, full_percent 0.28, no refresh, no forecast)",
                      lambda mod: mod.PAPER_SETTING)]
     rows.append(optional_row("density schedule (defaults)", "kernels.density",
                              lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
