@@ -54,7 +54,9 @@ class CATPruningPatchModel(io.ComfyNode):
                                tooltip="How far a token that is not computed follows the trend of its noise "
                                        "between the last two full steps (0 = keeps its last noise, as the paper; "
                                        "1 = the full linear trend). 0.5 (default) was about 3 dB closer to the "
-                                       "unpatched image than 0 at the same speed on the pack's reference model."),
+                                       "unpatched image than 0 at the same speed on the pack's reference model. "
+                                       "Each full step checks the trend and stops following it while it predicts "
+                                       "worse than holding (as with ancestral / SDE samplers)."),
                 TokenRatioScheduleType.Input("schedule", optional=True,
                                              tooltip="Optional ratio schedule (fraction pruned per progress; "
                                                      "averaged over depth, since CAT prunes all blocks alike); "

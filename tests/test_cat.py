@@ -120,9 +120,10 @@ def test_schedule_full_then_pruned_with_refresh_and_reset():
     assert state.call.selection is None and not state.rows
 
 
-def _run_linear_noise(forecast: float, first_off_trend: bool = True):
+def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: int | None = None):
     """A 10-step run whose predicted noise is exactly A + B * sigma (the first step off that line when
-    `first_off_trend`); returns per step (output noise or None for a full call, the exact noise)."""
+    `first_off_trend`; from step `turn_at` on, A' - B * sigma: the trend turns back); returns per step
+    (output noise or None for a full call, the exact noise)."""
     method = CATPruning(CATConfig(ratio=0.75, full_percent=0.15, refresh_every=2, forecast=forecast))
     state = method.new_run_state()
     gen = torch.Generator().manual_seed(0)
@@ -134,6 +135,8 @@ def _run_linear_noise(forecast: float, first_off_trend: bool = True):
         plan = method.begin_call(state, _call(p, 1 - p), x, 4)
         state.kv.setdefault(plan.signature, {0: {}})
         exact = a + b * (1 - p)
+        if turn_at is not None and i >= turn_at:
+            exact = a + b * (2 * (1 - turn_at / 10) - (1 - p))
         fed = torch.randn(1, 4, 16, 16, generator=gen) if (i == 0 and first_off_trend) else exact
         res = method.end_call(state, fed, (8, 8), 2)
         out.append((res, exact))
@@ -170,6 +173,22 @@ def test_forecast_is_damped_and_zero_is_plain_reuse():
                 assert torch.allclose(noise[idle], 0.5 * (held[idle] + exact[idle]), atol=1e-5), i
         err = [(run[i][0][0] - run[i][1]).abs().max() for run in (damped, plain)]
         assert err[0] < err[1], (i, err)
+
+
+def test_forecast_stops_when_the_trend_fails_a_full_step():
+    """Full steps 0, 1, 4, 7; the noise turns back along its line at step 3 (as when a sampler adds
+    fresh noise). Steps 5-6 follow the slope of steps 1 and 4 (nothing has checked it yet); at step 7
+    that slope predicts worse than holding step 4's noise, so steps 8-9 hold their noise. Without the
+    turn, steps 8-9 follow the trend."""
+    turned, straight = _run_linear_noise(1.0, turn_at=3), _run_linear_noise(1.0)
+    for i in (8, 9):
+        (noise, computed), exact = turned[i]
+        held = turned[i - 1][1] if turned[i - 1][0] is None else turned[i - 1][0][0]
+        idle = ~computed
+        assert torch.equal(noise[idle], held[idle]), i
+        assert not torch.allclose(noise, exact, atol=1e-3), i
+        (noise, computed), exact = straight[i]
+        assert torch.allclose(noise, exact, atol=1e-5), i
 
 
 def test_forecast_out_of_range_is_refused():
