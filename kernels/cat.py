@@ -421,8 +421,9 @@ class CATPruning:
                     if row.full_steps >= 2:
                         row.slope = (tokens[i] - row.full) / (sigma - row.full_sigma)
                     row.full_steps += 1
-                row.full, row.full_sigma = tokens[i].clone(), sigma
-                row.prev = tokens[i].clone()
+                # one copy serves as both: `prev` is replaced, never written in place
+                row.prev = row.full = tokens[i].clone()
+                row.full_sigma = sigma
                 row.age = torch.zeros(tokens.shape[1], dtype=torch.long, device=tokens.device)
             else:
                 row.prev = replaced[i].clone()

@@ -143,6 +143,11 @@ def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: in
     return out
 
 
+def _served(steps, i):
+    """The noise step i of a _run_linear_noise run served: the fed noise of a full step, else the output."""
+    return steps[i][1] if steps[i][0] is None else steps[i][0][0]
+
+
 def test_forecast_follows_the_trend_of_the_last_two_full_steps():
     """Full steps 0, 1, 4, 7. Step 0 (pure noise, off the line) never starts a slope, so steps 2-3
     hold step 1's noise; from step 5 on, forecast 1 continues the linear trend exactly for the tokens
@@ -154,7 +159,7 @@ def test_forecast_follows_the_trend_of_the_last_two_full_steps():
         idle = ~computed
         assert idle.any() and torch.equal(noise[computed], exact[computed]), i
         if i < 4:  # no slope yet: the noise of the previous step, held
-            held = steps[i - 1][1] if steps[i - 1][0] is None else steps[i - 1][0][0]
+            held = _served(steps, i - 1)
             assert torch.equal(noise[idle], held[idle]), i
         else:
             assert torch.allclose(noise, exact, atol=1e-5), i
@@ -165,7 +170,7 @@ def test_forecast_is_damped_and_zero_is_plain_reuse():
     for i in (5, 6, 8, 9):
         for run, check in ((plain, "hold"), (damped, "half")):
             (noise, computed), exact = run[i]
-            held = run[i - 1][1] if run[i - 1][0] is None else run[i - 1][0][0]
+            held = _served(run, i - 1)
             idle = ~computed
             if check == "hold":  # plain reuse: a token not computed keeps the noise it had at the previous step
                 assert torch.equal(noise[idle], held[idle]), i
@@ -183,7 +188,7 @@ def test_forecast_stops_when_the_trend_fails_a_full_step():
     turned, straight = _run_linear_noise(1.0, turn_at=3), _run_linear_noise(1.0)
     for i in (8, 9):
         (noise, computed), exact = turned[i]
-        held = turned[i - 1][1] if turned[i - 1][0] is None else turned[i - 1][0][0]
+        held = _served(turned, i - 1)
         idle = ~computed
         assert torch.equal(noise[idle], held[idle]), i
         assert not torch.allclose(noise, exact, atol=1e-3), i
