@@ -76,7 +76,7 @@ def parse_stage_windows(text: str) -> tuple[int, ...]:
 class DensityConfig:
     """Defaults chosen by measurement on the trained reference model (README, "Evidence"): the first 20%
     of progress dense, then 2x2 pooling in every block. FlexDiT's layout (FLEXDIT_LAYOUT below: pooling
-    from the first step, dense bottom/top blocks and spans, dense last stage) was 5 dB below a naive
+    from the first step, dense bottom/top blocks and spans, dense last stage) was 4-5 dB below a naive
     merge at equal FLOPs there; dense blocks cost FLOPs and bought no fidelity, dense early steps did."""
     stage_windows: tuple = (2, 2, 2, 2)   # window per noise stage, noisiest first
     stage_bounds: tuple = FLEXDIT_STAGE_BOUNDS

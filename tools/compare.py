@@ -20,7 +20,8 @@ module is missing are printed as "not available" with the reason, never dropped 
     same seed and class (tools/metrics.py), KID against an independent set of unpatched samples
     (other seeds; the unpatched row's own KID is the noise floor).
     Then "fidelity at equal FLOPs": the naive merge's ratio and the step count are swept, and the
-    PSNR of those baselines is interpolated (linearly in FLOPs) at each method's FLOPs.
+    PSNR and KID of those baselines are interpolated (linearly in FLOPs) at each method's FLOPs
+    (both on the first --sweep-samples images of every row; KID wants a few hundred).
 (b) Tiny ComfyUI models (tests/host.py builders, random weights) through comfy.sample.sample,
     with the pack's own node and ComfyUI's EasyCache (LazyCache on SD3, which has no
     DIFFUSION_MODEL wrapper) and one stack. PSNR on latents, scaled by the unpatched latents'
@@ -93,7 +94,8 @@ class Row:
 
     name: str
     build: Callable | None = None
-    steps: float = 1.0            # fraction of the sampling steps, same sampler
+    steps: float = 1.0            # fraction of the sampling steps
+    sampler: str = "euler"        # reference_dit.sample's sampler (the unpatched reference is euler)
     baseline: bool = False        # a baseline to beat, not a method of the pack
     missing: str | None = None    # why the row is not available
 
@@ -132,6 +134,8 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
     s = s or Settings()
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
+    rows += [Row(f"fewer steps ({int(100 * f)}%), second-order sampler (AB2)", steps=f, sampler="ab2",
+                 baseline=True) for f in STEP_FRACTIONS]
     rows += [sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block)", naive_config(NAIVE_RATIO),
                       baseline=True),
              sdtm_row("SDTM defaults", SDTMConfig()),
@@ -235,7 +239,8 @@ def generate(model, row: Row, s: Settings, n: int, seed_offset: int = 0):
     for j, start in enumerate(range(0, n, s.batch)):
         to = row.build(model) if row.build else None
         out.append(R.sample(model, ids[start:start + s.batch], steps=row_steps(row, s), cfg=s.cfg,
-                            seed=s.seed + seed_offset + j, transformer_options=to, device=s.device).cpu())
+                            seed=s.seed + seed_offset + j, transformer_options=to, device=s.device,
+                            sampler=row.sampler).cpu())
         c, i = _tokens(to)
         comp, tin = comp + c, tin + i
     return torch.cat(out), (comp / tin if tin else 1.0)
@@ -246,7 +251,7 @@ def flops_per_image(model, row: Row, s: Settings) -> int:
     to = row.build(model) if row.build else None
     with R.flop_counter() as fc:
         R.sample(model, [0], steps=row_steps(row, s), cfg=s.cfg, seed=s.seed, transformer_options=to,
-                 device=s.device)
+                 device=s.device, sampler=row.sampler)
     return fc.get_total_flops()
 
 
@@ -284,8 +289,27 @@ class Result:
     run: Callable | None = None   # host rows: one timed sampling run
 
 
-def run_reference(model, rows: list[Row], s: Settings, timing: bool = True, kid: bool = True) -> dict:
-    """Measure every available row; returns {name: Result}. Row 0 must be the unpatched row."""
+@dataclass
+class KidReference:
+    """The feature extractor and the features of unpatched images from other seeds (KID's other set)."""
+    extractor: Callable
+    features: torch.Tensor
+
+    def kid(self, images: torch.Tensor, s: Settings) -> tuple:
+        n = images.shape[0]
+        return M.kid(self.extractor(images), self.features, subsets=s.kid_subsets, subset_size=max(2, n // 2))
+
+
+def kid_reference(model, s: Settings) -> KidReference:
+    ext = M.RandomFeatures(device=s.device)
+    images, _ = generate(model, Row("unpatched"), s, s.samples, seed_offset=1_000_003)
+    return KidReference(ext, ext(images))
+
+
+def run_reference(model, rows: list[Row], s: Settings, timing: bool = True,
+                  kid: "bool | KidReference" = True) -> dict:
+    """Measure every available row; returns {name: Result}. Row 0 must be the unpatched row.
+    `kid`: False, True (build the KID reference set here) or a KidReference built before."""
     res = {}
     for row in rows:
         r = res[row.name] = Result(row)
@@ -304,21 +328,18 @@ def run_reference(model, rows: list[Row], s: Settings, timing: bool = True, kid:
         def run(r):
             to = r.row.build(model) if r.row.build else None
             return lambda: R.sample(model, ids, steps=row_steps(r.row, s), cfg=s.cfg, seed=s.seed,
-                                    transformer_options=to, device=s.device)
+                                    transformer_options=to, device=s.device, sampler=r.row.sampler)
         for _ in range(max(s.repeats, 1)):
             for r in ok:  # interleaved: load from other processes hits every row alike
                 r.times.append(_timed(run(r), s.device))
         for r in ok:
             r.memory = peak_memory(run(r), s.device)
-    if kid:
-        ext = M.RandomFeatures(device=s.device)
-        ref_images, _ = generate(model, rows[0], s, s.samples, seed_offset=1_000_003)
-        ref = ext(ref_images)
+    ref = kid if isinstance(kid, KidReference) else (kid_reference(model, s) if kid else None)
     for r in ok:
         r.psnr = R.psnr(r.images, base.images)
         r.ssim = M.ssim(r.images, base.images)
-        if kid:
-            r.kid = M.kid(ext(r.images), ref, subsets=s.kid_subsets, subset_size=max(2, s.samples // 2))
+        if ref is not None:
+            r.kid = ref.kid(r.images, s)
     return res
 
 
@@ -376,11 +397,13 @@ def report_reference(rep: B.Report, res: dict, s: Settings, source: str, model):
 class Curve:
     name: str
     points: list      # (FLOPs / unpatched, PSNR dB, setting), sorted by FLOPs
+    kids: dict = field(default_factory=dict)   # setting -> KID (mean), when measured
 
-    def at(self, f: float):
-        """(PSNR, setting) linearly interpolated at FLOPs fraction f, or None outside the swept range."""
-        pts = self.points
-        if not pts or f < pts[0][0] - 1e-9 or f > pts[-1][0] + 1e-9:
+    def at(self, f: float, metric: str = "psnr"):
+        """(PSNR or KID, (setting below, setting above, weight)) linearly interpolated at FLOPs
+        fraction f, or None outside the swept range (or for a KID that was not measured)."""
+        pts = [(p[0], p[1] if metric == "psnr" else self.kids.get(p[2]), p[2]) for p in self.points]
+        if not pts or f < pts[0][0] - 1e-9 or f > pts[-1][0] + 1e-9 or any(p[1] is None for p in pts):
             return None
         for (f0, p0, s0), (f1, p1, s1) in zip(pts, pts[1:]):
             if f0 - 1e-9 <= f <= f1 + 1e-9:
@@ -389,8 +412,11 @@ class Curve:
         return pts[0][1], (pts[0][2], pts[0][2], 0.0)
 
 
-def sweep(model, base: Result, s: Settings, kind: str, near: float | None = None) -> Curve:
-    """PSNR vs FLOPs of the naive merge over its ratio, or of the unpatched model over its step count.
+def sweep(model, base: Result, s: Settings, kind: str, near: float | None = None,
+          kid: KidReference | None = None) -> Curve:
+    """PSNR (and KID, given `kid`) vs FLOPs of the naive merge over its ratio (`kind` "naive"), or of
+    the unpatched model over its step count, with the reference's Euler sampler ("steps") or the
+    second-order AB2 sampler ("steps-ab2": a user who cuts steps may also switch to a multistep sampler).
 
     With `near` (a FLOPs fraction), only the two sweep points around it are sampled (FLOPs are
     counted for all first, on one image each): enough to interpolate at that one point.
@@ -403,21 +429,28 @@ def sweep(model, base: Result, s: Settings, kind: str, near: float | None = None
             counts = sorted({max(1, round(f * s.steps)) for f in s.step_fractions} - {s.steps})
         else:
             counts = range(max(1, math.ceil(0.3 * s.steps)), s.steps)
-        rows = [Row(f"{k}", steps=k / s.steps) for k in counts]
+        rows = [Row(f"{k}", steps=k / s.steps, sampler="ab2" if kind == "steps-ab2" else "euler")
+                for k in counts]
     fl = sorted((flops_per_image(model, row, s) / base.flops, i) for i, row in enumerate(rows))
     if near is not None:
         below = [p for p in fl if p[0] <= near]
         above = [p for p in fl if p[0] >= near]
         fl = sorted(set(below[-1:] + above[:1]))
-    pts = []
+    pts, kids = [], {}
     for f, i in fl:
         images, _ = generate(model, rows[i], s, n)
         pts.append((f, R.psnr(images, base.images[:n]), rows[i].name))
-    return Curve("naive merge (ratio)" if kind == "naive" else "fewer steps (count)", sorted(pts))
+        if kid is not None:
+            kids[rows[i].name] = kid.kid(images, s)[0]
+    return Curve(CURVE_NAMES[kind], sorted(pts), kids)
 
 
-def equal_flops(res: dict, curves: list[Curve], s: Settings) -> list[dict]:
-    """Per method row: its PSNR on the sweep images and each baseline curve's PSNR at its FLOPs."""
+CURVE_NAMES = {"naive": "naive merge (ratio)", "steps": "fewer steps (count)",
+               "steps-ab2": "fewer steps, AB2 sampler (count)"}
+
+
+def equal_flops(res: dict, curves: list[Curve], s: Settings, kid: KidReference | None = None) -> list[dict]:
+    """Per method row: its PSNR (and KID) on the sweep images and each baseline curve's at its FLOPs."""
     base = next(iter(res.values()))
     n = min(s.sweep_samples, s.samples)
     out = []
@@ -425,11 +458,26 @@ def equal_flops(res: dict, curves: list[Curve], s: Settings) -> list[dict]:
         if r.row.baseline or r.row.missing or r.error:
             continue
         f = r.flops / base.flops
-        entry = {"name": r.row.name, "flops": f, "psnr": R.psnr(r.images[:n], base.images[:n]), "curves": {}}
-        for c in curves:
-            entry["curves"][c.name] = c.at(f)
+        entry = {"name": r.row.name, "flops": f, "psnr": R.psnr(r.images[:n], base.images[:n]),
+                 "kid": kid.kid(r.images[:n], s)[0] if kid is not None else None}
+        entry["psnr_curves"] = {c.name: c.at(f) for c in curves}
+        entry["kid_curves"] = {c.name: c.at(f, "kid") for c in curves}
         out.append(entry)
     return out
+
+
+def _against_baselines(curves: list[Curve], table: list[dict], metric: str, scale: float, fmt) -> list[list]:
+    """Table rows: method, FLOPs, its `metric`, then per baseline curve its value at equal FLOPs and
+    the difference (times `scale`)."""
+    rows = []
+    for e in table:
+        row = [e["name"], f"{e['flops']:.3f}", fmt(e[metric])]
+        for c in curves:
+            hit = e[f"{metric}_curves"][c.name]
+            row += ["outside the swept range", "-"] if hit is None else [
+                f"{fmt(hit[0])} (between {hit[1][0]} and {hit[1][1]})", f"{scale * (e[metric] - hit[0]):+.2f}"]
+        rows.append(row)
+    return rows
 
 
 def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s: Settings):
@@ -442,20 +490,38 @@ def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s:
     header = ["method", "FLOPs / unpatched", "method PSNR dB"]
     for c in curves:
         header += [f"{c.name} PSNR at equal FLOPs", "method - baseline dB"]
-    rows = []
-    for e in table:
-        row = [e["name"], f"{e['flops']:.3f}", _db(e["psnr"])]
-        for c in curves:
-            hit = e["curves"][c.name]
-            if hit is None:
-                row += ["outside the swept range", "-"]
-            else:
-                p, (a, b, w) = hit
-                row += [f"{_db(p)} (between {a} and {b})", f"{e['psnr'] - p:+.2f}"]
-        rows.append(row)
-    rep.table(header, rows)
+    rep.table(header, _against_baselines(curves, table, "psnr", 1.0, _db))
     rep("Baseline PSNR is interpolated linearly in FLOPs between the two neighbouring sweep points "
         "(for step counts this stands for a fractional step count).")
+    rep()
+    if any(e["kid"] is None for e in table):
+        return
+    if n < KID_MIN_IMAGES:
+        rep(f"KID at equal FLOPs: not shown for {n} images per sweep point (its subsets of {max(2, n // 2)} "
+            f"are noise; give --sweep-samples {KID_MIN_IMAGES} or more).")
+        rep()
+    else:
+        report_kid_equal_flops(rep, curves, table, n)
+
+
+KID_MIN_IMAGES = 64   # below this, KID's subsets are too small to rank methods (the sign flips)
+
+
+def report_kid_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], n: int):
+    """The same comparison on the distribution-level score: lower KID is closer to unpatched samples."""
+    rep(f"### (a) KID at equal FLOPs (x1e3, first {n} images of each row and sweep point)")
+    rep()
+    for c in curves:
+        rep(f"- {c.name} sweep: " + ", ".join(f"{k} -> {f:.3f} FLOPs, KID {1e3 * c.kids[k]:.2f}"
+                                             for f, _, k in c.points if k in c.kids))
+    rep()
+    header = ["method", "FLOPs / unpatched", "method KID"]
+    for c in curves:
+        header += [f"{c.name} KID at equal FLOPs", "method - baseline (below 0: closer)"]
+    rep.table(header, _against_baselines(curves, table, "kid", 1e3, lambda v: f"{1e3 * v:.2f}"))
+    rep(f"KID against the same independent set of unpatched samples as the table above, on {n} images per "
+        f"row (subsets of {max(2, n // 2)}); interpolated in FLOPs like PSNR. The noise floor is the "
+        "unpatched row's own KID in the table above.")
     rep()
 
 
@@ -694,11 +760,12 @@ def _main(args, argv: list[str]) -> dict:
         model, source = reference_model()
         model = model.to(s.device)
         rows = reference_rows(s)
-        res = run_reference(model, rows, s)
+        kid = kid_reference(model, s)
+        res = run_reference(model, rows, s, kid=kid)
         report_reference(rep, res, s, source, model)
         base = res[rows[0].name]
-        curves = [sweep(model, base, s, "naive"), sweep(model, base, s, "steps")]
-        table = equal_flops(res, curves, s)
+        curves = [sweep(model, base, s, kind, kid=kid) for kind in CURVE_NAMES]
+        table = equal_flops(res, curves, s, kid)
         report_equal_flops(rep, curves, table, s)
         out["reference"] = {"source": source, "results": res, "curves": curves, "equal_flops": table}
     if "host" in sections and not args.no_host:
