@@ -96,6 +96,13 @@ class CATConfig:
         return self
 
 
+def along_trend(noise: torch.Tensor, from_sigma: float, sigma: float, slope: torch.Tensor,
+                damping: float) -> torch.Tensor:
+    """`noise` (predicted at `from_sigma`) moved to `sigma` along `slope` (d noise / d sigma), damped:
+    the forecast of the module docstring."""
+    return noise + (damping * (sigma - from_sigma)) * slope
+
+
 # The paper's schedule (70% pruned, t0 = 8 of 28 steps: progress 0.28, no refresh, no forecast), kept as a
 # comparison row (tools/compare.py, tools/benchmark.py).
 PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0, forecast=0.0)
@@ -388,10 +395,10 @@ class CATPruning:
         return select_tokens(row.prev - row.ref, row.labels, row.age, n_keep, c.balance, first)
 
     def _forecast(self, row: RowState, sigma: float) -> torch.Tensor:
-        """The row's cached noise carried from its last step to `sigma` (see the module docstring)."""
+        """The row's cached noise carried from its last step to `sigma`, while the trend holds."""
         if row.slope is None or not row.trend_ok or self.config.forecast == 0.0:
             return row.prev
-        return row.prev + (self.config.forecast * (sigma - row.sigma)) * row.slope
+        return along_trend(row.prev, row.sigma, sigma, row.slope, self.config.forecast)
 
     def end_call(self, state: CATRunState, noise: torch.Tensor, grid, patch: int):
         """Record this call's predicted noise (B, C, H, W). Returns (noise with non-computed tokens
@@ -416,7 +423,7 @@ class CATPruning:
                     row.before = row.prev
                 if row.full_sigma != sigma:
                     if row.slope is not None:  # would the trend have predicted this step better than holding?
-                        guess = row.full + (self.config.forecast * (sigma - row.full_sigma)) * row.slope
+                        guess = along_trend(row.full, row.full_sigma, sigma, row.slope, self.config.forecast)
                         row.trend_ok = bool((guess - tokens[i]).norm() < (row.full - tokens[i]).norm())
                     if row.full_steps >= 2:
                         row.slope = (tokens[i] - row.full) / (sigma - row.full_sigma)

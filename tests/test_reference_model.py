@@ -93,8 +93,7 @@ def test_ab2_sampler_integrates_a_linear_velocity_closer_than_euler(model, monke
         return torch.full_like(x, slope * float(sigma) + 0.5)
 
     monkeypatch.setattr(R, "model_call", fake_call)
-    c = model.config  # sample() draws its starting noise like this
-    noise = torch.randn(len(CLASSES), c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
+    noise = R.initial_noise(model.config, len(CLASSES), seed=0)
     for slope in (2.0, 0.0):
         calls.clear()
         euler = R.sample(model, CLASSES, steps=5, seed=0, cfg=1.0, sampler="euler")

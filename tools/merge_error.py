@@ -33,7 +33,7 @@ import shlex  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels.cat import CATConfig  # noqa: E402
+from kernels.cat import CATConfig, along_trend  # noqa: E402
 from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.detail_cache import low_pass  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
@@ -53,34 +53,27 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _setup(model, samples: int):
-    c = model.config
-    ids = torch.tensor(C.class_ids(samples, c.num_classes))
-    x = torch.randn(samples, c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
-    return x, torch.cat([ids, torch.full_like(ids, c.num_classes)])
-
-
-def _prediction(model, x, sigma, both_ids, options):
-    v_c, v_u = R.model_call(model, torch.cat([x, x]), sigma, both_ids, options).chunk(2)
-    return v_u + CFG * (v_c - v_u)
+    """(starting noise, class ids) of the first `samples` images of tools/compare.py's rows."""
+    return R.initial_noise(model.config, samples, 0), torch.tensor(C.class_ids(samples, model.config.num_classes))
 
 
 @torch.inference_mode()
 def per_step_errors(model, steps: int, samples: int) -> list[dict]:
     """One dict per step: sigma and the relative errors (full size, low-passed) of each approximation."""
-    x, both = _setup(model, samples)
+    x, ids = _setup(model, samples)
     window = 2 * model.config.patch_size
     damping = CATConfig().forecast
     options = {name: R.method_options(make(), model, "m") for name, make in MERGED.items()}
     history, rows = [], []
     sig = R.sigmas(steps)
     for s, s_next in zip(sig[:-1], sig[1:]):
-        full = _prediction(model, x, s, both, None)
-        guesses = {name: _prediction(model, x, s, both, o) for name, o in options.items()}
+        full = R.guided_velocity(model, x, s, ids, CFG, None)
+        guesses = {name: R.guided_velocity(model, x, s, ids, CFG, o) for name, o in options.items()}
         if history:
             guesses["held"] = history[-1][1]
         if len(history) >= 2:
             (s1, v1), (s2, v2) = history[-2:]
-            guesses["forecast"] = v2 + damping * (v2 - v1) / (s2 - s1) * (s - s2)
+            guesses["forecast"] = along_trend(v2, s2, s, (v2 - v1) / (s2 - s1), damping)
         row = {"sigma": s}
         for name, g in guesses.items():
             row[name] = (relative_error(g, full), relative_error(low_pass(g, window), low_pass(full, window)))
@@ -91,11 +84,11 @@ def per_step_errors(model, steps: int, samples: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def end_to_end(model, steps: int, samples: int, full_steps: tuple, mode: str, baseline=None) -> tuple:
+def end_to_end(model, steps: int, samples: int, full_steps: tuple, mode: str) -> tuple:
     """(images, FLOPs per image) of a run that computes `full_steps` in full and, in between, runs the
     density schedule's pooled call (`mode` "merged"), that call with the detail cache ("detail
     cache"), or holds the last full prediction ("held")."""
-    x, both = _setup(model, samples)
+    x, ids = _setup(model, samples)
     window = 2 * model.config.patch_size
     options = R.method_options(MERGED["density"](), model, "m")
     sig = R.sigmas(steps)
@@ -103,11 +96,11 @@ def end_to_end(model, steps: int, samples: int, full_steps: tuple, mode: str, ba
     with R.flop_counter() as counter:
         for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
             if i in full_steps or last is None:
-                v = last = _prediction(model, x, s, both, None)
+                v = last = R.guided_velocity(model, x, s, ids, CFG, None)
             elif mode == "held":
                 v = last
             else:
-                v = _prediction(model, x, s, both, options)
+                v = R.guided_velocity(model, x, s, ids, CFG, options)
                 if mode == "detail cache":
                     v = last + low_pass(v - last, window)
             x = x + (s_next - s) * v

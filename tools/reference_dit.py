@@ -497,21 +497,13 @@ def sample(model: ReferenceDiT, class_ids, steps: int = 8, cfg: float = 3.0, see
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    c = model.config
     device = device or next(model.parameters()).device
-    size = size or c.image_size
     cond = torch.as_tensor(class_ids, dtype=torch.long, device=device).reshape(-1)
-    n = cond.shape[0]
-    x = torch.randn(n, c.channels, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
-    uncond = torch.full_like(cond, c.num_classes)
+    x = initial_noise(model.config, cond.shape[0], seed, size).to(device)
     sig = sigmas(steps)
     previous = None  # (step size, velocity) of the last step, for ab2
     for s, s_next in zip(sig[:-1], sig[1:]):
-        if cfg == 1.0:
-            v = model_call(model, x, s, cond, transformer_options)
-        else:
-            v_c, v_u = model_call(model, torch.cat([x, x]), s, torch.cat([cond, uncond]), transformer_options).chunk(2)
-            v = v_u + cfg * (v_c - v_u)
+        v = guided_velocity(model, x, s, cond, cfg, transformer_options)
         h = s_next - s
         if sampler == "ab2" and previous is not None:
             # Variable-step AB2: extrapolate the velocity to the middle of this step.
@@ -524,6 +516,22 @@ def sample(model: ReferenceDiT, class_ids, steps: int = 8, cfg: float = 3.0, see
 
 
 SAMPLERS = ("euler", "ab2")
+
+
+def initial_noise(config: DiTConfig, n: int, seed: int, size: int | None = None) -> Tensor:
+    """The starting noise of `sample` for n images: drawn on the CPU from `seed`."""
+    size = size or config.image_size
+    return torch.randn(n, config.channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def guided_velocity(model: ReferenceDiT, x: Tensor, sigma: float, cond: Tensor, cfg: float,
+                    transformer_options=None) -> Tensor:
+    """The CFG-combined velocity: cond and uncond (class id num_classes) in one batched call."""
+    if cfg == 1.0:
+        return model_call(model, x, sigma, cond, transformer_options)
+    uncond = torch.full_like(cond, model.config.num_classes)
+    v_c, v_u = model_call(model, torch.cat([x, x]), sigma, torch.cat([cond, uncond]), transformer_options).chunk(2)
+    return v_u + cfg * (v_c - v_u)
 
 
 # ---- measurement helpers -----------------------------------------------------------------------------
