@@ -1,29 +1,14 @@
 """Calibrate a TokenRatioSchedule to a model: measure redundancy, allocate compression to a FLOPs target.
 
-1. Measure. A probe method rides the pack's ordinary block hooks during a few
-   unpatched sampling passes: its `plan()` sees every block's image tokens and
-   returns None, so nothing changes. Consecutive blocks' inputs give each
-   block's update D = F(x) - x per token. For every ratio option r, SDTM's own
-   grid-aware matching on the block input picks which r * N tokens would merge
-   and where; merged tokens would receive their group's mean update, so the
-   error is E(r) = |D - Unmerge(Merge D)|^2 / |x_top|^2, relative to the
-   residual stream at the top of the model in that step (where an error added
-   to the stream reaches the output). Redundant blocks and steps are those
-   where tokens that look alike also get nearly the same update.
-2. Allocate. Each (block, step) cell may take a ratio from RATIO_OPTIONS. Cost
-   per cell comes from token counts (linear layers 2 * 12 C^2 per token,
-   attention 4 C L^2 for L = image + text tokens). Starting from no compression,
-   a greedy pass repeatedly takes the step (along each cell's lower convex
-   hull) with the least error per FLOP saved, until the target share of block
-   FLOPs is saved. A step's errors are weighted by (1 - progress)^2: an error
-   made early is carried through every later step, while the layout still
-   forms. On the trained reference model (40% saved, 8-20 steps) (1 - p)^2 beat
-   1 - p by 0.2 - 0.8 dB and equal weights by 0.8 - 2.5 dB; weighting by the
-   step size (d sigma)^2 was worse.
-The last block's update is not visible to the probe (nothing follows it), so it
-stays dense. `protect_first` keeps the first blocks dense too; it is 0 by default
-because on the trained reference model the first block tolerated merging as well
-as any (protecting it cost 3.5 - 5.8 dB at equal FLOPs: the other blocks had to take more).
+1. Measure. A probe rides the ordinary block hooks of an unpatched sampling pass (its plan() is
+   always None). Consecutive blocks' inputs give each block's update D per token; for every ratio
+   option r, SDTM's own matching picks which tokens would merge, and E(r) = |D - Unmerge(Merge D)|^2
+   relative to the residual stream at the top of the model in that step.
+2. Allocate. Each (block, step) cell takes a ratio from RATIO_OPTIONS; a greedy pass along each
+   cell's lower convex hull takes the least error per FLOP saved until the target is met. A step's
+   errors weigh (1 - progress)^2: an error made early is carried through every later step.
+The last block's update is invisible to the probe (nothing follows it), so it stays dense.
+Measurements behind these choices: docs/schedule.md.
 """
 from __future__ import annotations
 
@@ -33,17 +18,13 @@ from typing import Callable
 
 import torch
 
+from .families import block_flops
+from .runtime import MergingMethod
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import bipartite_merge_plan
 
 RATIO_OPTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # DiffCR's kept-ratio bins 1.0 .. 0.3
 MLP_RATIO = 4.0
-
-
-def block_cost(n_img: float, n_txt: int, width: int, mlp_ratio: float = MLP_RATIO) -> float:
-    """Matmul FLOPs of one transformer block call on one sequence (Flux double/single, SD3 joint)."""
-    tokens = n_img + n_txt
-    return 2.0 * (4.0 + 2.0 * mlp_ratio) * width * width * tokens + 4.0 * width * tokens * tokens
 
 
 def merge_errors(x: torch.Tensor, delta: torch.Tensor, grid, options, seed: int = 0) -> list[float]:
@@ -72,10 +53,13 @@ class _Seen:
     grid: tuple
 
 
-class RedundancyProbe:
-    """A method for kernels.block_patch that measures and never reduces (plan() returns None)."""
+class RedundancyProbe(MergingMethod):
+    """A method that measures and never reduces (plan() returns None)."""
 
     name = "Calibration probe"
+
+    def is_active(self, progress: float) -> bool:
+        return True
 
     def __init__(self, options=RATIO_OPTIONS):
         self.options = tuple(options)
@@ -92,9 +76,6 @@ class RedundancyProbe:
         if prev is not None and prev.block == block - 1 and prev.progress == progress and prev.x.shape == x.shape:
             self._record(prev.block, progress, prev.x, x - prev.x, tuple(grid))
         self._prev = _Seen(block, progress, x, tuple(grid)) if block < num_blocks - 1 else None
-        return None
-
-    def key_bias(self, plan):
         return None
 
     def _record(self, block, progress, x, delta, grid):
@@ -125,9 +106,9 @@ def allocate(probe: RedundancyProbe, num_blocks: int, n_txt: int, target_saving:
     n, c = probe.n_img, probe.width
     progresses = sorted({p for _, p in probe.errors})
     weights = remaining_weights(progresses) if step_weights is None else step_weights
-    full = block_cost(n, n_txt, c, mlp_ratio)
+    full = block_flops(n + n_txt, c, mlp_ratio)
     total = full * num_blocks * len(progresses)
-    saved_at = [full - block_cost(n - int(r * n), n_txt, c, mlp_ratio) for r in opts]
+    saved_at = [full - block_flops(n - int(r * n) + n_txt, c, mlp_ratio) for r in opts]
     cells = [key for key in probe.errors if key[0] >= protect_first]
     # Errors relative to the stream at the top of the model (the largest |x|^2 of the step): an update
     # error added to the residual stream reaches the output at that scale.
@@ -188,11 +169,11 @@ def remaining_weights(progresses) -> dict:
 def constant_ratio_for_saving(saving: float, n_img: int, n_txt: int, width: int, num_blocks: int,
                               protect_first: int = 0, protect_last: int = 1, mlp_ratio: float = MLP_RATIO) -> float:
     """The constant ratio (in every unprotected block and step) that saves `saving` of block FLOPs."""
-    full = block_cost(n_img, n_txt, width, mlp_ratio)
+    full = block_flops(n_img + n_txt, width, mlp_ratio)
     active = max(num_blocks - protect_first - protect_last, 0)
 
     def saved(r):
-        return active * (full - block_cost(n_img - int(r * n_img), n_txt, width, mlp_ratio)) / (num_blocks * full)
+        return active * (full - block_flops(n_img - int(r * n_img) + n_txt, width, mlp_ratio)) / (num_blocks * full)
 
     lo, hi = 0.0, 0.99
     if saved(hi) < saving:

@@ -1,55 +1,10 @@
 """CAT Pruning: cluster-aware cached token pruning (arXiv 2502.00433), host-independent.
 
-Port of the ideas in the official code (ada-cheng/CAT-Pruning, `qcache/modules/proj_out.py`,
-`attn.py`, `ff.py`); no code copied.
-
-Schedule. Every step before `full_percent` runs in full (default 0.28). After that, a pruned step
-computes only `n_keep` image tokens (queries) through every transformer block; the others keep the
-noise they predicted at the last step in which they were computed. A full refresh step comes
-after every `refresh_every` pruned steps. A "step" is a model call at a new sigma (cond and uncond
-called one by one at one sigma are one step), never a counter of calls, and the schedule itself is
-read from progress (sigma).
-
-Defaults, set by measurement on the trained reference model (README, "Evidence"): 95% pruned, the
-first 28% of progress in full, a full step after every 2 pruned ones. The paper's setting (70%
-pruned from t0 = 8 of 28 steps, no refresh; `PAPER_SETTING`) leaves the cached noise, keys and
-values of the pruned tokens stale for many steps. Refreshing often and pruning more was worth more
-per FLOP than pruning less.
-
-Selection, per batch row (one row = one image of one conditioning), after each step:
-- noise relative magnitude: delta = N_t - N_ref, the change of each token's predicted noise
-  since the reference step (the next-to-last full step before the first pruned step, as in the
-  official code; refresh steps leave it: re-basing it at each refresh measured no better);
-- spatial clustering: k-means on the token grid (0.05 x noise + position), done once per run at
-  the first pruned step; clusters are ranked by the norm of their element-wise max |delta|;
-  the top clusters get larger quotas (3x, 2x, 1x the base quota, then 1x each), and inside a
-  cluster the tokens with the largest |delta| are taken, plus (after the first pruned step) the
-  cluster's least recently computed tokens;
-- distribution balance: a `balance` fraction of the kept tokens goes to the least recently
-  computed tokens of the whole image (the official code's decayed visit counts order tokens
-  the same way as the age used here). At least one token per step is chosen this way, so every
-  token is recomputed within floor((N - 1) / m) + 1 steps (m = stale picks per step).
-
-Exactly `n_keep` distinct tokens are chosen per row. What is cached: per transformer block the
-keys and values of every image token (non-selected tokens still serve as keys/values, with the
-values of their last computed step, as in the official attention), and per row the last
-predicted noise per token.
-
-Forecast (this pack's addition; `forecast` 0 is the paper's plain reuse, as the official
-`proj_out`): a non-selected token's noise is its last noise moved along the trend of the last two
-full steps, damped:  N(sigma) = N_last + forecast * slope * (sigma - sigma_last),  slope = (N_full -
-N_full_before) / (sigma_full - sigma_full_before). A token's prediction changes smoothly along a
-trajectory, so a first-order step beats holding it still (first-order forecasting of cached
-features, as in TaylorSeer, arXiv 2503.06923). The run's first full step never serves as the older
-end of a slope: at pure noise the model predicts roughly the mean image, and the change from it to
-the next step is not a trend (on the trained reference model such slopes cost up to 2 dB). The
-damping 0.5 was measured there (README, "Evidence"): 0.3-0.7 all beat plain reuse once the first
-step is left out. Each full step checks the trend: had it predicted this step's noise better than
-holding the last full step's? If not, the row holds its cached noise until a later full step says
-the trend works again. Samplers that add fresh noise every step (ancestral, SDE) break the trend;
-there the check keeps CAT at plain reuse (on the reference model the unchecked forecast cost 0.6-1.9
-dB with Euler ancestral, the checked one -0.1 to +0.3 dB; with plain Euler the check keeps most of
-the gain).
+After the first steps, a pruned step computes only the image tokens whose predicted noise changed
+most (cluster by cluster) plus the least recently computed ones; the others keep their cached keys,
+values and noise, the noise moved along its trend between the last two full steps (a forecast the
+paper does not have). A full refresh step follows every `refresh_every` pruned steps. How it works,
+its measured defaults and its departures from the paper's code: docs/cat.md.
 """
 from __future__ import annotations
 
@@ -59,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .block_patch import call_rows
-from .families import ATTENTION_OVERRIDE_KEY
-from .maps import record_token_map, recording
+from .attention import image_key_start, override_attention, seq_dim
+from .families import per_token_vec, with_image_pe
+from .runtime import BlockCall, TokenMethod, call_rows, check_fractions, observing, report_computed
 from .schedule import TokenRatioSchedule, block_depth
 
 TOP_CLUSTER_QUOTA = (3, 2, 1)  # quota multipliers of the three highest-scoring clusters
@@ -85,10 +40,7 @@ class CATConfig:
     def validate(self) -> "CATConfig":
         if not (0.0 <= self.ratio < 1.0):
             raise ValueError(f"CAT Pruning: ratio must lie in [0, 1), got {self.ratio}")
-        for name in ("full_percent", "start_percent", "end_percent", "balance", "forecast"):
-            v = getattr(self, name)
-            if not (0.0 <= v <= 1.0):
-                raise ValueError(f"CAT Pruning: {name} must lie in [0, 1], got {v}")
+        check_fractions("CAT Pruning", self, "full_percent", "start_percent", "end_percent", "balance", "forecast")
         if self.clusters < 1:
             raise ValueError(f"CAT Pruning: clusters must be >= 1, got {self.clusters}")
         if self.refresh_every < 0:
@@ -98,16 +50,20 @@ class CATConfig:
 
 def along_trend(noise: torch.Tensor, from_sigma: float, sigma: float, slope: torch.Tensor,
                 damping: float) -> torch.Tensor:
-    """`noise` (predicted at `from_sigma`) moved to `sigma` along `slope` (d noise / d sigma), damped:
-    the forecast of the module docstring."""
+    """`noise` (predicted at `from_sigma`) moved to `sigma` along `slope` (d noise / d sigma), damped."""
     return noise + (damping * (sigma - from_sigma)) * slope
 
 
-# The paper's schedule (70% pruned, t0 = 8 of 28 steps: progress 0.28, no refresh, no forecast), kept as a
-# comparison row (tools/compare.py, tools/benchmark.py).
+# The paper's schedule (t0 = 8 of 28 steps, no refresh, no forecast), a comparison row in the evidence.
 PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0, forecast=0.0)
-# The faster preset (node tooltip, README): the layout steps run in full only up to 18% of progress.
+# The faster preset: the layout steps run in full for less of the progress.
 FAST_SETTING = dict(full_percent=0.18)
+# The node's named settings; "balanced" is CATConfig's defaults. Each is measured in docs/evidence.md.
+PRESETS = {
+    "quality": dict(refresh_every=1),
+    "balanced": {},
+    "fast": FAST_SETTING,
+}
 
 
 # ---- selection (pure functions) -----------------------------------------------------------------
@@ -309,7 +265,7 @@ class CATRunState:
         return total
 
 
-class CATPruning:
+class CATPruning(TokenMethod):
     """Per model call: full or pruned, and which image tokens each row computes."""
 
     name = "CAT Pruning"
@@ -322,10 +278,6 @@ class CATPruning:
     def new_run_state(self) -> CATRunState:
         return CATRunState()
 
-    def is_active(self, progress: float) -> bool:
-        c = self.config
-        return c.start_percent <= progress < c.end_percent
-
     def ratio(self, progress: float, num_blocks: int = 1) -> float:
         """Fraction pruned at `progress` (a schedule is averaged over the model's block depths)."""
         if self.schedule is None:
@@ -336,9 +288,7 @@ class CATPruning:
     def n_keep(self, n_img: int, progress: float, num_blocks: int = 1) -> int:
         return n_img - int(self.ratio(progress, num_blocks) * n_img)
 
-    # -- call protocol (the host glue calls these around every model call) --
-
-    def begin_call(self, state: CATRunState, call, x: torch.Tensor, num_blocks: int) -> CallPlan:
+    def begin_call(self, state: CATRunState, call, x: torch.Tensor) -> CallPlan:
         """Decide full or pruned for this call; resets the state on a new run or a new latent."""
         sigma = float(call.sigma)
         latent = (tuple(x.shape[1:]), x.dtype, x.device, tuple(call.grid))
@@ -354,7 +304,7 @@ class CATPruning:
             return None
         rows = call_rows(call, x.shape[0])
         signature = (rows, x.shape[0])
-        n_keep = self.n_keep(call.n_img, call.progress, num_blocks)
+        n_keep = self.n_keep(call.n_img, call.progress, call.num_blocks)
         full = (self._scheduled_full(call.progress, n_keep, call.n_img, state.pruned_since_full)
                 or any(state.rows.get(r) is None or state.rows[r].prev is None for r in rows)
                 or signature not in state.kv)
@@ -400,7 +350,7 @@ class CATPruning:
             return row.prev
         return along_trend(row.prev, row.sigma, sigma, row.slope, self.config.forecast)
 
-    def end_call(self, state: CATRunState, noise: torch.Tensor, grid, patch: int):
+    def end_call(self, state: CATRunState, call, noise: torch.Tensor):
         """Record this call's predicted noise (B, C, H, W). Returns (noise with non-computed tokens
         replaced by their cached noise, forecast to this sigma; pixel mask of computed tokens) or None
         when all were computed."""
@@ -408,6 +358,7 @@ class CATPruning:
         state.call = None
         if plan is None:
             return None
+        grid, patch = call.grid, call.patch
         tokens = patchify(noise.float(), grid, patch)
         sigma = state.last_sigma
         replaced = None
@@ -443,29 +394,26 @@ class CATPruning:
         mask = unpatchify(keep[..., None].expand(-1, -1, tokens.shape[2]).float(), noise.shape, patch) > 0.5
         return unpatchify(replaced, noise.shape, patch).to(noise.dtype), mask
 
-    # -- block protocol (kernels.block_patch calls this for every block) --
-
-    def run_block(self, args: dict, original, spec, family, span, call, state: CATRunState, stats):
+    def run_block(self, block: BlockCall) -> dict:
+        state = block.run.state if block.run is not None else None
         plan = state.call if state is not None else None
         if plan is None:
-            if stats is not None:
-                stats.add(span.n_img, span.n_img)
-            return original(args)
-        store = state.kv.setdefault(plan.signature, {}).setdefault(spec.index, {})
+            block.count(block.span.n_img)
+            return block.original(block.args)
+        store = state.kv.setdefault(plan.signature, {}).setdefault(block.spec.index, {})
         selection = plan.selection
-        if selection is not None and selection.shape[0] != args["img"].shape[0]:
+        if selection is not None and selection.shape[0] != block.args["img"].shape[0]:
             selection = None  # the block sees another batch than the call (should not happen)
         if selection is not None and not store:
             selection = None  # no cached keys/values for this block yet: compute it in full
-        if stats is not None:
-            stats.add(span.n_img, span.n_img if selection is None else selection.shape[1])
-        if recording():  # the Token Map Recorder's cached/pruned map: 1 = computed, 0 = served from cache
-            x = args["img"]
-            computed = torch.ones(x.shape[0], span.n_img, device=x.device)
+        block.count(block.span.n_img if selection is None else selection.shape[1], block.span.n_img)
+        if observing():  # 1 = computed, 0 = served from cache
+            x = block.args["img"]
+            computed = torch.ones(x.shape[0], block.span.n_img, device=x.device)
             if selection is not None:
                 computed = torch.zeros_like(computed).scatter_(1, selection, 1.0)
-            record_token_map("computed", spec.index, computed)
-        return run_block_pruned(args, original, span, family, selection, store)
+            report_computed(block.spec.index, computed)
+        return run_block_pruned(block.args, block.original, block.span, block.family, selection, store)
 
 
 # ---- block runner ---------------------------------------------------------------------------------
@@ -474,43 +422,32 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
                      kv_store: dict) -> dict:
     """Run a block on a subset of image tokens, with cached keys/values for the others.
 
-    selection None: every token runs and the keys/values of the image tokens of each attention
-    call are stored in `kv_store` ({attention call ordinal: {"k", "v", "start"}}). selection
-    (B, k): only those image tokens run as queries (text and reference tokens always run); their
-    fresh keys/values are written into the cache, and attention sees every image token's key and
-    value (cached for the others). Non-selected tokens leave the block unchanged.
+    selection None: every token runs and the image keys/values of each attention call are stored in
+    `kv_store` ({attention call ordinal: {"k", "v", "start"}}). selection (B, k): only those image
+    tokens run as queries (text and reference tokens always run); their fresh keys/values go into the
+    cache, and attention sees every image token's key and value. Other tokens leave the block unchanged.
     """
     x = args["img"]
     a, b = span.img_start, span.img_start + span.n_img
     new_args = dict(args)
-    offset = span.n_txt + a  # first image token in the attention sequence
     if selection is not None:
         bsz, k = selection.shape
         main = x[:, a:b]
         idx = selection[:, :, None].expand(bsz, k, x.shape[2])
         new_args["img"] = torch.cat([x[:, :a], main.gather(1, idx), x[:, b:]], dim=1)
-        pe = args.get("pe")
-        if family.has_rope and pe is not None:
-            d = getattr(family, "pe_token_dim", 2)
-            p0 = (span.n_txt if getattr(family, "pe_has_text", True) else 0) + a
-            if pe.shape[0] != bsz:
-                pe = pe.expand(bsz, *pe.shape[1:])
+        if span.pe_dim is not None:
+            pe, d = args["pe"], span.pe_dim
             view = [bsz] + [1] * (pe.ndim - 1)
             view[d] = k
-            pidx = selection.view(*view).expand(*pe.shape[:d], k, *pe.shape[d + 1:])
-            new_args["pe"] = torch.cat([pe.narrow(d, 0, p0), pe.narrow(d, p0, span.n_img).gather(d, pidx),
-                                        pe.narrow(d, p0 + span.n_img, pe.shape[d] - p0 - span.n_img)], dim=d)
+            pidx = selection.view(*view).expand(*(bsz,) + pe.shape[1:d], k, *pe.shape[d + 1:])
+            new_args["pe"] = with_image_pe(pe, span, family, bsz, lambda t: t.gather(d, pidx))
         vec = args.get("vec")
-        if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1:
-            # Per-token modulation (Wan 2.2 TI2V): the selected tokens keep their own.
+        if per_token_vec(vec, x):  # the selected tokens keep their own modulation
             vidx = selection.view(bsz, k, *([1] * (vec.ndim - 2))).expand(bsz, k, *vec.shape[2:])
             new_args["vec"] = torch.cat([vec[:, :a], vec[:, a:b].gather(1, vidx), vec[:, b:]], dim=1)
-    to = args.get("transformer_options") or {}
-    new_to = dict(to)
-    new_to[ATTENTION_OVERRIDE_KEY] = _cached_kv_attention(to.get(ATTENTION_OVERRIDE_KEY), kv_store, offset,
-                                                          span.n_img, selection,
-                                                          first_call_only=getattr(span, "cross_attention", False))
-    new_args["transformer_options"] = new_to
+    new_args["transformer_options"] = override_attention(
+        args.get("transformer_options") or {}, _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection),
+        first_call_only=span.cross_attention)
     out = original_block(new_args)
     if selection is None:
         return out
@@ -521,29 +458,20 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
     return out
 
 
-def _cached_kv_attention(previous, kv_store: dict, offset: int, n_img: int, selection,
-                         first_call_only: bool = False):
-    """Attention override that stores (selection None) or completes (selection) image keys/values.
+def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection):
+    """Attention hook that stores (selection None) or completes (selection) the image keys/values.
 
-    Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only
-    attention (SD3.5's second attention) sees the image alone. Calls are told apart by their
-    order inside the block. Any other call passes through; with `first_call_only` (Wan: the
-    block's later attention is cross-attention to the text) every call after the first does.
+    Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only attention
+    (SD3.5's second attention) sees the image alone. Calls are told apart by their order in the block.
     """
-    ordinal = [0]
-
-    def attention(func, *args, **kwargs):
+    def hook(ordinal, args, kwargs):
         q, k, v = args[0], args[1], args[2]
-        seq = 2 if kwargs.get("skip_reshape") else 1
-        i = ordinal[0]
-        ordinal[0] += 1
+        seq = seq_dim(kwargs)
         n_keys = k.shape[seq]
-        if first_call_only and i > 0:
-            pass
-        elif selection is None:
-            start = offset if n_keys >= offset + n_img else (0 if n_keys == n_img else None)
+        if selection is None:
+            start = image_key_start(n_keys, offset, n_img)
             if start is not None:
-                entry = kv_store.get(i)
+                entry = kv_store.get(ordinal)
                 kk, vv = k.narrow(seq, start, n_img), v.narrow(seq, start, n_img)
                 if entry is not None and entry["k"].shape == kk.shape and entry["k"].dtype == kk.dtype \
                         and entry["k"].device == kk.device:
@@ -551,23 +479,21 @@ def _cached_kv_attention(previous, kv_store: dict, offset: int, n_img: int, sele
                     entry["v"].copy_(vv)
                     entry["start"] = start
                 else:
-                    kv_store[i] = {"k": kk.clone(), "v": vv.clone(), "start": start}
-        else:
-            entry = kv_store.get(i)
-            n_sel = selection.shape[1]
-            if entry is not None and n_keys >= entry["start"] + n_sel:
-                start = entry["start"]
-                for name, t in (("k", k), ("v", v)):  # v may have another layout than k (SD3: B, L, H, D)
-                    fresh = t.narrow(seq, start, n_sel)
-                    view = [selection.shape[0]] + [1] * (t.ndim - 1)
-                    view[seq] = n_sel
-                    entry[name].scatter_(seq, selection.view(*view).expand(*fresh.shape), fresh.to(entry[name].dtype))
-                end = start + n_sel
-                k = torch.cat([k.narrow(seq, 0, start), entry["k"].to(k.dtype), k.narrow(seq, end, n_keys - end)], dim=seq)
-                v = torch.cat([v.narrow(seq, 0, start), entry["v"].to(v.dtype), v.narrow(seq, end, n_keys - end)], dim=seq)
-                args = (q, k, v) + tuple(args[3:])
-        if previous is not None:
-            return previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
+                    kv_store[ordinal] = {"k": kk.clone(), "v": vv.clone(), "start": start}
+            return args, kwargs
+        entry = kv_store.get(ordinal)
+        n_sel = selection.shape[1]
+        if entry is not None and n_keys >= entry["start"] + n_sel:
+            start = entry["start"]
+            for name, t in (("k", k), ("v", v)):  # v may have another layout than k (SD3: B, L, H, D)
+                fresh = t.narrow(seq, start, n_sel)
+                view = [selection.shape[0]] + [1] * (t.ndim - 1)
+                view[seq] = n_sel
+                entry[name].scatter_(seq, selection.view(*view).expand(*fresh.shape), fresh.to(entry[name].dtype))
+            end = start + n_sel
+            k = torch.cat([k.narrow(seq, 0, start), entry["k"].to(k.dtype), k.narrow(seq, end, n_keys - end)], dim=seq)
+            v = torch.cat([v.narrow(seq, 0, start), entry["v"].to(v.dtype), v.narrow(seq, end, n_keys - end)], dim=seq)
+            args = (q, k, v) + tuple(args[3:])
+        return args, kwargs
 
-    return attention
+    return hook

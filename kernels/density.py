@@ -1,26 +1,9 @@
 """Token density schedule: FlexDiT (arXiv 2412.06028) made training-free, host-independent.
 
-In chosen blocks and early (structure) steps, the image tokens are average-pooled
-into a coarser grid of k x k windows; the unmodified block runs on the pooled
-tokens plus the full text tokens; the result returns to full density as
-X + Up(F(Pool X) - Pool X). With disjoint windows Pool(Up(D)) = D exactly, so a
-chain of pooled blocks computes the low-pass part as FlexDiT's sparse span does,
-while the dense high-frequency residual X - Up(Pool X) passes through untouched.
-
-Pooling k x k windows is a MergePlan whose groups are all the grid windows
-(edge windows are partial when k does not divide the grid), so this method plugs
-into kernels.block_patch like SDTM: `plan()` per block and progress, `key_bias()`
-for proportional attention (each pooled key gets + log(window size), so a window
-draws the attention its tokens drew; exact when they are identical).
-
-Where to pool follows the paper's schedules:
-- temporal: four noise stages (FLEXDIT_STAGE_BOUNDS), a window per stage
-  that shrinks as denoising progresses (density rises), full density last;
-- spatial: the bottom and top layers stay dense, and the middle layers follow
-  FlexDiT's 6-block span [pooled x 4, dense x 2] (its cross-in, 3 sparse,
-  recover, dense pattern, with recover and dense run at full density here).
-A connected TokenRatioSchedule replaces both: its ratio r maps to the window
-whose nominal ratio 1 - 1/k^2 is nearest.
+In chosen blocks and steps the image tokens are average-pooled into k x k windows, the block runs on
+the pooled tokens plus the full text, and the update returns to every token: X + Up(F(Pool X) - Pool X).
+Pooling is a MergePlan whose groups are the grid's windows, so it runs like SDTM (MergingMethod).
+Where to pool follows FlexDiT's schedules, or a connected TokenRatioSchedule; docs/density.md.
 """
 from __future__ import annotations
 
@@ -30,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .detail_cache import DetailCache, DetailCached
+from .detail_cache import DetailCache
+from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
 from .schedule_presets import FLEXDIT_STAGE_BOUNDS
 from .token_ops import MergePlan, plan_from_targets
@@ -74,10 +58,7 @@ def parse_stage_windows(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DensityConfig:
-    """Defaults chosen by measurement on the trained reference model (README, "Evidence"): the first 20%
-    of progress dense, then 2x2 pooling in every block. FlexDiT's layout (FLEXDIT_LAYOUT below: pooling
-    from the first step, dense bottom/top blocks and spans, dense last stage) was 4-5 dB below a naive
-    merge at equal FLOPs there; dense blocks cost FLOPs and bought no fidelity, dense early steps did."""
+    """Defaults set by measurement on the reference models (docs/evidence.md); FLEXDIT_LAYOUT is the paper's."""
     stage_windows: tuple = (2, 2, 2, 2)   # window per noise stage, noisiest first
     stage_bounds: tuple = FLEXDIT_STAGE_BOUNDS
     bottom_dense: float = 0.0             # fraction of blocks at the bottom kept dense (at least 1 if > 0)
@@ -95,19 +76,23 @@ class DensityConfig:
         b = self.stage_bounds
         if len(b) != 3 or not (0.0 <= b[0] <= b[1] <= b[2] <= 1.0):
             raise ValueError(f"Token Density: stage bounds must be 3 increasing progress values, got {b}")
-        for name in ("bottom_dense", "top_dense", "start_percent", "end_percent"):
-            v = getattr(self, name)
-            if not (0.0 <= v <= 1.0):
-                raise ValueError(f"Token Density: {name} must lie in [0, 1], got {v}")
+        check_fractions("Token Density", self, "bottom_dense", "top_dense", "start_percent", "end_percent")
         return self
 
+
+# The node's named settings; "balanced" is DensityConfig's defaults. Each is measured in docs/evidence.md.
+PRESETS = {
+    "quality": dict(detail_cache=True, start_percent=0.3),
+    "balanced": {},
+    "fast": dict(stage_windows=(3, 3, 3, 3)),
+}
 
 # FlexDiT's layout made training-free (this node's defaults before they were measured).
 FLEXDIT_LAYOUT = dict(stage_windows=(2, 2, 2, 1), bottom_dense=0.07, top_dense=0.07, span_pattern=True,
                       start_percent=0.0)
 
 
-class DensitySchedule(DetailCached):
+class DensitySchedule(MergingMethod):
     """Per block and progress: the pooling window k, its MergePlan and the attention bias."""
 
     name = "Token Density"
@@ -116,10 +101,6 @@ class DensitySchedule(DetailCached):
         self.config = config.validate()
         self.schedule = schedule
         self.detail_cache = DetailCache(max(config.stage_windows)) if config.detail_cache else None
-
-    def is_active(self, progress: float) -> bool:
-        c = self.config
-        return c.start_percent <= progress < c.end_percent
 
     def stage(self, progress: float) -> int:
         return sum(progress >= b for b in self.config.stage_bounds)
@@ -142,14 +123,14 @@ class DensitySchedule(DetailCached):
             return 1
         return int(self.config.stage_windows[self.stage(progress)])
 
-    def plan(self, metric: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
+    def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
         k = self.window(block, num_blocks, progress)
         if k <= 1:
             return None
-        plan = pool_plan(tuple(int(g) for g in grid), k, metric.device)
+        plan = pool_plan(tuple(int(g) for g in grid), k, tokens.device)
         if plan.n_out >= plan.n_in:
             return None
-        b = metric.shape[0]
+        b = tokens.shape[0]
         return MergePlan(assign=plan.assign.expand(b, -1), rep=plan.rep.expand(b, -1), sizes=plan.sizes.expand(b, -1))
 
     def key_bias(self, plan: MergePlan) -> torch.Tensor | None:

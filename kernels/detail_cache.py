@@ -1,27 +1,10 @@
-"""Detail cache for the merging methods (SDTM, density schedule), host-independent.
+"""Detail cache for the merging methods: merged calls take their per-token detail from the last full call.
 
-A merged block gives every member of a group the same update, so the model's predicted noise
-loses its per-token detail in merged calls. On the trained reference model that shows as
-per-token noise in the final image: the part of each token's noise that differs from its
-group's is never removed. That detail changes slowly along a trajectory (in rectified flow the
-noise target is the same at every step), so it can be reused, the way CAT reuses whole tokens:
-
+A merged block gives every member of a group the same update, so a merged call's predicted noise
+lacks per-token detail. That detail changes slowly along a trajectory, so it is reused:
     noise = cached + LowPass(noise - cached)
-
-`cached` is the predicted noise of the row's last call in which no block merged (the warm-up
-steps before `start_percent`), and LowPass averages over windows of `window` tokens and
-upsamples bilinearly (per frame for video). The merged call thus decides the coarse picture and
-the last full call supplies the detail. Without a full call before merging starts (start_percent
-0, img2img that starts late), nothing is cached and the merged output is used as it is.
-
-Off by default: on the trained reference model it is worth +4 dB at the same FLOPs, but the detail
-comes from an early step, and models whose fine texture forms late (large images) may come out
-softer; on random-weight models, whose predictions change from step to step, it moves the output
-further. Measured evidence first (README, "Evidence").
-
-Protocol (kernels.block_patch): `new_run_state()`, `begin_call(state, call, x, num_blocks)`,
-`end_call(state, noise, grid, patch)`; a call is "reduced" when any block merged in it
-(CallInfo.reduced, set by the block replacement).
+with `cached` the row's last call in which no block merged, and LowPass an average over windows
+of tokens, upsampled bilinearly (per frame for video). With no full call yet, nothing changes.
 """
 from __future__ import annotations
 
@@ -30,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .block_patch import call_rows
+from .runtime import call_rows
 
 
 @dataclass
@@ -38,12 +21,10 @@ class DetailRunState:
     """The cached noise per batch-row key for one sampling run; `clear()` frees it."""
 
     rows: dict = field(default_factory=dict)
-    call: object = None
     peak_cache_bytes: int = 0
 
     def clear(self):
         self.rows.clear()
-        self.call = None
 
 
 def low_pass(d: torch.Tensor, pool: int) -> torch.Tensor:
@@ -58,21 +39,15 @@ def low_pass(d: torch.Tensor, pool: int) -> torch.Tensor:
 
 
 class DetailCache:
-    """Reuses the last full call's per-token detail in merged calls (see the module docstring)."""
-
     def __init__(self, window: int):
         self.window = int(window)
 
     def new_run_state(self) -> DetailRunState:
         return DetailRunState()
 
-    def begin_call(self, state: DetailRunState, call, x: torch.Tensor, num_blocks: int):
-        state.call = call
-
-    def end_call(self, state: DetailRunState, noise: torch.Tensor, grid, patch: int):
+    def end_call(self, state: DetailRunState, call, noise: torch.Tensor):
         """(noise with the cached detail, all-False computed mask) for a reduced call, else None."""
-        call, state.call = state.call, None
-        if call is None or noise.ndim not in (4, 5):
+        if noise.ndim not in (4, 5):
             return None
         keys = call_rows(call, noise.shape[0])
         if not call.reduced:
@@ -85,21 +60,5 @@ class DetailCache:
         if any(c is None or c.shape != noise.shape[1:] or c.device != noise.device for c in cached):
             return None
         ref = torch.stack(cached).to(noise.dtype)
-        blended = ref + low_pass(noise - ref, self.window * int(patch))
+        blended = ref + low_pass(noise - ref, self.window * int(call.patch))
         return blended, torch.zeros((1,) * noise.ndim, dtype=torch.bool, device=noise.device)
-
-
-class DetailCached:
-    """Mixin for a merging method: the detail-cache protocol, delegated to `self.detail_cache`
-    (a DetailCache, or None when switched off: then the run state is None and nothing is kept)."""
-
-    detail_cache: DetailCache | None = None
-
-    def new_run_state(self) -> DetailRunState | None:
-        return self.detail_cache.new_run_state() if self.detail_cache is not None else None
-
-    def begin_call(self, state: DetailRunState, call, x: torch.Tensor, num_blocks: int):
-        self.detail_cache.begin_call(state, call, x, num_blocks)
-
-    def end_call(self, state: DetailRunState, noise: torch.Tensor, grid, patch: int):
-        return self.detail_cache.end_call(state, noise, grid, patch)

@@ -1,12 +1,10 @@
-"""Model-family adapters: where image tokens sit in each family's block arguments.
+"""Model families: where the image tokens sit in each family's block arguments, host-free.
 
-ComfyUI's `patches_replace["dit"]` hands a block replacement an `args` dict
-(`img`, `txt`, `vec`, `pe`, `attn_mask`, `transformer_options`) and the
-`original_block`. This module knows, per family, which slice of `args["img"]`
-holds the image tokens of the generated latent (text and reference-image tokens
-are never merged), where their rotary embedding sits in `pe`, and how to run a
-block on merged image tokens and restore full density. It imports nothing
-from ComfyUI, so the embedded reference model drives the same code.
+ComfyUI's `patches_replace["dit"]` hands a block replacement an `args` dict (`img`, `txt`, `vec`,
+`pe`, masks, `transformer_options`) and the `original_block`. A Family says which slice of
+`args["img"]` holds the generated latent's image tokens (text and reference-image tokens are never
+reduced) and how the rotary table and masks line up with them; `image_span` checks a call's
+tensors against that description.
 """
 from __future__ import annotations
 
@@ -15,9 +13,8 @@ from typing import Callable
 
 import torch
 
+from .attention import key_bias_hook, override_attention
 from .token_ops import MergePlan
-
-ATTENTION_OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's attention hook key
 
 
 @dataclass(frozen=True)
@@ -26,6 +23,7 @@ class BlockSpec:
     index: int                     # depth index over all patched blocks
     text_in_img: bool              # single-stream block: args["img"] = cat(txt, img)
     img_at_end: bool = False       # reference tokens come first: the latent's tokens are the last n_img
+                                   # (before the family's padding, if any)
     cross_attention: bool = False  # args["txt"] is attended by cross-attention, not joined with the image
     text_first: bool = True        # joint sequence is [text, image]; False: [image, text] (HunyuanVideo)
 
@@ -40,6 +38,7 @@ class Family:
     key_mask_arg: str | None = None  # args key of a per-key attention mask over the joint sequence
     layer_list: str | None = None  # no patches_replace hook: the host glue patches the forward of each
                                    # layer in this diffusion-model ModuleList (ModelPatcher object patch)
+    pad_multiple: int | None = None  # image tokens padded at their end to a multiple of this (Z-Image)
 
     @property
     def num_blocks(self) -> int:
@@ -81,11 +80,13 @@ def hunyuan_video_family(name: str, n_double: int, n_single: int) -> Family:
     return Family(name, tuple(blocks), has_rope=True, key_mask_arg="attention_mask")
 
 
-def nextdit_family(name: str, n_layers: int) -> Family:
+def nextdit_family(name: str, n_layers: int, pad_multiple: int | None = None) -> Family:
     """Lumina 2 / Z-Image (NextDiT): each layer sees one joint sequence [caption, image] (args["img"]),
-    rope (B, L, 1, ...) over all of it and a key mask over it (args["x_mask"])."""
+    rope (B, L, 1, ...) over all of it and a key mask over it (args["x_mask"]). Z-Image pads the caption
+    and the image each to a multiple of `pad_multiple`: [caption, pad, image, pad]."""
     blocks = tuple(BlockSpec(("layer", i), i, False, img_at_end=True) for i in range(n_layers))
-    return Family(name, blocks, has_rope=True, pe_token_dim=1, key_mask_arg="x_mask", layer_list="layers")
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, key_mask_arg="x_mask", layer_list="layers",
+                  pad_multiple=pad_multiple)
 
 
 @dataclass
@@ -98,43 +99,77 @@ class ImageSpan:
     cross_attention: bool = False  # text comes by a later cross-attention: only the first attention is joint
     n_txt_after: int = 0  # text tokens after args["img"] in the joint attention sequence (image-first families)
     text_first: bool = True  # False: the text follows the image in the joint sequence (HunyuanVideo)
+    pe_dim: int | None = None  # token axis of args["pe"], found from its shape
+
+    @property
+    def key_offset(self) -> int:
+        """Position of the first image key in the joint attention sequence."""
+        return self.n_txt + self.img_start
 
 
-def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int) -> ImageSpan | None:
-    """Locate the image tokens, or None when the call does not look as expected."""
+def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, family: Family) -> ImageSpan | str | None:
+    """Locate the image tokens. None: a call the method leaves alone by design (masked rows, per-range
+    modulation, too few tokens); a string: the call does not match the family's description (why)."""
     img = args["img"]
     if img.ndim != 3:
+        return f"img has {img.ndim} dims, expected (batch, tokens, channels)"
+    if n_img < 4:
         return None
+    if args.get("attn_mask") is not None:
+        return None  # a token-level mask would need re-indexing; such calls run unreduced
+    if args.get("modulation_dims") is not None or args.get("modulation_dims_img") is not None:
+        return None  # per-range modulation (HunyuanVideo I2V token replace) indexes unreduced positions
     n_txt_arg = args["txt"].shape[1] if args.get("txt") is not None else 0
     n_after = 0
     if spec.text_in_img:
         start = n_txt_single if spec.text_first else img.shape[1] - n_txt_single - n_img
         n_txt = 0
     elif spec.img_at_end:
-        start, n_txt = img.shape[1] - n_img, 0
+        start, n_txt = img.shape[1] - n_img - ((-n_img) % family.pad_multiple if family.pad_multiple else 0), 0
     else:
         start, n_txt = 0, n_txt_arg
     if not spec.text_first and not spec.text_in_img:
         n_txt, n_after = 0, n_txt_arg
     if spec.cross_attention:
         n_txt, n_after = 0, 0
-    if start < 0 or img.shape[1] < start + n_img or n_img < 4:
-        return None
-    if args.get("attn_mask") is not None:
-        return None  # a token-level mask would need re-indexing; run such calls unmerged
-    if args.get("modulation_dims") is not None or args.get("modulation_dims_img") is not None:
-        return None  # per-range modulation (HunyuanVideo I2V token replace) indexes unmerged positions
-    return ImageSpan(start, n_img, n_txt, spec.cross_attention, n_after, spec.text_first)
+    if start < 0 or img.shape[1] < start + n_img:
+        return f"{img.shape[1]} tokens in the block, {n_img} image tokens expected from position {start}"
+    span = ImageSpan(start, n_img, n_txt, spec.cross_attention, n_after, spec.text_first)
+    pe = args.get("pe")
+    if family.has_rope and isinstance(pe, torch.Tensor):
+        length = (n_txt + img.shape[1] + n_after) if family.pe_has_text else img.shape[1]
+        span.pe_dim = next((d for d in (family.pe_token_dim, 3 - family.pe_token_dim)
+                            if pe.ndim > d and pe.shape[d] == length), None)
+        if span.pe_dim is None:
+            return f"rotary table of shape {tuple(pe.shape)} has no axis of the {length} attention tokens"
+    mask = args.get(family.key_mask_arg) if family.key_mask_arg else None
+    if isinstance(mask, torch.Tensor) and mask.shape[-1] < span.key_offset + n_img:
+        return f"key mask of shape {tuple(mask.shape)} is shorter than the attention sequence"
+    return span
+
+
+def with_image_pe(pe: torch.Tensor, span: ImageSpan, family: Family, batch: int, take: Callable) -> torch.Tensor:
+    """`pe` with its image part (along span.pe_dim) replaced by take(image part)."""
+    d = span.pe_dim
+    p0 = (span.n_txt if family.pe_has_text else 0) + span.img_start
+    p1 = p0 + span.n_img
+    if pe.shape[0] != batch:  # a batch-shared table: give every row its own image part
+        pe = pe.expand(batch, *pe.shape[1:])
+    return torch.cat([pe.narrow(d, 0, p0), take(pe.narrow(d, p0, span.n_img)), pe.narrow(d, p1, pe.shape[d] - p1)],
+                     dim=d)
+
+
+def per_token_vec(vec, x: torch.Tensor) -> bool:
+    """Per-token modulation (Wan 2.2 TI2V): vec has one entry per token of args["img"]."""
+    return isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1
 
 
 def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span: ImageSpan,
                      family: Family, key_bias: torch.Tensor | None = None) -> dict:
-    """Run a block on merged image tokens and restore full density.
+    """Run a block on merged image tokens and restore full density: X + Unmerge(F(Merge X) - Merge X).
 
-    The block sees M merged image tokens (each the mean of its group, at the
-    representative's rotary position); every original token then receives
-    its own input plus its group's update, X + Unmerge(F(Merge X) - Merge X),
-    so the residual stream keeps full-resolution detail.
+    Each group is the mean of its members at its representative's rotary position; every member
+    keeps its own input plus the group's update.
     """
     x = args["img"]
     a, b = span.img_start, span.img_start + span.n_img
@@ -142,37 +177,25 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
     merged = plan.merge(main)
     new_args = dict(args)
     new_args["img"] = torch.cat([x[:, :a], merged, x[:, b:]], dim=1)
-    pe = args.get("pe")
-    if family.has_rope and pe is not None:
-        # pe: one entry per token of the attention sequence along pe_token_dim; the image
-        # tokens follow the joint text when the family's pe covers it.
-        d = family.pe_token_dim
-        p0 = (span.n_txt if family.pe_has_text else 0) + a
-        p1 = p0 + span.n_img
-        if pe.shape[0] != x.shape[0]:  # a batch-shared table: give every row its own image part
-            pe = pe.expand(x.shape[0], *pe.shape[1:])
-        parts = [pe.narrow(d, 0, p0), plan.take_rep(pe.narrow(d, p0, span.n_img), dim=d),
-                 pe.narrow(d, p1, pe.shape[d] - p1)]
-        new_args["pe"] = torch.cat(parts, dim=d)
+    if span.pe_dim is not None:
+        new_args["pe"] = with_image_pe(args["pe"], span, family, x.shape[0],
+                                       lambda t: plan.take_rep(t, dim=span.pe_dim))
     mask = args.get(family.key_mask_arg) if family.key_mask_arg else None
-    if isinstance(mask, torch.Tensor):
-        # A per-key mask over the joint sequence (HunyuanVideo's text mask): merged keys take their
-        # representative's entry.
-        k0 = span.n_txt + a
+    if isinstance(mask, torch.Tensor):  # a per-key mask (HunyuanVideo's text mask): merged keys take their rep's
+        k0 = span.key_offset
         mask = mask.expand(x.shape[0], *mask.shape[1:]) if mask.shape[0] != x.shape[0] else mask
         new_args[family.key_mask_arg] = torch.cat(
             [mask[..., :k0], plan.take_rep(mask[..., k0:k0 + span.n_img], dim=mask.ndim - 1),
              mask[..., k0 + span.n_img:]], dim=-1)
     vec = args.get("vec")
-    if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1:
-        # Per-token modulation (Wan 2.2 TI2V): merged tokens take their group's mean.
+    if per_token_vec(vec, x):  # merged tokens take their group's mean modulation
         img_vec = vec[:, a:b]
         merged_vec = plan.merge(img_vec.flatten(2)).unflatten(2, img_vec.shape[2:])
         new_args["vec"] = torch.cat([vec[:, :a], merged_vec, vec[:, b:]], dim=1)
     if key_bias is not None:
-        new_args["transformer_options"] = _with_key_bias(args.get("transformer_options") or {}, key_bias,
-                                                         offset=span.n_txt + a, n_merged=plan.n_out,
-                                                         first_call_only=span.cross_attention)
+        new_args["transformer_options"] = override_attention(
+            args.get("transformer_options") or {}, key_bias_hook(key_bias, span.key_offset, plan.n_out),
+            first_call_only=span.cross_attention)
     out = original_block(new_args)
     y = out["img"]
     m = plan.n_out
@@ -182,46 +205,9 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
     return out
 
 
-def _with_key_bias(transformer_options: dict, key_bias: torch.Tensor, offset: int, n_merged: int,
-                   first_call_only: bool = False) -> dict:
-    """Copy of transformer_options whose attention adds `key_bias` to the merged image keys.
-
-    Joint attention sees [text, image(, reference)] keys: the bias goes at
-    `offset`. Image-only attention (SD3.5's second attention) sees the merged
-    image keys alone. Any other key length is left untouched. With
-    `first_call_only` (Wan: self-attention, then cross-attention to the text),
-    only the block's first attention call is biased.
-    """
-    previous = transformer_options.get(ATTENTION_OVERRIDE_KEY)
-    calls = [0]
-
-    def attention_with_bias(func, *args, **kwargs):
-        q, k = args[0], args[1]
-        n_keys = k.shape[2] if kwargs.get("skip_reshape") else k.shape[1]
-        start = offset if n_keys >= offset + n_merged else (0 if n_keys == n_merged else None)
-        if first_call_only and calls[0] > 0:
-            start = None
-        calls[0] += 1
-        if start is not None:
-            bias = torch.zeros(key_bias.shape[0], n_keys, device=q.device, dtype=q.dtype)
-            bias[:, start:start + n_merged] = key_bias.to(q.dtype)
-            bias = bias[:, None, None, :]
-            positional_mask = len(args) > 4  # e.g. Qwen-Image: attention(q, k, v, heads, mask, ...)
-            mask = args[4] if positional_mask else kwargs.get("mask")
-            if mask is not None:
-                if mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
-                while mask.ndim < 4:
-                    mask = mask.unsqueeze(0) if mask.ndim == 2 else mask.unsqueeze(1)
-                bias = bias + mask
-            if positional_mask:
-                args = args[:4] + (bias,) + args[5:]
-            else:
-                kwargs["mask"] = bias
-        if previous is not None:
-            return previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
-
-    out = dict(transformer_options)
-    out[ATTENTION_OVERRIDE_KEY] = attention_with_bias
-    return out
+def block_flops(n_tokens: float, width: int, mlp_ratio: float = 4.0, n_keys: float | None = None) -> float:
+    """Matmul FLOPs of one transformer block on one sequence (Flux double/single, SD3 joint alike):
+    2 (4 + 2 mlp_ratio) C^2 per token for the linear layers, 4 C per query-key pair for attention.
+    `n_keys` (default n_tokens): keys each query attends to (CAT's pruned queries see every key)."""
+    n_keys = n_tokens if n_keys is None else n_keys
+    return 2.0 * (4.0 + 2.0 * mlp_ratio) * width * width * n_tokens + 4.0 * width * n_tokens * n_keys

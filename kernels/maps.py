@@ -1,26 +1,13 @@
 """Token maps: per-step, per-block records of what each image token went through, host-independent.
 
-Two kinds of map, both one value per latent image token:
-- **redundancy maps**: which tokens a method merged (group index, from a MergePlan), or did not
-  compute (pruned, pooled, served from cache: a per-token "computed" mask a method reports);
-- **attention maps**: the attention each image token receives from the text queries and from
-  a strided sample of image queries, computed from q and k that the attention already holds.
-
-Recording never changes what the model computes: plans are observed, not altered, and the
-attention probe works on detached copies beside the real attention call.
-
-Feeding the recorder (any method, no edit to block_patch): wrap the method object with
-`RecordingMethod(method)`; its plan() records every MergePlan. A method that prunes or caches
-calls `record_token_map("computed", block, mask)` with a (B, N) mask (1 computed, 0 not).
-Both cost one ContextVar lookup when no recorder is active.
-
-Storage (TokenMapStore), per recorded (step, block) and N image tokens:
-  group map     N x 2 bytes (int16; int32 when N > 32767)
-  computed map  N x 1 byte  (uint8), only when a method reports one
-  attention     N x 2 x 2 bytes (float16, from text and from image)
-Maps stay on the tokens' device while sampling (no per-block sync) and move to the CPU when
-the run ends. `estimate_bytes` states the worst case before a run; above the store's budget
-the run records nothing and `refused` says why.
+Redundancy maps say which tokens a method merged (group index from its MergePlan) or did not compute
+(a per-token "computed" mask); attention maps say how much attention each image token receives from
+the text queries and from a strided sample of image queries. Recording never changes what the model
+computes: methods report plans and masks to the runtime's observer (an ActiveCall while a recorder
+watches a model call), and the attention probe works on detached copies beside the real attention.
+Maps stay on the tokens' device while sampling and move to the CPU when the run ends; `estimate_bytes`
+states the worst case (group map int16/int32, computed map uint8, attention 2 x float16 per token)
+and a run above the store's budget records nothing.
 """
 from __future__ import annotations
 
@@ -33,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import Family, image_span
+from .attention import get_mask, override_attention
+from .families import Family, block_flops, image_span
+from .runtime import chained, observe, stop_observing
 
 KINDS = ("attention_text", "attention_image", "merge_size", "merge_groups", "computed")
 KIND_HELP = {
@@ -264,77 +253,57 @@ class ActiveCall:
     plans: dict = field(default_factory=dict)      # block -> (assign row, n_out)
     computed: dict = field(default_factory=dict)   # block -> mask row
 
+    # -- the runtime's observer interface --
+    def plan(self, block: int, plan):
+        if plan.assign.shape[0] <= self.row:
+            return
+        assign = plan.assign[self.row].detach()
+        self.plans[block] = (assign, plan.n_out)
+        if self.store.wants_redundancy(self.step, block):
+            dtype = torch.int16 if group_bytes(plan.n_in) == 2 else torch.int32
+            self.store.put("group", self.step, block, assign.to(dtype))
+
+    def computed_mask(self, block: int, values: torch.Tensor):
+        if values.shape[0] <= self.row:
+            return
+        row = values[self.row].detach()
+        self.computed[block] = row
+        if self.store.wants_redundancy(self.step, block):
+            self.store.put("computed", self.step, block, row.to(torch.uint8))
+
 
 _ACTIVE: contextvars.ContextVar[ActiveCall | None] = contextvars.ContextVar("token_map_call", default=None)
 
 
-def activate(call: ActiveCall | None):
-    return _ACTIVE.set(call)
+def activate(call: ActiveCall):
+    """Make `call` the recorder's current model call and the runtime's observer; returns a token."""
+    return _ACTIVE.set(call), observe(call)
 
 
-def deactivate(token):
-    _ACTIVE.reset(token)
-
-
-def recording() -> bool:
-    """True inside a model call that a Token Map Recorder watches (lets methods skip building maps)."""
-    return _ACTIVE.get() is not None
-
-
-def record_token_map(kind: str, block: int, values: torch.Tensor):
-    """Report a per-token map (B, N) for `block` of the current model call: "computed" (1/0)."""
-    call = _ACTIVE.get()
-    if call is None or kind != "computed" or values.shape[0] <= call.row:
-        return
-    row = values[call.row].detach()
-    call.computed[block] = row
-    if call.store.wants_redundancy(call.step, block):
-        call.store.put("computed", call.step, block, row.to(torch.uint8))
-
-
-class RecordingMethod:
-    """Wraps a token-reduction method; plan() records each MergePlan into the active recorder."""
-
-    def __init__(self, method):
-        self._method = method
-
-    def __getattr__(self, name):
-        return getattr(self._method, name)
-
-    def plan(self, metric, grid, block, num_blocks, progress):
-        plan = self._method.plan(metric, grid, block, num_blocks, progress)
-        call = _ACTIVE.get()
-        if plan is not None and call is not None and plan.assign.shape[0] > call.row:
-            assign = plan.assign[call.row].detach()
-            call.plans[block] = (assign, plan.n_out)
-            if call.store.wants_redundancy(call.step, block):
-                dtype = torch.int16 if group_bytes(plan.n_in) == 2 else torch.int32
-                call.store.put("group", call.step, block, assign.to(dtype))
-        return plan
+def deactivate(tokens):
+    _ACTIVE.reset(tokens[0])
+    stop_observing(tokens[1])
 
 
 # ---- block replacements that count tokens and probe attention -----------------------------------
 
-ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
-
-
 def recorder_block_replaces(family: Family, existing: dict | None = None) -> dict:
     """{block key: replace} that record token counts and attention; `existing` runs beneath."""
     existing = existing or {}
-    return {spec.key: _recorder_replace(spec, existing.get(spec.key)) for spec in family.blocks}
+    return {spec.key: _recorder_replace(spec, family, existing.get(spec.key)) for spec in family.blocks}
 
 
-def _recorder_replace(spec, previous):
+def _recorder_replace(spec, family, previous):
     def replace(args, extra):
         original = extra["original_block"]
         call = _ACTIVE.get()
         if call is None:
-            return _run(previous, original, args)
+            return chained(original, previous)(args)
         if not spec.text_in_img and args.get("txt") is not None:
             call.n_txt = args["txt"].shape[1]
-        span = image_span(spec, args, call.n_img, call.n_txt)
-        if span is None:
-            return _run(previous, original, args)
+        span = image_span(spec, args, call.n_img, call.n_txt, family)
+        if span is None or isinstance(span, str):
+            return chained(original, previous)(args)
         store, step, block = call.store, call.step, spec.index
         full_len = args["img"].shape[1]
         seen = {"n": 0}
@@ -345,12 +314,11 @@ def _recorder_replace(spec, previous):
 
         new_args = args
         if store.wants_attention(step, block) and (("attention_image", step, block) not in store.maps):
-            to = dict(args.get("transformer_options") or {})
-            to[ATTENTION_OVERRIDE_KEY] = _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after,
-                                                          to.get(ATTENTION_OVERRIDE_KEY))
             new_args = dict(args)
-            new_args["transformer_options"] = to
-        out = _run(previous, counting, new_args)
+            new_args["transformer_options"] = override_attention(
+                args.get("transformer_options") or {},
+                _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after))
+        out = chained(counting, previous)(new_args)
         if (step, block) not in store.counts and store.refused is None:
             n_comp = max(span.n_img - (full_len - seen["n"]), 0) if seen["n"] else 0
             store.counts[(step, block)] = BlockCount(span.n_img, n_comp, full_len - span.n_img + span.n_txt + span.n_txt_after,
@@ -360,28 +328,19 @@ def _recorder_replace(spec, previous):
     return replace
 
 
-def _run(previous, original, args):
-    if previous is None:
-        return original(args)
-    return previous(args, {"original_block": original})
-
-
-def _attention_probe(call: ActiveCall, block: int, span, full_len: int, previous):
-    """An attention override that records the attention the image keys receive, then runs attention."""
-    offset = span.n_txt + span.img_start  # first image key in the joint sequence
+def _attention_probe(call: ActiveCall, block: int, span, full_len: int):
+    """An attention hook that records the attention the image keys receive (once per block call)."""
     done = {"v": False}
 
-    def probe(func, *args, **kwargs):
+    def probe(ordinal, args, kwargs):
         if not done["v"]:
             try:
-                done["v"] = _probe(call, block, offset, span, full_len, args, kwargs)
+                done["v"] = _probe(call, block, span.key_offset, span, full_len, args, kwargs)
             except Exception as e:  # a map is never worth a failed generation
                 done["v"] = True
                 log.warning("Token Map Recorder: attention map of block %d skipped: %s: %s", block,
                             type(e).__name__, e)
-        if previous is not None:
-            return previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
+        return args, kwargs
 
     return probe
 
@@ -408,7 +367,7 @@ def _probe(call, block, offset, span, full_len, args, kwargs) -> bool:
         n_keys, expand = L - (full_len - n_img), ("mask", comp)
     else:
         return False  # another attention of the block (e.g. SD3.5's image-only one), or unknown
-    mask = args[4] if len(args) > 4 else kwargs.get("mask")  # Qwen-Image passes the mask positionally
+    mask = get_mask(args, kwargs)
     # Queries may be fewer than keys: CAT runs only the selected image tokens as queries against
     # every key. The image queries are whatever image rows q holds.
     n_q_img = qh.shape[1] - (L - n_keys)
@@ -479,11 +438,6 @@ def _mask_rows(mask, row, qidx):
 
 
 # ---- FLOPs estimate -------------------------------------------------------------------------------
-
-def block_flops(n_tokens: int, width: int) -> float:
-    """Rough FLOPs of one transformer block: 12 d^2 weights per token (x2) plus attention 4 L^2 d."""
-    return 24.0 * width * width * n_tokens + 4.0 * width * n_tokens * n_tokens
-
 
 def run_summary(store: TokenMapStore) -> tuple[str, list[str]]:
     """One summary line and one line per step: tokens computed, reduced, estimated FLOPs saved."""

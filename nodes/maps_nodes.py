@@ -13,7 +13,6 @@ The store travels with the MODEL in model_options["transformer_options"][RECORDE
 from __future__ import annotations
 
 import logging
-import math
 
 import comfy.patcher_extension
 import torch
@@ -23,10 +22,10 @@ from ..kernels.maps import (KIND_HELP, KINDS, ActiveCall, RecorderConfig, TokenM
                             parse_selection, recorder_block_replaces, run_summary)
 from ..kernels.maps_render import overlay
 from . import maps_route
-from .patching import detect_family, progress_map, set_block_replaces
+from ..kernels.runtime import token_grid
+from .patching import CATEGORY, detect_family, progress_map, set_block_replaces
 
 RECORDER_KEY = "token_map_recorder"
-CATEGORY = "model_patches/token_reduction"
 log = logging.getLogger("token_reduction")
 
 
@@ -49,10 +48,7 @@ def _cond_row(transformer_options: dict, batch: int) -> int | None:
 def install_recorder(model, store: TokenMapStore, patch_size: int):
     def outer_sample_wrapper(executor, *args, **kwargs):
         noise, sigmas = args[0], args[3]
-        grid = tuple(math.ceil(s / patch_size) for s in noise.shape[2:])
-        if noise.ndim == 5:  # video latents patch time by 1
-            grid = (noise.shape[2],) + grid[1:]
-        store.begin_run(sigmas.flatten().tolist(), grid)
+        store.begin_run(sigmas.flatten().tolist(), token_grid(noise.shape, patch_size))
         if store.refused:
             log.warning(store.refused)
         try:
@@ -118,7 +114,7 @@ class TokenMapRecorder(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps, blocks, attention_steps, attention_blocks, queries,
                 max_megabytes) -> io.NodeOutput:
-        info = detect_family(model, "Token Map Recorder")
+        info = detect_family(model, "Token Map Recorder", "maps")
         n_blocks = info.family.num_blocks
         for name, text in (("steps", steps), ("attention_steps", attention_steps)):
             try:

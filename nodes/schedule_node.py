@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..kernels.calibration import CACHE, calibrate
 from ..kernels.schedule_plot import render
 from ..kernels.schedule_presets import MAX_RATIO, PRESETS, build_schedule
-from .patching import detect_family, install
+from .patching import CATEGORY, detect_family, install
 from .types import TokenRatioScheduleType
 
 log = logging.getLogger("token_reduction")
@@ -23,7 +23,7 @@ class TokenRatioSchedule(io.ComfyNode):
         return io.Schema(
             node_id="TokenRatioSchedule",
             display_name="Token Ratio Schedule",
-            category="model_patches/token_reduction",
+            category=CATEGORY,
             description=(
                 "Fraction of image tokens each transformer block removes, per layer depth and denoising "
                 "progress (after DiffCR / DiffRatio-MoD: compress redundant layers and noisy steps most). "
@@ -106,7 +106,7 @@ def calibrate_model(model, positive, flops_saving: float, width: int, height: in
     if positive is None:
         raise ValueError("Token Ratio Schedule: calibration needs the 'positive' conditioning when a model is "
                          "connected (the prompt to calibrate with)")
-    info = detect_family(model, "Token Ratio Schedule calibration")
+    info = detect_family(model, "Token Ratio Schedule calibration", "calibration")
     n_txt = int(positive[0][0].shape[1])
     key = (id(model.model), str(model.patches_uuid), info.family.name, width, height, steps, round(flops_saving, 4),
            n_txt)

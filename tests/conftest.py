@@ -1,19 +1,10 @@
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
 
 
 @pytest.fixture(scope="session")
 def host():
     """The imported ComfyUI host; skips the test, with the reason, when there is none."""
-    import host as host_mod
+    from tools import comfy_host as host_mod
     err = host_mod.import_host()
     if err:
         pytest.skip(f"needs the ComfyUI host: {err}")
@@ -28,3 +19,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+KINDS = ("unit", "host", "evidence")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test carries the marker of its folder (tests/unit, tests/host, tests/evidence): `-m unit` etc."""
+    for item in items:
+        kind = item.path.parent.name
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))

@@ -22,7 +22,7 @@ module is missing are printed as "not available" with the reason, never dropped 
     Then "fidelity at equal FLOPs": the naive merge's ratio and the step count are swept, and the
     PSNR and KID of those baselines are interpolated (linearly in FLOPs) at each method's FLOPs
     (both on the first --sweep-samples images of every row; KID wants a few hundred).
-(b) Tiny ComfyUI models (tests/host.py builders, random weights) through comfy.sample.sample,
+(b) Tiny ComfyUI models (tools/comfy_host.py builders, random weights) through comfy.sample.sample,
     with the pack's own node and ComfyUI's EasyCache (LazyCache on SD3, which has no
     DIFFUSION_MODEL wrapper) and one stack. PSNR on latents, scaled by the unpatched latents'
     range; random weights, so fidelity here shows how far a method moves the network, not quality.
@@ -40,11 +40,8 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import importlib  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -52,9 +49,10 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels.block_patch import RUNS_KEY  # noqa: E402
+from kernels.runtime import RUNS_KEY  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import benchmark as B  # noqa: E402
+from tools.report import Report, peak_memory, sync  # noqa: E402
 from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
@@ -229,7 +227,7 @@ def class_ids(n: int, num_classes: int) -> list[int]:
 
 def _tokens(to) -> tuple[int, int]:
     runs = (to or {}).get(RUNS_KEY, {})
-    return sum(r.tokens_computed for r in runs.values()), sum(r.tokens_in for r in runs.values())
+    return sum(r.stats.tokens_computed for r in runs.values()), sum(r.stats.tokens_in for r in runs.values())
 
 
 def generate(model, row: Row, s: Settings, n: int, seed_offset: int = 0):
@@ -255,22 +253,11 @@ def flops_per_image(model, row: Row, s: Settings) -> int:
     return fc.get_total_flops()
 
 
-def peak_memory(fn, device: str) -> int:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        held = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - held
-    return B.cpu_peak_bytes(fn)
-
-
 def _timed(fn, device) -> float:
-    B.sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    B.sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -347,7 +334,7 @@ def _db(x: float) -> str:
     return "inf" if x == math.inf else ("-" if math.isnan(x) else f"{x:.2f}")
 
 
-def report_reference(rep: B.Report, res: dict, s: Settings, source: str, model):
+def report_reference(rep: Report, res: dict, s: Settings, source: str, model):
     c = model.config
     base = next(iter(res.values()))
     rep(f"## (a) Reference DiT: {source}")
@@ -480,7 +467,7 @@ def _against_baselines(curves: list[Curve], table: list[dict], metric: str, scal
     return rows
 
 
-def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s: Settings):
+def report_equal_flops(rep: Report, curves: list[Curve], table: list[dict], s: Settings):
     n = min(s.sweep_samples, s.samples)
     rep(f"### (a) Fidelity at equal FLOPs (PSNR vs unpatched, first {n} images)")
     rep()
@@ -507,7 +494,7 @@ def report_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], s:
 KID_MIN_IMAGES = 64   # below this, KID's subsets are too small to rank methods (the sign flips)
 
 
-def report_kid_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict], n: int):
+def report_kid_equal_flops(rep: Report, curves: list[Curve], table: list[dict], n: int):
     """The same comparison on the distribution-level score: lower KID is closer to unpatched samples."""
     rep(f"### (a) KID at equal FLOPs (x1e3, first {n} images of each row and sweep point)")
     rep()
@@ -529,7 +516,7 @@ def report_kid_equal_flops(rep: B.Report, curves: list[Curve], table: list[dict]
 
 def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
     """Rows for a tiny host model; build(patcher) returns a patched ModelPatcher (None: unpatched)."""
-    import host as H
+    from tools import comfy_host as H
     from kernels.cat import FAST_SETTING
 
     try:
@@ -587,12 +574,8 @@ def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
     return rows
 
 
-def run_host(rep: B.Report, quick: bool, steps: int):
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        import host as H
-    finally:
-        sys.path.remove(str(ROOT / "tests"))
+def run_host(rep: Report, quick: bool, steps: int):
+    from tools import comfy_host as H
     err = H.import_host()
     rep("## (b) Tiny ComfyUI models through comfy.sample.sample (random weights)")
     rep()
@@ -625,14 +608,14 @@ def run_host(rep: B.Report, quick: bool, steps: int):
             for r in ok:
                 r.times.append(_timed(r.run, "cpu"))
         for r in ok:
-            r.memory = B.cpu_peak_bytes(r.run)
+            r.memory = peak_memory(r.run, "cpu")
         base = res["unpatched"]
         lo, hi = base.images.min(), base.images.max()
 
         def scaled(x):
             return 2 * (x - lo) / (hi - lo) - 1
         kw = ", ".join(f"{k}={v}" for k, v in depth.items())
-        rep(f"### {family}: tests/host.tiny_{family}({kw}) ({px}x{px} px -> {(px // 16) ** 2} image tokens), "
+        rep(f"### {family}: tools/comfy_host.tiny_{family}({kw}) ({px}x{px} px -> {(px // 16) ** 2} image tokens), "
             f"{steps} steps euler/simple, CFG 3, {n} latents (seeds 0..{n - 1}); wall time: median of {repeats} "
             f"interleaved runs")
         rep()
@@ -655,51 +638,13 @@ def run_host(rep: B.Report, quick: bool, steps: int):
 
 # ---- (c) full-size architectures: FLOPs ---------------------------------------------------------------
 
-def run_full_size(rep: B.Report, quick: bool, device: str, no_host: bool):
-    host = B.load_host(device, no_host)
-    rep("## (c) Full-size architectures, 1024x1024, 28 steps: FLOPs per image (meta device, random weights)")
+def run_full_size(rep: Report):
+    rep("## (c) Full-size architectures: FLOPs per image")
     rep()
-    rep(f"Blocks: {host.desc}. Counting: tools/benchmark.py count_flops (embedders and final layer included "
-        f"where the host provides them).")
+    rep("From tools/benchmark.py (seconds per image on a GPU: `python tools/benchmark.py --device cuda`). Fewer steps "
+        "cost in proportion: 60% of the steps is 0.600 of the FLOPs.")
     rep()
-    notes: list = []
-    from kernels.cat import FAST_SETTING, CATConfig
-    from kernels.density import DensityConfig, DensitySchedule
-    # (name, merging method, reuse replacement counts in --quick: only where the method has SDTM's ratio)
-    methods = [(f"naive merge (ratio {NAIVE_RATIO}, every block)", SDTM(naive_config(NAIVE_RATIO)), quick),
-               ("SDTM defaults", SDTM(SDTMConfig()), quick), ("SDTM aggressive", SDTM(AGGRESSIVE), quick),
-               ("density schedule defaults", DensitySchedule(DensityConfig()), False),
-               ("density schedule, aggressive (3x3 windows)", DensitySchedule(DensityConfig(**DENSITY_AGGRESSIVE)),
-                False)]
-    cat_settings = [("CAT defaults", CATConfig()), ("CAT faster preset", CATConfig(**FAST_SETTING))]
-    rows = []
-    for arch in (B.FLUX, B.SD35):
-        base = None
-        for name, method, reuse in methods:
-            r = B.count_flops(host, arch, notes, reuse_replace=reuse, method=method)
-            nb = r.nonblock or 0
-            if base is None:
-                base = r.per_image((r.base_call + nb) * arch.steps)
-                rows.append([arch.title, "unpatched", B._g(base), "1.000", "1.00x"])
-                for f in STEP_FRACTIONS:
-                    k = round(arch.steps * f)
-                    rows.append([arch.title, f"fewer steps ({int(100 * f)}%)", B._g(base * k / arch.steps),
-                                 f"{k / arch.steps:.3f}", f"{arch.steps / k:.2f}x"])
-                pruned_cost: dict = {}  # both CAT settings prune the same token count: count it once
-                cat_rows = [(label, B.cat_flops(host, r, cfg, pruned_cost=pruned_cost)[0])
-                            for label, cfg in cat_settings]
-            m = r.per_image(sum(r.sdtm_calls) + nb * arch.steps)
-            rows.append([arch.title, name, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"])
-        rows += [[arch.title, label, B._g(m), f"{m / base:.3f}", f"{base / m:.2f}x"] for label, m in cat_rows]
-    rep.table(["model", "row", "GFLOPs / image", "FLOPs / unpatched", "FLOP speedup"], rows)
-    for n in dict.fromkeys(notes):
-        rep(f"- {n}")
-    if torch.device(device).type == "cuda":
-        dev_name = f"CUDA {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-        B.run_full_size(host, rep, dev_name, "cuda", torch.bfloat16, quick, notes, ((B.FLUX, 1), (B.SD35, 2)))
-    else:
-        rep("Wall time of the full-size models: only with --device cuda (CPU cannot run them usefully).")
-    rep()
+    B.flops_table(rep)
 
 
 # ---- main ---------------------------------------------------------------------------------------------
@@ -746,15 +691,8 @@ def _main(args, argv: list[str]) -> dict:
     t_start = time.perf_counter()
     s = settings_from(args)
     sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    rep = B.Report()
-    machine = (f"CUDA {torch.cuda.get_device_name(0)}" if args.device == "cuda" else
-               f"CPU {B.cpu_name()}, {torch.get_num_threads()} torch threads ({__import__('os').cpu_count()} cores)")
-    rep(f"# Side-by-side comparison ({'quick' if args.quick else 'full'})")
-    rep()
-    rep(f"- Machine: {machine}; {platform.system()} {platform.machine()}; torch {torch.__version__}")
-    rep(f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    rep(f"- Command: `python tools/compare.py {shlex.join(argv)}`")
-    rep()
+    rep = Report()
+    rep.header(f"Side-by-side comparison ({'quick' if args.quick else 'full'})", args.device, "tools/compare.py", argv)
     out = {}
     if "reference" in sections:
         model, source = reference_model()
@@ -771,7 +709,7 @@ def _main(args, argv: list[str]) -> dict:
     if "host" in sections and not args.no_host:
         run_host(rep, args.quick, 20 if not args.quick else 12)
     if "full" in sections:
-        run_full_size(rep, args.quick, args.device, args.no_host)
+        run_full_size(rep)
     rep(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
     if args.out:
         args.out.write_text("\n".join(rep.lines) + "\n")

@@ -29,7 +29,7 @@ import zlib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.block_patch import RUNS_KEY  # noqa: E402
+from kernels.runtime import RUNS_KEY  # noqa: E402
 from kernels.cat import CATConfig, CATPruning  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
@@ -159,7 +159,7 @@ def _main(args, t_start) -> dict:
             images, dt, to = run()
             res[name]["times"].append(dt)
             if key is not None:
-                res[name]["stats"] = to[RUNS_KEY][key]
+                res[name]["stats"] = to[RUNS_KEY][key].stats
             if "images" not in res[name]:
                 res[name]["images"] = images
             elif not torch.equal(images, res[name]["images"]):

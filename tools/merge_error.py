@@ -27,9 +27,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -37,9 +34,9 @@ from kernels.cat import CATConfig, along_trend  # noqa: E402
 from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.detail_cache import low_pass  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
-from tools import benchmark as B  # noqa: E402
 from tools import compare as C  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
+from tools.report import Report  # noqa: E402
 
 CFG = 3.0
 MERGED = {"SDTM": lambda: SDTM(SDTMConfig(start_percent=0.0)),
@@ -111,7 +108,7 @@ def full_step_indices(layout: tuple, steps: int) -> tuple:
     return tuple(sorted({min(steps - 1, round(f * steps)) for f in layout}))
 
 
-def report(rep: B.Report, model, steps: int, samples: int):
+def report(rep: Report, model, steps: int, samples: int):
     rows = per_step_errors(model, steps, samples)
     names = ["SDTM", "density", "held", "forecast"]
     header = ["step", "sigma"] + [f"{n}: full / low-passed" for n in ("SDTM merged call", "density pooled call",
@@ -148,17 +145,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, source = C.reference_model()
-    rep = B.Report()
-    rep(f"# Merged calls against reuse, step by step ({source})")
-    rep()
-    rep(f"- Machine: CPU {B.cpu_name()}, {torch.get_num_threads()} torch threads; {platform.system()} "
-        f"{platform.machine()}; torch {torch.__version__}")
-    rep(f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    rep(f"- Command: `python tools/merge_error.py {shlex.join(sys.argv[1:] if argv is None else argv)}`")
-    rep()
+    rep = Report()
+    rep.header(f"Merged calls against reuse, step by step ({source})", "cpu", "tools/merge_error.py",
+               sys.argv[1:] if argv is None else list(argv))
     rows = report(rep, model, args.steps, args.samples)
-    if args.out:
-        args.out.write_text("\n".join(rep.lines) + "\n")
+    rep.write(args.out)
     return rows
 
 

@@ -3,8 +3,8 @@
 The layers, the rotary embedding (`pe` of shape (B, 1, L_txt + L_img, D/2, 2, 2)
 from 3-axis ids), the block calling convention and the attention hook follow
 ComfyUI's comfy/ldm/flux (model.py forward_orig, layers.py, math.py) and
-comfy/ldm/modules/attention.py wrap_attn, so that the pack's block
-replacements (kernels.block_patch) drive this model exactly as they drive Flux:
+comfy/ldm/modules/attention.py wrap_attn, so that the pack's runtime
+(kernels.runtime) drives this model exactly as it drives Flux:
 
 - `patches_replace["dit"][("double_block", i)]` gets {"img", "txt", "vec", "pe",
   "attn_mask", "transformer_options"} and {"original_block": wrap};
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from kernels.block_patch import CALL_KEY, RUNS_KEY, STATE_KEY, CallInfo, RunStats, begin_call, block_replaces, end_call
-from kernels.families import ATTENTION_OVERRIDE_KEY, Family, flux_family
+from kernels.attention import ATTENTION_OVERRIDE_KEY
+from kernels.families import Family, flux_family
+from kernels.runtime import Runtime
 from kernels.schedule import ProgressMap, flow_percent_to_sigma
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "reference_dit.safetensors"
@@ -275,7 +276,10 @@ class LastLayer(nn.Module):
 
 
 class ReferenceDiT(nn.Module):
-    def __init__(self, config: DiTConfig | None = None):
+    """`host_layers` (comfy.ldm.flux.layers, comfy.ops class): build ComfyUI's own Flux blocks instead (same
+    parameter names and calling convention; their weights start uninitialised)."""
+
+    def __init__(self, config: DiTConfig | None = None, host_layers=None):
         super().__init__()
         c = self.config = config or DiTConfig()
         self.patch_size = c.patch_size
@@ -286,10 +290,16 @@ class ReferenceDiT(nn.Module):
         self.class_txt = nn.Embedding(c.num_classes + 1, c.txt_len * c.context_dim)  # text tokens per class
         self.class_vec = nn.Embedding(c.num_classes + 1, c.vec_dim)                  # pooled condition
         self.pe_embedder = EmbedND(c.theta, c.axes_dim)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(c.hidden, c.heads, c.mlp_ratio)
-                                           for _ in range(c.depth_double))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(c.hidden, c.heads, c.mlp_ratio)
-                                           for _ in range(c.depth_single))
+        if host_layers is None:
+            double, single = (lambda: DoubleStreamBlock(c.hidden, c.heads, c.mlp_ratio),
+                              lambda: SingleStreamBlock(c.hidden, c.heads, c.mlp_ratio))
+        else:
+            layers, ops = host_layers
+            double, single = (lambda: layers.DoubleStreamBlock(c.hidden, c.heads, c.mlp_ratio, qkv_bias=True,
+                                                               operations=ops),
+                              lambda: layers.SingleStreamBlock(c.hidden, c.heads, c.mlp_ratio, operations=ops))
+        self.double_blocks = nn.ModuleList(double() for _ in range(c.depth_double))
+        self.single_blocks = nn.ModuleList(single() for _ in range(c.depth_single))
         self.final_layer = LastLayer(c.hidden, c.channels * c.patch_size ** 2)
 
     def family(self) -> Family:
@@ -431,39 +441,28 @@ def progress_map() -> ProgressMap:
 
 
 def method_options(method, model: ReferenceDiT, method_key: str = "sdtm", base: dict | None = None) -> dict:
-    """transformer_options that drive `method` (e.g. kernels.sdtm.SDTM) on `model`.
-
-    Like nodes/patching.install: block replaces from kernels.block_patch (chained over
-    any already in `base`), fresh RunStats under RUNS_KEY[method_key], and a per-call
-    hook that stores CallInfo (token grid, n_img, n_txt, progress read from sigma).
-    """
+    """transformer_options that drive `method` (e.g. kernels.sdtm.SDTM) on `model` through
+    kernels.runtime.Runtime, as nodes/patching.install does in ComfyUI: block replaces (chained over any
+    in `base`), a fresh run, and per-call hooks around every model call."""
+    runtime = Runtime(method, model.family(), model.patch_size, method_key)
     to = dict(base or {})
     patches = dict(to.get("patches_replace", {}))
     dit = dict(patches.get("dit", {}))
-    dit.update(block_replaces(model.family(), method, method_key, existing=dit))
+    dit.update(runtime.block_replaces(existing=dit))
     patches["dit"] = dit
     to["patches_replace"] = patches
-    to[RUNS_KEY] = {**to.get(RUNS_KEY, {}), method_key: RunStats()}
-    p, n_txt = model.patch_size, model.config.txt_len
-    family = model.family()
-    stateful = hasattr(method, "new_run_state")
-    if stateful:  # per-run state (CAT's caches); reset by the method when sigma rises (a new run)
-        to[STATE_KEY] = {**to.get(STATE_KEY, {}), method_key: method.new_run_state()}
+    runtime.start_run(to)
+    n_txt = model.config.txt_len
 
-    def set_call_info(x: Tensor, sigma: float, call_options: dict):
-        grid = tuple(math.ceil(s / p) for s in x.shape[2:])
-        call_options[CALL_KEY] = CallInfo(grid, grid[0] * grid[1], n_txt, progress_map()(sigma), float(sigma))
-        if stateful:
-            begin_call(method, call_options, method_key, family, x)
+    def begin(x: Tensor, sigma: float, call_options: dict):
+        runtime.begin_call(call_options, x, float(sigma), progress_map()(sigma), n_txt)
 
     def reuse_cached(x: Tensor, sigma: float, call_options: dict, out: Tensor) -> Tensor:
-        state = (call_options.get(STATE_KEY) or {}).get(method_key)
-        reused = end_call(method, state, out, call_options[CALL_KEY].grid, p)  # the output is the velocity
+        reused = runtime.end_call(call_options, out)  # the output is the velocity, the predicted noise
         return out if reused is None else torch.where(reused[1], out, reused[0].to(out.dtype))
 
-    to[APPLY_MODEL_HOOKS_KEY] = list(to.get(APPLY_MODEL_HOOKS_KEY, [])) + [set_call_info]
-    if stateful:
-        to[APPLY_MODEL_AFTER_KEY] = list(to.get(APPLY_MODEL_AFTER_KEY, [])) + [reuse_cached]
+    to[APPLY_MODEL_HOOKS_KEY] = list(to.get(APPLY_MODEL_HOOKS_KEY, [])) + [begin]
+    to[APPLY_MODEL_AFTER_KEY] = list(to.get(APPLY_MODEL_AFTER_KEY, [])) + [reuse_cached]
     return to
 
 
@@ -549,13 +548,6 @@ def flop_counter():
     if op is not None:
         mapping[op] = _sdpa_cpu_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-def block_flops(config: DiTConfig, tokens: int, double: bool) -> int:
-    """Analytic matmul FLOPs of one block on one sequence of `tokens` (text + image) tokens."""
-    h, m = config.hidden, int(config.hidden * config.mlp_ratio)
-    linear = (3 * h * h + h * h + 2 * h * m) if double else (h * (3 * h + m) + (h + m) * h)
-    return 2 * tokens * linear + 4 * tokens * tokens * h
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> float:

@@ -10,7 +10,7 @@ import torch
 from test_host_sdtm import count_flops, rel_l2
 
 FAMILIES = ["flux", "wan"]
-SDTM = dict(ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0, skip_last_blocks=0,
+SDTM = dict(preset="custom", ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0, skip_last_blocks=0,
             dynamic_merge=True, ratio_adjust=True, prompt_reweight=True, start_percent=0.0, end_percent=1.0)
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+from tools.comfy_host import PACK_ROOT
+
+WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 IDS = [p.name for p in WORKFLOWS]
 
 # Nodes that only exist in the frontend: they have no Python class and never reach the server.

@@ -6,30 +6,24 @@ import importlib
 
 import torch
 
-import host as host_mod
+from tools import comfy_host as host_mod
 
 LATENT = (16, 16)  # latent 16x16 -> Flux token grid 8x8 = 64 image tokens
 
 
-class SpySDTM:
-    """Wraps the pack's SDTM method and records the token count of every plan request."""
-
-    def __init__(self, method):
-        self.method, self.name, self.seen = method, method.name, []
-
-    def plan(self, metric, grid, block, num_blocks, progress):
-        self.seen.append((metric.shape[1], tuple(grid)))
-        return self.method.plan(metric, grid, block, num_blocks, progress)
-
-    def key_bias(self, plan):
-        return self.method.key_bias(plan)
-
-
 def _patched_with_spy(host, model):
+    """The model patched with the pack's SDTM, recording the token count and grid of every plan request."""
     host.load_pack()
     patching = importlib.import_module(f"{host_mod.PACK_NAME}.nodes.patching")
     sdtm = importlib.import_module(f"{host_mod.PACK_NAME}.kernels.sdtm")
-    spy = SpySDTM(sdtm.SDTM(sdtm.SDTMConfig(skip_first_blocks=0, skip_last_blocks=0)))
+
+    class SpySDTM(sdtm.SDTM):
+        def plan(self, metric, grid, block, num_blocks, progress):
+            self.seen.append((metric.shape[1], tuple(grid)))
+            return super().plan(metric, grid, block, num_blocks, progress)
+
+    spy = SpySDTM(sdtm.SDTMConfig(skip_first_blocks=0, skip_last_blocks=0))
+    spy.seen = []
     patched = model.clone()
     patching.install(patched, spy, "sdtm", patching.detect_family(model, "test"))
     return patched, spy
@@ -98,7 +92,7 @@ def test_chroma_shares_the_flux_adapter(host):
     model = host.tiny_chroma()
     baseline = host.sample(model, height=128, width=128)
     nodes = host.pack_nodes()
-    kw = dict(ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0, skip_last_blocks=0,
+    kw = dict(preset="custom", ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0, skip_last_blocks=0,
               dynamic_merge=True, ratio_adjust=True, prompt_reweight=True, start_percent=0.0, end_percent=1.0)
     (identity,) = host.run_node(nodes["SDTMPatchModel"], model=model, **{**kw, "start_percent": 1.0})
     assert torch.equal(host.sample(identity, height=128, width=128), baseline)

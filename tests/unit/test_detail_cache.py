@@ -3,7 +3,7 @@ per-token part from the row's last full call."""
 import pytest
 import torch
 
-from kernels.block_patch import CallInfo
+from kernels.runtime import CallInfo
 from kernels.detail_cache import DetailCache, low_pass
 from kernels.density import DensityConfig, DensitySchedule
 from kernels.sdtm import SDTM, SDTMConfig
@@ -12,12 +12,11 @@ PATCH, WINDOW = 2, 2
 
 
 def _call(reduced: bool, rows: tuple) -> CallInfo:
-    return CallInfo(grid=(4, 4), n_img=16, n_txt=0, progress=0.5, sigma=0.5, rows=rows, reduced=reduced)
+    return CallInfo(grid=(4, 4), n_img=16, n_txt=0, progress=0.5, sigma=0.5, rows=rows, reduced=reduced, patch=PATCH)
 
 
 def _run(cache, state, noise, reduced, rows):
-    cache.begin_call(state, _call(reduced, rows), noise, 4)
-    return cache.end_call(state, noise, (4, 4), PATCH)
+    return cache.end_call(state, _call(reduced, rows), noise)
 
 
 def _checker(shape, period: int) -> torch.Tensor:

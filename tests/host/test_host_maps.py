@@ -33,10 +33,6 @@ def maps_mods(host):
             importlib.import_module(host.PACK_NAME + ".nodes.maps_route"))
 
 
-def sdtm_defaults(node):
-    return {i.id: i.default for i in node.define_schema().inputs if i.id not in ("model", "schedule")}
-
-
 def recorder_defaults(node, **kw):
     d = {i.id: i.default for i in node.define_schema().inputs if i.id != "model"}
     d.update(kw)
@@ -49,7 +45,7 @@ FROM_FIRST_STEP = dict(start_percent=0.0, skip_first_blocks=1, skip_last_blocks=
 
 def sdtm(host, nodes, model, **overrides):
     (out,) = host.run_node(nodes["SDTMPatchModel"], model=model,
-                           **{**sdtm_defaults(nodes["SDTMPatchModel"]), **overrides})
+                           **host.node_inputs(nodes["SDTMPatchModel"], **overrides))
     return out
 
 
@@ -65,8 +61,7 @@ def run(host, model):
 def patch_with(host, nodes, node_id, model):
     """`node_id` at its widget defaults (optional inputs left out)."""
     node = nodes[node_id]
-    d = {i.id: i.default for i in node.define_schema().inputs
-         if i.id != "model" and not getattr(i, "optional", False)}
+    d = host.node_inputs(node)
     (out,) = host.run_node(node, model=model, **d)
     return out
 

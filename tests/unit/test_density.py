@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.block_patch import RUNS_KEY
+from kernels.runtime import RUNS_KEY
 from kernels.density import (FLEXDIT_LAYOUT, DensityConfig, DensitySchedule, parse_stage_windows, pool_plan, window_for_ratio,
                              window_ratio)
 from kernels.families import flux_family, image_span, run_block_merged
@@ -166,7 +166,7 @@ def test_identity_block_restores_the_exact_input(single):
     fam = flux_family("flux", 1, 1)
     spec = fam.blocks[1] if single else fam.blocks[0]
     args, n, n_txt = _args(single=single)
-    span = image_span(spec, args, n, n_txt)
+    span = image_span(spec, args, n, n_txt, fam)
     plan = DensitySchedule(flexdit(span_pattern=False, bottom_dense=0, top_dense=0)).plan(
         args["img"][:, span.img_start:span.img_start + n], (5, 7), 0, 2, 0.0)
     seen = {}
@@ -187,7 +187,7 @@ def test_block_update_is_upsampled_onto_every_token():
     fam = flux_family("flux", 1, 0)
     args, n, n_txt = _args()
     lin = torch.nn.Linear(8, 8)
-    span = image_span(fam.blocks[0], args, n, n_txt)
+    span = image_span(fam.blocks[0], args, n, n_txt, fam)
     plan = DensitySchedule(flexdit(span_pattern=False, bottom_dense=0, top_dense=0)).plan(
         args["img"], (5, 7), 0, 1, 0.0)
 
@@ -224,7 +224,7 @@ def test_reference_model_identity_window_and_token_savings(ref):
     on = DensitySchedule(flexdit(span_pattern=False))
     to = R.method_options(on, ref, "density")
     out = R.sample(ref, [0, 1], steps=4, seed=0, transformer_options=to)
-    stats = to[RUNS_KEY]["density"]
+    stats = to[RUNS_KEY]["density"].stats
     # 6 blocks: first and last dense; 4 steps at progress 0, .25, .5, .75: stages 0, 1, 2, 2 -> pooled in all 4
     assert stats.block_calls == 4 * 6 and stats.merged_calls == 4 * 4
     assert stats.tokens_computed == 4 * (2 * 256 + 4 * 64)

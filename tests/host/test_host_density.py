@@ -22,9 +22,8 @@ def nodes(host):
 
 
 @pytest.fixture(scope="module")
-def defaults(nodes):
-    return {i.id: i.default for i in nodes["TokenDensityPatchModel"].define_schema().inputs
-            if i.id not in ("model", "schedule")}
+def defaults(host, nodes):
+    return host.node_inputs(nodes["TokenDensityPatchModel"])
 
 
 def density(host, nodes, model, defaults, **kw):
@@ -136,7 +135,7 @@ def test_obeys_a_connected_schedule(host, nodes, defaults, family, caplog):
 def test_schedule_drives_sdtm(host, nodes, family, caplog):
     model = build(host, family)
     sdtm = nodes["SDTMPatchModel"]
-    sdefaults = {i.id: i.default for i in sdtm.define_schema().inputs if i.id not in ("model", "schedule")}
+    sdefaults = host.node_inputs(sdtm)
     (zero, _, _) = host.run_node(nodes["TokenRatioSchedule"], preset="constant", ratio=0.0, end_scale=1.0,
                                  switch_percent=0.4, progress_curve="", depth_curve="", schedule_json="")
     base = host.sample(model, height=128, width=128)

@@ -8,18 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tools.comfy_host import PACK_ROOT
 import torch
 
-from kernels.families import (
-    ATTENTION_OVERRIDE_KEY,
-    BlockSpec,
-    ImageSpan,
-    _with_key_bias,
-    flux_family,
-    image_span,
-    mmdit_family,
-    run_block_merged,
-)
+from kernels.attention import ATTENTION_OVERRIDE_KEY, key_bias_hook, override_attention
+from kernels.families import BlockSpec, ImageSpan, flux_family, image_span, mmdit_family, qwen_image_family, run_block_merged
 from kernels.schedule import TokenRatioSchedule, block_depth
 from kernels.sdtm import SDTM, SDTMConfig
 from kernels.token_ops import plan_from_targets, window_layout
@@ -270,8 +264,8 @@ def test_identity_block_returns_input_exactly(single, n_ref):
     img_before = args["img"].clone()
     plan = _plan_for(n_img)
     spec = BlockSpec(("single_block", 0) if single else ("double_block", 0), 0, single)
-    span = image_span(spec, args, n_img, n_txt)
-    assert span == ImageSpan(n_txt if single else 0, n_img, 0 if single else n_txt)
+    span = image_span(spec, args, n_img, n_txt, FLUX)
+    assert span == ImageSpan(n_txt if single else 0, n_img, 0 if single else n_txt, pe_dim=2)
     seen = {}
 
     def identity(a):
@@ -311,7 +305,7 @@ def test_batch_shared_rope_table():
     args["pe"] = args["pe"][:1]
     plan = _plan_for(n_img)
     out = run_block_merged(args, lambda a: {"img": a["img"], "txt": a["txt"]}, plan,
-                           image_span(FLUX.blocks[0], args, n_img, n_txt), FLUX)
+                           image_span(FLUX.blocks[0], args, n_img, n_txt, FLUX), FLUX)
     assert torch.equal(out["img"], args["img"])
 
 
@@ -320,7 +314,7 @@ def test_identity_block_without_rope_or_bias():
     args = _args(b, n_txt, n_img, rope=False)
     before = args["img"].clone()
     plan = _plan_for(n_img)
-    span = image_span(SD3.blocks[0], args, n_img, 0)
+    span = image_span(SD3.blocks[0], args, n_img, 0, SD3)
     seen = {}
 
     def identity(a):
@@ -354,7 +348,7 @@ def test_per_token_block_on_constant_groups_matches_unmerged(single):
         return out
 
     spec = BlockSpec(("single_block", 0) if single else ("double_block", 0), 0, single)
-    span = image_span(spec, args, n_img, n_txt)
+    span = image_span(spec, args, n_img, n_txt, FLUX)
     merged = run_block_merged(args, per_token, plan, span, FLUX, key_bias=None)
     full = per_token(args)
     torch.testing.assert_close(merged["img"], full["img"], rtol=1e-6, atol=1e-6)
@@ -362,7 +356,7 @@ def test_per_token_block_on_constant_groups_matches_unmerged(single):
         assert torch.equal(merged["txt"], full["txt"])
     # on non-constant groups the same block is NOT reproduced (the check above is not vacuous)
     args2 = _args(b, n_txt, n_img, single=single, seed=9)
-    merged2 = run_block_merged(args2, per_token, plan, image_span(spec, args2, n_img, n_txt), FLUX)
+    merged2 = run_block_merged(args2, per_token, plan, image_span(spec, args2, n_img, n_txt, FLUX), FLUX)
     assert not torch.allclose(merged2["img"], per_token(args2)["img"], atol=1e-3)
 
 
@@ -410,7 +404,7 @@ def test_key_bias_makes_merged_attention_exact_on_identical_tokens(skip_reshape)
     args = _args(b, n_txt, n_img, rope=False, img_tokens=img)
     block = _joint_attention_block(skip_reshape)
     full = block(dict(args))
-    span = image_span(SD3.blocks[0], args, n_img, 0)
+    span = image_span(SD3.blocks[0], args, n_img, 0, SD3)
     with_pr = run_block_merged(args, block, plan, span, SD3, key_bias=plan.sizes.log())
     torch.testing.assert_close(with_pr["img"], full["img"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_pr["txt"], full["txt"], rtol=1e-5, atol=1e-5)
@@ -428,7 +422,7 @@ def test_key_bias_override_chains_previous_and_combines_masks():
 
     n_txt, m = 3, 4
     key_bias = torch.log(torch.tensor([[1.0, 2.0, 1.0, 4.0]]))
-    to = _with_key_bias({ATTENTION_OVERRIDE_KEY: previous, "x": 1}, key_bias, offset=n_txt, n_merged=m)
+    to = override_attention({ATTENTION_OVERRIDE_KEY: previous, "x": 1}, key_bias_hook(key_bias, offset=n_txt, n_merged=m))
     assert to["x"] == 1 and to[ATTENTION_OVERRIDE_KEY] is not previous
     q = torch.randn(1, n_txt + m, 4)
     seen = {}
@@ -458,11 +452,37 @@ def test_key_bias_override_chains_previous_and_combines_masks():
 def test_image_span_declines_unexpected_calls():
     spec = FLUX.blocks[0]
     args = _args(1, 4, 16)
-    assert image_span(spec, args, 16, 4) is not None
-    assert image_span(spec, args, 17, 4) is None, "fewer tokens than the latent"
-    assert image_span(spec, _args(1, 4, 3), 3, 4) is None, "tiny latents run unmerged"
+    assert isinstance(image_span(spec, args, 16, 4, FLUX), ImageSpan)
+    assert "16 tokens in the block" in image_span(spec, args, 17, 4, FLUX), "fewer tokens than the latent"
+    assert image_span(spec, _args(1, 4, 3), 3, 4, FLUX) is None, "tiny latents run unmerged"
     masked = dict(args, attn_mask=torch.ones(1, 20, 20))
-    assert image_span(spec, masked, 16, 4) is None, "token masks run unmerged"
+    assert image_span(spec, masked, 16, 4, FLUX) is None, "token masks run unmerged"
+    wrong_pe = dict(args, pe=args["pe"][:, :, :10])
+    assert "rotary table" in image_span(spec, wrong_pe, 16, 4, FLUX), "a rope table that does not fit is refused"
+
+
+@pytest.mark.parametrize("pe_axis", [1, 2])
+def test_rope_token_axis_is_read_from_the_table(pe_axis):
+    """Qwen-Image's table moved from (B, L, 1, ...) to (B, 1, L, ...) between host versions: both merge alike."""
+    qwen = qwen_image_family("QwenImage", 1)
+    b, n_txt, n_img = 2, 6, 32
+    args = _args(b, n_txt, n_img)
+    if pe_axis == 1:
+        args["pe"] = args["pe"].transpose(1, 2)
+    span = image_span(qwen.blocks[0], args, n_img, n_txt, qwen)
+    assert span.pe_dim == pe_axis
+    plan = _plan_for(n_img)
+    seen = {}
+
+    def identity(a):
+        seen["pe"] = a["pe"]
+        return {"img": a["img"], "txt": a["txt"]}
+
+    out = run_block_merged(args, identity, plan, span, qwen)
+    assert torch.equal(out["img"], args["img"])
+    pe = args["pe"].transpose(1, 2) if pe_axis == 1 else args["pe"]
+    got = seen["pe"].transpose(1, 2) if pe_axis == 1 else seen["pe"]
+    assert torch.equal(got[:, :, n_txt:n_txt + plan.n_out], plan.take_rep(pe[:, :, n_txt:n_txt + n_img], dim=2))
 
 
 def test_families():
@@ -480,15 +500,16 @@ def test_plan_from_targets_helper_in_block():
     args = _args(1, 2, 8, rope=True)
     before = args["img"].clone()
     out = run_block_merged(args, lambda a: {"img": a["img"], "txt": a["txt"]}, plan,
-                           image_span(FLUX.blocks[0], args, 8, 2), FLUX, plan.sizes.log())
+                           image_span(FLUX.blocks[0], args, 8, 2, FLUX), FLUX, plan.sizes.log())
     assert torch.equal(out["img"], before)
 
 
 def test_kernels_import_nothing_from_comfyui():
     """The kernels are host-independent: importing all of them loads no ComfyUI module."""
-    root = Path(__file__).resolve().parent.parent
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "import kernels.token_ops, kernels.schedule, kernels.sdtm, kernels.families, kernels.block_patch\n"
+    root = PACK_ROOT
+    modules = sorted(p.stem for p in (root / "kernels").glob("*.py") if p.stem != "__init__")
+    code = ("import sys, importlib; sys.path.insert(0, %r)\n"
+            f"for m in {modules!r}: importlib.import_module('kernels.' + m)\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'nodes', 'folder_paths'))\n"
             "assert not bad, bad\n") % str(root)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

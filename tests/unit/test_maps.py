@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kernels import maps
-from kernels.families import flux_family
+from kernels import maps, runtime
+from kernels.families import block_flops, flux_family
 from kernels.maps_render import colormap, group_colours, legend, overlay, text_mask
 from kernels.token_ops import plan_from_targets
 
@@ -76,27 +76,21 @@ def test_step_of_maps_sigma_to_nearest_step():
     assert store.n_steps == 4
 
 
-def test_recording_method_records_plans_only_when_active():
-    class Fixed:
-        name = "fixed"
-
-        def plan(self, metric, grid, block, num_blocks, progress):
-            target = torch.tensor([[0, 0, 2, 2]])  # two groups of 2
-            return plan_from_targets(target.expand(metric.shape[0], -1), 2) if block == 1 else None
-
-    method = maps.RecordingMethod(Fixed())
-    assert method.name == "fixed"
-    x = torch.zeros(2, 4, 8)
-    method.plan(x[:1], (2, 2), 1, 3, 0.0)  # no recorder active: nothing to do, no error
+def test_recorder_hears_reported_plans_only_while_active():
+    plan = plan_from_targets(torch.tensor([[0, 0, 2, 2]]), 2)  # two groups of 2
+    assert not runtime.observing()
+    runtime.report_plan(1, plan)  # no recorder active: nothing to do, no error
     store = maps.TokenMapStore(maps.RecorderConfig(), flux_family("Flux", 2, 1))
     store.begin_run(_sigmas(2), (2, 2))
     token = maps.activate(maps.ActiveCall(store, 1, 0, 4, 0))
     try:
-        plan = method.plan(x[:1], (2, 2), 1, 3, 0.5)
-        assert method.plan(x[:1], (2, 2), 0, 3, 0.5) is None
-        maps.record_token_map("computed", 2, torch.tensor([[1, 0, 1, 1]]))
+        assert runtime.observing()
+        runtime.report_plan(1, plan)
+        runtime.report_computed(2, torch.tensor([[1, 0, 1, 1]]))
     finally:
         maps.deactivate(token)
+    assert not runtime.observing()
+    assert set(store.maps) == {("group", 1, 1), ("computed", 1, 2)}
     assert torch.equal(store.maps[("group", 1, 1)], plan.assign[0].to(torch.int16))
     assert store.map("merge_size", 1, 1).tolist() == [2, 2, 2, 2]
     assert store.map("merge_groups", 1, 1).tolist() == [1, 1, 2, 2]
@@ -130,7 +124,7 @@ def test_strided_queries():
 
 
 def test_block_flops_and_summary():
-    assert maps.block_flops(10, 4) == 24 * 16 * 10 + 4 * 4 * 100
+    assert block_flops(10, 4) == 24 * 16 * 10 + 4 * 4 * 100
     store = maps.TokenMapStore(maps.RecorderConfig(), flux_family("Flux", 1, 1))
     store.begin_run(_sigmas(2), (4, 4))
     store.counts[(0, 0)] = maps.BlockCount(16, 16, 4, 8)
@@ -139,8 +133,8 @@ def test_block_flops_and_summary():
     store.end_run()
     head, lines = maps.run_summary(store)
     assert "tokens saved 25.0%" in head and len(lines) == 1
-    f_full = 2 * maps.block_flops(20, 8)
-    saved = 1 - (maps.block_flops(20, 8) + maps.block_flops(12, 8)) / f_full
+    f_full = 2 * block_flops(20, 8)
+    saved = 1 - (block_flops(20, 8) + block_flops(12, 8)) / f_full
     assert f"FLOPs saved {100 * saved:.1f}%" in head
 
 

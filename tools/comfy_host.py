@@ -1,8 +1,8 @@
-"""Find and import the ComfyUI host for host tests; build tiny models of its own classes.
+"""Find and import the ComfyUI host in-process; build tiny models of its own classes.
 
-The host is found through COMFYUI_PATH, else the ComfyUI checkout this pack
-sits in (ComfyUI/custom_nodes/<pack>), else ~/ComfyUI. Tests that need it skip
-with the reason when it is missing.
+The host is found through COMFYUI_PATH, else the ComfyUI checkout this pack sits in
+(ComfyUI/custom_nodes/<pack>), else ~/ComfyUI. Used by the host tests (which skip with the reason
+when it is missing), tools/compare.py and tools/benchmark.py.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ _host_error: str | None = None
 _host_ready = False
 
 
-def import_host() -> str | None:
-    """Import ComfyUI in this process (CPU, SDPA attention). Returns an error string or None."""
+def import_host(cpu: bool = True) -> str | None:
+    """Import ComfyUI in this process (SDPA attention; on the CPU unless `cpu` is False). Returns an
+    error string or None."""
     global _host_error, _host_ready
     if _host_ready or _host_error:
         return _host_error
@@ -50,7 +51,7 @@ def import_host() -> str | None:
         import comfy.options
         comfy.options.enable_args_parsing()
         argv = sys.argv
-        sys.argv = [argv[0], "--cpu", "--use-pytorch-cross-attention"]
+        sys.argv = [argv[0]] + (["--cpu"] if cpu else []) + ["--use-pytorch-cross-attention"]
         try:
             import comfy.cli_args  # noqa: F401  (parses the flags above)
         finally:
@@ -90,6 +91,15 @@ def pack_nodes():
     ext = asyncio.run(pack.comfy_entrypoint())
     nodes = asyncio.run(ext.get_node_list())
     return {n.define_schema().node_id: n for n in nodes}
+
+
+def node_inputs(node_cls, **overrides) -> dict:
+    """A node's widget inputs at their defaults, with `overrides`; a patch node's preset is `custom`, so
+    the values given here are the ones that run."""
+    widgets = [i for i in node_cls.define_schema().inputs
+               if i.id not in ("model", "schedule") and not getattr(i, "optional", False)]
+    inputs = {i.id: "custom" if i.id == "preset" and "custom" in i.options else i.default for i in widgets}
+    return {**inputs, **overrides}
 
 
 def run_node(node_cls, **inputs):
@@ -232,20 +242,88 @@ def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: in
     return _build(comfy.supported_models.QwenImage(unet_config), seed, dtype or torch.float32)
 
 
+def _hunyuan_config(**overrides) -> dict:
+    """A tiny HunyuanVideo unet_config; hosts from 0.3.75 on require two more fields."""
+    import comfy.ldm.hunyuan_video.model as hv
+    config = {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+        "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+        "guidance_embed": True, "byt5": False, "meanflow": False,
+    }
+    if "use_cond_type_embedding" in hv.HunyuanVideoParams.__dataclass_fields__:
+        config.update(use_cond_type_embedding=False, vision_in_dim=None)
+    config.update(overrides)
+    return config
+
+
 def tiny_hunyuan_video(seed: int = 0, depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 2,
                        dtype=None):
     """HunyuanVideo: Flux-like blocks with the image before the text; latents (B, 16, T, H, W)."""
     import torch
     import comfy.supported_models
-    unet_config = {
-        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
-        "context_in_dim": 32, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
-        "depth_single_blocks": depth_single,
-        "axes_dim": [hidden // heads // 4, hidden // heads * 3 // 8, hidden // heads * 3 // 8],
-        "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True, "byt5": False,
-        "meanflow": False,
-    }
-    return _build(comfy.supported_models.HunyuanVideo(unet_config), seed, dtype or torch.float32)
+    config = _hunyuan_config(hidden_size=hidden, num_heads=heads, depth=depth, depth_single_blocks=depth_single,
+                             axes_dim=[hidden // heads // 4, hidden // heads * 3 // 8, hidden // heads * 3 // 8])
+    return _build(comfy.supported_models.HunyuanVideo(config), seed, dtype or torch.float32)
+
+
+def tiny_hunyuan_image21(seed: int = 0, dtype=None):
+    """HunyuanImage 2.1: the HunyuanVideo model with a 2-D patch [1, 1]; latents (B, 64, H, W)."""
+    import torch
+    import comfy.supported_models
+    config = _hunyuan_config(in_channels=64, out_channels=64, vec_in_dim=None, guidance_embed=False,
+                             patch_size=[1, 1], axes_dim=[16, 16])
+    return _build(comfy.supported_models.HunyuanImage21(config), seed, dtype or torch.float32)
+
+
+def tiny_hunyuan_video15(seed: int = 0, dtype=None):
+    """HunyuanVideo 1.5 (hosts from 0.3.75 on): patch [1, 1, 1], latents (B, 32, T, H, W), a 33-channel
+    image-and-mask concat and cond-type embeddings."""
+    import torch
+    import comfy.supported_models
+    if not hasattr(comfy.supported_models, "HunyuanVideo15"):
+        raise HostTooOld("HunyuanVideo 1.5 needs a newer ComfyUI (it arrived after 0.3.64)")
+    config = _hunyuan_config(in_channels=65, out_channels=32, vec_in_dim=None, guidance_embed=False,
+                             patch_size=[1, 1, 1], use_cond_type_embedding=True, vision_in_dim=16)
+    return _build(comfy.supported_models.HunyuanVideo15(config), seed, dtype or torch.float32)
+
+
+def tiny_flux2(seed: int = 0, depth: int = 2, depth_single: int = 2, dtype=None):
+    """Flux 2 (hosts from 0.3.75 on): Flux's class with modulation shared by all blocks, patch 1,
+    latents (B, 128, H, W)."""
+    import torch
+    import comfy.supported_models
+    if not hasattr(comfy.supported_models, "Flux2"):
+        raise HostTooOld("Flux 2 needs a newer ComfyUI (it arrived after 0.3.64)")
+    config = {"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+              "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": depth,
+              "depth_single_blocks": depth_single, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1,
+              "qkv_bias": False, "guidance_embed": True, "global_modulation": True, "mlp_silu_act": True,
+              "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
+    return _build(comfy.supported_models.Flux2(config), seed, dtype or torch.float32)
+
+
+def tiny_zimage(seed: int = 0, layers: int = 2, dtype=None):
+    """Z-Image (hosts from 0.3.75 on): NextDiT with its own modulation, caption and image each padded
+    to a multiple of 32 tokens; the adaLN input is 256 wide, so the width is at least 256."""
+    import torch
+    import comfy.supported_models
+    if not hasattr(comfy.supported_models, "ZImage"):
+        raise HostTooOld("Z-Image needs a newer ComfyUI (it arrived after 0.3.64)")
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+              "n_layers": layers, "n_refiner_layers": 1, "n_heads": 8, "n_kv_heads": 8, "qk_norm": True,
+              "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+              "ffn_dim_multiplier": 8 / 3, "multiple_of": 16, "z_image_modulation": True, "time_scale": 1000.0,
+              "pad_tokens_multiple": 32}
+    patcher = _build(comfy.supported_models.ZImage(config), seed, dtype or torch.float32)
+    with torch.no_grad():  # tanh-gated layer updates of a visible size (random gates sit near 0)
+        for layer in patcher.model.diffusion_model.layers:
+            layer.adaLN_modulation[-1].bias.add_(1.0)
+    return patcher
+
+
+class HostTooOld(RuntimeError):
+    """The host checkout predates the model family."""
 
 
 def tiny_lumina2(seed: int = 0, layers: int = 3, dim: int = 64, heads: int = 2, dtype=None):

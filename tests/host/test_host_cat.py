@@ -36,8 +36,8 @@ def cat_node(host):
 
 
 @pytest.fixture(scope="module")
-def defaults(cat_node):
-    return {i.id: i.default for i in cat_node.define_schema().inputs if i.id not in ("model", "schedule")}
+def defaults(host, cat_node):
+    return host.node_inputs(cat_node)
 
 
 def patch(host, node, model, **kw):
@@ -268,7 +268,7 @@ def _hidden(block):
 def test_stacking_with_sdtm_is_refused_clearly(host, cat_node, defaults):
     nodes = host.pack_nodes()
     sdtm = nodes["SDTMPatchModel"]
-    sdtm_defaults = {i.id: i.default for i in sdtm.define_schema().inputs if i.id not in ("model", "schedule")}
+    sdtm_defaults = host.node_inputs(sdtm)
     model = host.tiny_flux()
     merged = patch(host, sdtm, model, **sdtm_defaults)
     before = snapshot(merged)
@@ -314,7 +314,7 @@ def test_pruned_wan_block_matches_the_full_block(host):
         return {"img": blk(a["img"], e=a["vec"], freqs=a["pe"], context=a["txt"], context_img_len=None,
                            transformer_options=a["transformer_options"])}
     family = families.wan_family("WanModel", 1)
-    span = families.image_span(family.blocks[0], args, n_img, 0)
+    span = families.image_span(family.blocks[0], args, n_img, 0, family)
     store = {}
     with torch.no_grad():
         full = cat.run_block_pruned(args, original, span, family, None, store)
@@ -380,7 +380,7 @@ def test_pruned_sd3_block_matches_the_full_block(host, dual_attention):
         txt, img = blk(a["txt"], a["img"], c=a["vec"], transformer_options=a["transformer_options"])
         return {"txt": txt, "img": img}
     family = families.mmdit_family("SD3", depth)
-    span = families.image_span(family.blocks[0], args, n_img, n_txt)
+    span = families.image_span(family.blocks[0], args, n_img, n_txt, family)
     store = {}
     with torch.no_grad():
         full = cat.run_block_pruned(args, original, span, family, None, store)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.block_patch import CallInfo
+from kernels.runtime import CallInfo
 from kernels.cat import (CATConfig, CATPruning, cluster_scores, kmeans_labels, patchify, select_tokens,
                          staleness_bound, unpatchify)
 from kernels.schedule import TokenRatioSchedule
@@ -96,7 +96,7 @@ def test_patchify_roundtrip_with_odd_sizes():
 
 
 def _call(progress, sigma, grid=(8, 8), rows=()):
-    return CallInfo(grid, grid[0] * grid[1], 4, progress, sigma, rows)
+    return CallInfo(grid, grid[0] * grid[1], 4, progress, sigma, rows, num_blocks=4, patch=2)
 
 
 def test_schedule_full_then_pruned_with_refresh_and_reset():
@@ -106,17 +106,18 @@ def test_schedule_full_then_pruned_with_refresh_and_reset():
     modes = []
     for i in range(10):
         p = i / 10
-        plan = method.begin_call(state, _call(p, 1 - p), x, 4)
+        call = _call(p, 1 - p)
+        plan = method.begin_call(state, call, x)
         state.kv.setdefault(plan.signature, {0: {}})  # the block runner would fill this
         modes.append("full" if plan.selection is None else plan.selection.shape[1])
-        method.end_call(state, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(i)), (8, 8), 2)
+        method.end_call(state, call, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(i)))
     # full below 0.25 (3 steps), then 2 pruned steps, 1 refresh, ... ; 16 of 64 tokens kept
     assert modes == ["full"] * 3 + [16, 16, "full", 16, 16, "full", 16]
     # the benchmark's step plan decides the same
     plan = method.step_plan([i / 10 for i in range(10)], 64, 4)
     assert plan == [64 if m == "full" else m for m in modes]
     # sigma going up marks a new run: everything is reset
-    method.begin_call(state, _call(0.0, 1.0), x, 4)
+    method.begin_call(state, _call(0.0, 1.0), x)
     assert state.call.selection is None and not state.rows
 
 
@@ -132,13 +133,14 @@ def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: in
     out = []
     for i in range(10):
         p = i / 10
-        plan = method.begin_call(state, _call(p, 1 - p), x, 4)
+        call = _call(p, 1 - p)
+        plan = method.begin_call(state, call, x)
         state.kv.setdefault(plan.signature, {0: {}})
         exact = a + b * (1 - p)
         if turn_at is not None and i >= turn_at:
             exact = a + b * (2 * (1 - turn_at / 10) - (1 - p))
         fed = torch.randn(1, 4, 16, 16, generator=gen) if (i == 0 and first_off_trend) else exact
-        res = method.end_call(state, fed, (8, 8), 2)
+        res = method.end_call(state, call, fed)
         out.append((res, exact))
     return out
 
@@ -300,7 +302,7 @@ def test_pruned_block_matches_the_full_block_on_selected_tokens(ref_model, kind)
 
         def original(a):
             return {"img": blk(a["img"], a["vec"], a["pe"], transformer_options=a["transformer_options"])}
-    span = image_span(spec, args, n_img, n_txt)
+    span = image_span(spec, args, n_img, n_txt, family)
     store = {}
     full = run_block_pruned(args, original, span, family, None, store)
     assert torch.equal(full["img"], original(args)["img"]), "capturing keys/values changes nothing"

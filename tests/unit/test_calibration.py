@@ -17,7 +17,8 @@ import re
 import pytest
 import torch
 
-from kernels.calibration import (RATIO_OPTIONS, CalibrationCache, RedundancyProbe, allocate, block_cost, calibrate,
+from kernels.families import block_flops
+from kernels.calibration import (RATIO_OPTIONS, CalibrationCache, RedundancyProbe, allocate, calibrate,
                                  constant_ratio_for_saving, merge_errors, remaining_weights)
 from kernels.token_ops import bipartite_merge_plan
 from kernels.schedule import TokenRatioSchedule
@@ -30,10 +31,23 @@ STEPS = 8
 N_IMG = 256
 
 
-def test_block_cost_matches_reference_flops():
+def test_block_flops_match_torch_flop_counter():
+    """The one FLOPs formula (families.block_flops) against torch's count of real reference blocks."""
+    model = R.ReferenceDiT(CFG).init_weights(0)
     for tokens in (20, 260):
-        for double in (True, False):
-            assert block_cost(tokens - 4, 4, CFG.hidden) == R.block_flops(CFG, tokens, double)
+        x = torch.randn(1, tokens, CFG.hidden)
+        vec = torch.randn(1, CFG.hidden)
+        pe = model.pe_embedder(torch.zeros(1, tokens, 3))
+        double, single = model.double_blocks[0], model.single_blocks[0]
+        for run, modulation in ((lambda: double(x[:, 4:], x[:, :4], vec, pe), (double.img_mod, double.txt_mod)),
+                                (lambda: single(x, vec, pe), (single.modulation,))):
+            with R.flop_counter() as fc:
+                run()
+            with R.flop_counter() as per_sequence:  # adaLN modulation: once per sequence, not per token
+                for m in modulation:
+                    m(vec)
+            assert fc.get_total_flops() - per_sequence.get_total_flops() == block_flops(tokens, CFG.hidden,
+                                                                                        CFG.mlp_ratio)
 
 
 def test_merge_errors_are_the_group_mean_update_error():
@@ -73,8 +87,8 @@ def test_allocate_compresses_the_cheapest_cells_first_and_meets_the_target():
     assert r[(0, 0.0)] == 0 and r[(0, 0.5)] == 0, "protected first block"
     assert result.schedule.ratio(1.0, 0.0) == 0.0, "the last block (never probed) stays dense"
     # the cost model's saving is the target, up to one option step of one cell
-    full = block_cost(64, 8, 32)
-    step = (full - block_cost(64 - int(0.1 * 64), 8, 32)) / (full * 5 * 2)
+    full = block_flops(64 + 8, 32)
+    step = (full - block_flops(64 - int(0.1 * 64) + 8, 32)) / (full * 5 * 2)
     assert 0.1 <= result.predicted_saving <= 0.1 + 3 * step
     # the table reproduces the chosen ratios at every block depth and step
     for (b, p), ratio in r.items():
@@ -100,8 +114,8 @@ def test_step_weights_and_constant_ratio():
     res = allocate(_synthetic_probe(errors), 3, 8, 0.15)
     assert res.cell_ratio[(0, 0.5)] > res.cell_ratio[(0, 0.0)], "the first block is not protected by default"
     r = constant_ratio_for_saving(0.3, 256, 4, 64, num_blocks=6)
-    full = block_cost(256, 4, 64)
-    saved = 5 * (full - block_cost(256 - int(r * 256), 4, 64)) / (6 * full)  # every block but the last
+    full = block_flops(256 + 4, 64)
+    saved = 5 * (full - block_flops(256 - int(r * 256) + 4, 64)) / (6 * full)  # every block but the last
     assert saved == pytest.approx(0.3, abs=0.01)
     with pytest.raises(ValueError, match="cannot save"):
         constant_ratio_for_saving(0.9, 256, 4, 64, num_blocks=6)

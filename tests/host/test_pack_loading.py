@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
+from tools.comfy_host import PACK_ROOT
 INSTALL_NAME = "comfyui-token-reduction"  # a typical custom_nodes folder name (this checkout is "main")
 
 
@@ -96,7 +96,7 @@ def test_loaded_node_patches_a_model(host, comfy_nodes, loaded):
     import torch
     cls = comfy_nodes.NODE_CLASS_MAPPINGS["SDTMPatchModel"]
     model = host.tiny_flux()
-    defaults = {i.id: i.default for i in cls.GET_SCHEMA().inputs if i.id not in ("model", "schedule")}
+    defaults = host.node_inputs(cls)
     base = host.sample(model, height=128, width=128)
     (patched,) = host.run_node(cls, model=model, **defaults)
     out = host.sample(patched, height=128, width=128)

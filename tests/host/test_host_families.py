@@ -4,12 +4,13 @@ Every test takes the `host` fixture and skips, with the reason, without a ComfyU
 """
 import logging
 
+import pytest
 import torch
 
 from test_host_layouts import _patched_with_spy
 from test_host_sdtm import SUMMARY, assert_same_snapshot, snapshot
 
-SDTM_DEFAULTS = dict(ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0,
+SDTM_DEFAULTS = dict(preset="custom", ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0,
                      skip_last_blocks=0, dynamic_merge=True, ratio_adjust=True, prompt_reweight=True,
                      start_percent=0.0, end_percent=1.0)
 
@@ -89,16 +90,11 @@ def test_qwen_image_edit_reference_tokens_are_never_merged(host):
     assert _rel(out, base) < 0.40
 
 
-def _node_defaults(node):
-    return {i.id: i.default for i in node.define_schema().inputs
-            if i.id != "model" and not getattr(i, "optional", False)}
-
-
 def test_density_schedule_on_wan_qwen_image_hunyuan_video_and_lumina(host):
     """The density node pools per latent frame on the (T, H, W) grids of Wan and HunyuanVideo, on
     Qwen-Image's (1, H, W) grid and on Lumina 2's (H, W) grid: identity window exact, output finite and near unpatched, input MODEL untouched."""
     node = host.pack_nodes()["TokenDensityPatchModel"]
-    d = _node_defaults(node)
+    d = host.node_inputs(node)
     for model, latent, extra in ((host.tiny_wan(layers=4), torch.zeros(1, 16, 2, 10, 14), {}),
                                  (host.tiny_qwen_image(layers=4), torch.zeros(1, 16, 1, 16, 12), {}),
                                  (host.tiny_hunyuan_video(), torch.zeros(1, 16, 2, 10, 14), {}),
@@ -120,7 +116,7 @@ def test_cat_on_wan_qwen_image_hunyuan_video_and_lumina(host, monkeypatch, caplo
     cond/uncond batched or called one by one agree (the cache is per conditioning and row)."""
     import comfy.model_management
     node = host.pack_nodes()["CATPruningPatchModel"]
-    d = _node_defaults(node)
+    d = host.node_inputs(node)
     for model, latent, extra in ((host.tiny_wan(layers=3), torch.zeros(1, 16, 3, 10, 14), {}),
                                  (host.tiny_qwen_image(layers=3), torch.zeros(1, 16, 1, 16, 12), {}),
                                  (host.tiny_hunyuan_video(), torch.zeros(1, 16, 3, 10, 14), {}),
@@ -217,7 +213,7 @@ def test_hunyuan_video_text_mask_follows_merged_keys(host, one_torch_thread):
                                                skip_first_blocks=0, skip_last_blocks=0))
             outs = []
             for which, args in enumerate(full_and_short()):
-                span = fam.image_span(spec, args, n_img, n_valid if which else n_valid + n_pad)
+                span = fam.image_span(spec, args, n_img, n_valid if which else n_valid + n_pad, info.family)
                 assert span is not None and span.img_start == n_ref and span.n_txt == 0
                 tokens = args["img"][:, n_ref:n_ref + n_img]
                 plan = method.plan(tokens, (5, 7), 1, 4, 0.9)
@@ -288,7 +284,7 @@ def test_hunyuan_video_pruned_blocks_match_the_full_blocks(host):
             a["attention_mask"][..., -5:] = -torch.finfo(torch.float32).max
             return a
         spec = family.blocks[1 if single else 0]
-        span = fam.image_span(spec, args(), n_img, n_txt)
+        span = fam.image_span(spec, args(), n_img, n_txt, family)
         assert span.img_start == n_ref and span.n_txt == 0
         store = {}
         with torch.no_grad():
@@ -324,7 +320,16 @@ def test_lumina2_masked_caption_runs_unreduced(host):
     mask[0, 3] = 0
     kw = dict(latent=torch.zeros(1, 16, 16, 12), cond_extra={"attention_mask": mask}, cfg=1.0)
     patched, spy = _patched_with_spy(host, model)
-    assert torch.equal(host.sample(patched, **kw), host.sample(model, **kw))
+    try:
+        unpatched = host.sample(model, **kw)
+    except RuntimeError as host_error:
+        # Hosts from 0.3.75 on hand the integer caption mask to SDPA unconverted and fail without the
+        # pack: the patched model must fail the same way, never differently and never instead.
+        with pytest.raises(RuntimeError) as patched_error:
+            host.sample(patched, **kw)
+        assert str(patched_error.value) == str(host_error)
+    else:
+        assert torch.equal(host.sample(patched, **kw), unpatched)
     assert not spy.seen
     host.sample(patched, latent=kw["latent"], **LUMINA_COND)
     assert spy.seen, "without masked keys the same patch merges"

@@ -17,7 +17,7 @@ density schedule at their node defaults:
 import pytest
 import torch
 
-from test_host_families import _node_defaults, _rel
+from test_host_families import _rel
 
 METHODS = ("SDTMPatchModel", "CATPruningPatchModel", "TokenDensityPatchModel")
 
@@ -59,7 +59,7 @@ def _cosine(a, b):
 
 def _check(host, model, with_control, without_control, latent, method, direction=True):
     node = host.pack_nodes()[method]
-    d = _node_defaults(node)
+    d = host.node_inputs(node)
     base_c = _sample(model, with_control, latent)
     base_n = _sample(model, without_control, latent)
     (identity,) = host.run_node(node, model=model, **{**d, "start_percent": 1.0})

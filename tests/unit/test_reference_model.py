@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.block_patch import CALL_KEY, RUNS_KEY
+from kernels.families import block_flops
+from kernels.runtime import CALL_KEY, RUNS_KEY
 from kernels.sdtm import SDTM, SDTMConfig
 from tools import demo
 from tools import reference_dit as R
@@ -175,7 +176,7 @@ def test_attention_override_is_honoured(model, baseline):
 def test_sdtm_inactive_is_bit_identical(model, baseline):
     to = R.method_options(SDTM(SDTMConfig(start_percent=1.0)), model)
     assert torch.equal(_sample(model, to), baseline)
-    st = to[RUNS_KEY]["sdtm"]
+    st = to[RUNS_KEY]["sdtm"].stats
     assert st.merged_calls == 0 and st.tokens_computed == st.tokens_in > 0
 
 
@@ -185,7 +186,7 @@ def test_sdtm_defaults_close_to_baseline(model, baseline):
     assert not torch.equal(out, baseline) and torch.isfinite(out).all()
     p = R.psnr(out, baseline)
     assert p > PSNR_BOUND_DB, f"SDTM defaults: PSNR {p:.2f} dB vs baseline"
-    assert to[RUNS_KEY]["sdtm"].merged_calls > 0
+    assert to[RUNS_KEY]["sdtm"].stats.merged_calls > 0
     # Merging less stays closer.
     light = _sample(model, R.method_options(SDTM(SDTMConfig(ratio=0.2, deviation=0.1)), model))
     assert R.psnr(light, baseline) > p
@@ -218,15 +219,14 @@ def test_flops_drop_as_predicted(model):
     base = count(None)
     method = RecordingSDTM(SDTMConfig())
     merged = count(R.method_options(method, model))
-    n_double = CFG.depth_double
     n_img = (CFG.image_size // CFG.patch_size) ** 2
     # The analytic block cost explains the measured baseline (SDPA included).
-    per_call = sum(R.block_flops(CFG, CFG.txt_len + n_img, i < n_double) for i in range(n_double + CFG.depth_single))
+    per_call = (CFG.depth_double + CFG.depth_single) * block_flops(CFG.txt_len + n_img, CFG.hidden, CFG.mlp_ratio)
     analytic_base = STEPS * 2 * len(CLASSES) * per_call
     assert 0.97 < analytic_base / base <= 1.0
     # Removing tokens removes their block cost; the remainder is merge/match overhead.
-    saved = sum(b * (R.block_flops(CFG, CFG.txt_len + n, blk < n_double)
-                     - R.block_flops(CFG, CFG.txt_len + m, blk < n_double)) for blk, b, n, m in method.calls)
+    saved = sum(b * (block_flops(CFG.txt_len + n, CFG.hidden, CFG.mlp_ratio)
+                     - block_flops(CFG.txt_len + m, CFG.hidden, CFG.mlp_ratio)) for blk, b, n, m in method.calls)
     predicted = 1.0 - saved / base
     measured = merged / base
     token_fraction = sum(m for *_, m in method.calls) / sum(n for *_, n, _ in method.calls)
@@ -325,4 +325,4 @@ def test_matches_comfyui_flux(host, model):
             theirs = flux(x, torch.full((4,), sigma), txt, y=y, transformer_options=to)
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (sigma, (ours - theirs).abs().max())
         if options is not None:
-            assert options[RUNS_KEY]["sdtm"].merged_calls > 0
+            assert options[RUNS_KEY]["sdtm"].stats.merged_calls > 0

@@ -37,9 +37,9 @@ def sdtm_node(host):
 
 
 @pytest.fixture(scope="module")
-def defaults(sdtm_node):
+def defaults(host, sdtm_node):
     """The node's widget defaults, read from its schema (what a user gets without touching anything)."""
-    return {i.id: i.default for i in sdtm_node.define_schema().inputs if i.id not in ("model", "schedule")}
+    return host.node_inputs(sdtm_node)
 
 
 def patch(host, node, model, **kwargs):

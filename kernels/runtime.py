@@ -1,0 +1,355 @@
+"""The method interface and the one call lifecycle, host-free.
+
+A method (SDTM, density, CAT, the calibration probe) implements `TokenMethod`. `Runtime` binds it
+to a model family and drives it: per sampling run (`start_run` / `end_run`), per model call
+(`begin_call` / `end_call`) and per block (`block_replaces`, ComfyUI's `patches_replace["dit"]`
+protocol). The ComfyUI glue (nodes/patching.py), the reference DiT (tools/reference_dit.py) and the
+benchmark all go through it. Observers (the token-map recorder) hear of plans and computed-token
+masks through `report_plan` / `report_computed`; methods never import them.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .families import BlockSpec, Family, ImageSpan, image_span, run_block_merged
+from .token_ops import MergePlan
+
+CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
+RUNS_KEY = "token_reduction_runs"   # transformer_options: {method key: Run} of the current sampling run
+
+log = logging.getLogger("token_reduction")
+
+
+@dataclass
+class CallInfo:
+    """What every block of one model call needs to know about the latent."""
+
+    grid: tuple      # token grid (H, W) or (T, H, W)
+    n_img: int       # latent image tokens (reference-image tokens come after them)
+    n_txt: int       # text tokens in front of the image in single-stream blocks
+    progress: float  # 0 at the first full-schedule sigma, 1 at sigma 0
+    sigma: float = 0.0   # a change marks a new step
+    rows: tuple = ()     # one key per batch row: (uuid, cond_or_uncond, row within its chunk)
+    reduced: bool = False  # set when any block of this call ran on fewer tokens
+    num_blocks: int = 0
+    patch: int = 1
+
+
+def token_grid(shape, patch: int) -> tuple:
+    """Token grid of a latent (B, C, H, W) or video latent (B, C, T, H, W); time is patched by 1."""
+    grid = tuple(math.ceil(s / patch) for s in shape[2:])
+    if len(shape) == 5:
+        grid = (int(shape[2]),) + grid[1:]
+    return grid
+
+
+def row_keys(transformer_options: dict, batch: int) -> tuple:
+    """Key per batch row from ComfyUI's `cond_or_uncond` / `uuids` (one entry per batch chunk)."""
+    cu = transformer_options.get("cond_or_uncond") or []
+    uuids = transformer_options.get("uuids") or []
+    if not cu or batch % len(cu):
+        return _index_rows(batch)
+    per = batch // len(cu)
+    return tuple((str(uuids[i]) if i < len(uuids) else None, cu[i], r) for i in range(len(cu)) for r in range(per))
+
+
+def call_rows(call: CallInfo, batch: int) -> tuple:
+    """The call's key per batch row; hosts that give none (the reference model) get one per row index."""
+    return tuple(call.rows) if len(call.rows) == batch else _index_rows(batch)
+
+
+def _index_rows(batch: int) -> tuple:
+    return tuple((None, None, r) for r in range(batch))
+
+
+@dataclass
+class RunStats:
+    """Token counts of one sampling run, and what they cost in block FLOPs (families.block_flops, summed
+    in two parts so that any width can be priced: linear-layer tokens and attention query x key pairs)."""
+
+    tokens_in: int = 0
+    tokens_computed: int = 0
+    block_calls: int = 0
+    merged_calls: int = 0
+    linear: float = 0.0
+    pairs: float = 0.0
+    full_linear: float = 0.0
+    full_pairs: float = 0.0
+    width: int = 0
+    steps: int = 0          # model calls at a new sigma
+    seconds: float = 0.0    # wall time of the run
+
+    def add(self, n_in: int, n_out: int, n_keys: int | None = None, n_other: int = 0):
+        """One block call: n_out of n_in image tokens computed, attending to n_keys image keys (n_out
+        when None) and n_other other tokens (text, reference images)."""
+        n_keys = n_out if n_keys is None else n_keys
+        self.block_calls += 1
+        self.tokens_in += n_in
+        self.tokens_computed += n_out
+        self.merged_calls += int(n_out < n_in)
+        self.linear += n_out + n_other
+        self.pairs += (n_out + n_other) * (n_keys + n_other)
+        self.full_linear += n_in + n_other
+        self.full_pairs += (n_in + n_other) ** 2
+
+    @property
+    def computed_share(self) -> float:
+        return self.tokens_computed / self.tokens_in if self.tokens_in else 1.0
+
+    def flops(self, width: int | None = None, mlp_ratio: float = 4.0, full: bool = False) -> float:
+        c = width or self.width
+        linear, pairs = (self.full_linear, self.full_pairs) if full else (self.linear, self.pairs)
+        return 2.0 * (4.0 + 2.0 * mlp_ratio) * c * c * linear + 4.0 * c * pairs
+
+    def flops_share(self, width: int | None = None, mlp_ratio: float = 4.0) -> float:
+        """Block FLOPs of this run relative to the same blocks unreduced."""
+        full = self.flops(width, mlp_ratio, full=True)
+        return self.flops(width, mlp_ratio) / full if full else 1.0
+
+    def summary(self, name: str) -> str:
+        if self.tokens_in == 0:
+            return f"{name}: no patched block ran"
+        share = self.computed_share
+        per_step = f", {self.seconds / self.steps:.2f} s/step over {self.steps} steps" if self.steps else ""
+        return (f"{name}: image tokens computed {100 * share:.1f}% of unpatched "
+                f"({100 * (1 - share):.1f}% saved), block FLOPs {100 * self.flops_share():.1f}% of unpatched"
+                f"{per_step}; {self.merged_calls} of {self.block_calls} block calls reduced")
+
+
+@dataclass
+class Run:
+    """One sampling run of one method: its counts and its state (None for stateless methods)."""
+
+    stats: RunStats
+    state: object = None
+    started: float = 0.0
+    last_sigma: float | None = None
+
+
+@dataclass
+class BlockCall:
+    """One block call as a method's `run_block` sees it."""
+
+    args: dict          # the host's block arguments (img, txt, vec, pe, ..., transformer_options)
+    original: Callable  # runs the unmodified block on an args dict
+    spec: BlockSpec
+    family: Family
+    span: ImageSpan
+    call: CallInfo
+    run: Run | None
+
+    @property
+    def image_tokens(self) -> torch.Tensor:
+        a = self.span.img_start
+        return self.args["img"][:, a:a + self.span.n_img]
+
+    def count(self, n_computed: int, n_keys: int | None = None):
+        """Record that `n_computed` image tokens ran (attending to `n_keys` image keys, default the same)."""
+        if self.run is not None:
+            x = self.args["img"]
+            stats = self.run.stats
+            stats.width = stats.width or int(x.shape[-1])
+            stats.add(self.span.n_img, n_computed, n_keys,
+                      x.shape[1] - self.span.n_img + self.span.n_txt + self.span.n_txt_after)
+
+
+def check_fractions(label: str, config, *names: str):
+    """Every named field of `config` must lie in [0, 1]."""
+    for name in names:
+        value = getattr(config, name)
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"{label}: {name} must lie in [0, 1], got {value}")
+
+
+class TokenMethod:
+    """The interface every method implements; `Runtime` calls it.
+
+    Per sampling run `new_run_state()`; per model call `begin_call(state, call, x)` before and
+    `end_call(state, call, noise)` after (the predicted noise; may return (noise, computed pixel
+    mask) to replace what was not computed); per block `run_block(block)`.
+    """
+
+    name = "token method"
+    composable = True   # False: no other token-reduction method may patch the same model
+
+    def is_active(self, progress: float) -> bool:
+        return self.config.start_percent <= progress < self.config.end_percent
+
+    def new_run_state(self):
+        return None
+
+    def begin_call(self, state, call: CallInfo, x: torch.Tensor):
+        pass
+
+    def run_block(self, block: BlockCall) -> dict:
+        block.count(block.span.n_img)
+        return block.original(block.args)
+
+    def end_call(self, state, call: CallInfo, noise: torch.Tensor):
+        return None
+
+
+class MergingMethod(TokenMethod):
+    """Methods that merge tokens inside a block (SDTM, density, the calibration probe): per block a
+    MergePlan or None, run by families.run_block_merged; optionally with a detail cache."""
+
+    detail_cache = None  # kernels.detail_cache.DetailCache when switched on
+
+    def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
+        raise NotImplementedError
+
+    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
+        return None
+
+    def run_block(self, block: BlockCall) -> dict:
+        plan = self.plan(block.image_tokens, block.call.grid, block.spec.index, block.family.num_blocks,
+                         block.call.progress)
+        block.count(block.span.n_img if plan is None else plan.n_out)
+        if plan is None:
+            return block.original(block.args)
+        report_plan(block.spec.index, plan)
+        block.call.reduced = True
+        return run_block_merged(block.args, block.original, plan, block.span, block.family, self.key_bias(plan))
+
+    def new_run_state(self):
+        return self.detail_cache.new_run_state() if self.detail_cache is not None else None
+
+    def end_call(self, state, call, noise):
+        return self.detail_cache.end_call(state, call, noise)
+
+
+# ---- observers (the token-map recorder) -------------------------------------------------------------
+
+_OBSERVER: contextvars.ContextVar = contextvars.ContextVar("token_reduction_observer", default=None)
+
+
+def observe(observer) -> contextvars.Token:
+    """Make `observer` (with .plan(block, plan) and .computed_mask(block, mask)) hear of this context's calls."""
+    return _OBSERVER.set(observer)
+
+
+def stop_observing(token: contextvars.Token):
+    _OBSERVER.reset(token)
+
+
+def observing() -> bool:
+    """True while an observer listens (lets a method skip building a map nobody reads)."""
+    return _OBSERVER.get() is not None
+
+
+def report_plan(block: int, plan: MergePlan):
+    observer = _OBSERVER.get()
+    if observer is not None:
+        observer.plan(block, plan)
+
+
+def report_computed(block: int, mask: torch.Tensor):
+    """A (B, N) per-token mask, 1 = computed in this block, 0 = served from a cache."""
+    observer = _OBSERVER.get()
+    if observer is not None:
+        observer.computed_mask(block, mask)
+
+
+_warned: set = set()
+
+
+def warn_once(key, message: str):
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+# ---- the lifecycle ---------------------------------------------------------------------------------
+
+class Runtime:
+    """One method bound to one model family: what a host calls per run, per model call and per block."""
+
+    def __init__(self, method: TokenMethod, family: Family, patch_size: int, key: str):
+        self.method, self.family, self.patch, self.key = method, family, int(patch_size), key
+
+    def start_run(self, transformer_options: dict) -> Run:
+        run = Run(RunStats(), self.method.new_run_state(), time.perf_counter())
+        transformer_options[RUNS_KEY] = {**transformer_options.get(RUNS_KEY, {}), self.key: run}
+        return run
+
+    def end_run(self, run: Run) -> list[str]:
+        """The run's summary lines; frees its state."""
+        run.stats.seconds = time.perf_counter() - run.started
+        lines = [run.stats.summary(self.method.name)]
+        if run.state is not None:
+            lines.append(f"{self.method.name}: cache peak {run.state.peak_cache_bytes / 2 ** 20:.1f} MiB, freed")
+            run.state.clear()
+        return lines
+
+    def run_of(self, transformer_options: dict) -> Run | None:
+        return (transformer_options.get(RUNS_KEY) or {}).get(self.key)
+
+    def begin_call(self, transformer_options: dict, x: torch.Tensor, sigma: float, progress: float, n_txt: int,
+                   rows: tuple = ()) -> CallInfo:
+        grid = token_grid(x.shape, self.patch)
+        call = CallInfo(grid, math.prod(grid), n_txt, progress, sigma, rows, num_blocks=self.family.num_blocks,
+                        patch=self.patch)
+        transformer_options[CALL_KEY] = call
+        run = self.run_of(transformer_options)
+        if run is not None:
+            if sigma != run.last_sigma:
+                run.stats.steps += 1
+                run.last_sigma = sigma
+            if run.state is not None:
+                self.method.begin_call(run.state, call, x)
+        return call
+
+    def stateful(self, transformer_options: dict) -> bool:
+        run = self.run_of(transformer_options)
+        return run is not None and run.state is not None
+
+    def end_call(self, transformer_options: dict, noise: torch.Tensor):
+        """(noise with what was not computed replaced, computed pixel mask) or None; `noise` is the
+        model's predicted noise (eps, or the velocity of flow models)."""
+        run = self.run_of(transformer_options)
+        call = transformer_options.get(CALL_KEY)
+        if run is None or run.state is None or call is None or len(call.grid) not in (2, 3):
+            return None
+        return self.method.end_call(run.state, call, noise)
+
+    def block_replaces(self, existing: dict | None = None) -> dict:
+        """{block key: replace} for every block; `existing` replaces are chained beneath."""
+        existing = existing or {}
+        return {spec.key: self._block_replace(spec, existing.get(spec.key)) for spec in self.family.blocks}
+
+    def _block_replace(self, spec: BlockSpec, previous):
+        method, family, key = self.method, self.family, self.key
+
+        def replace(args, extra):
+            original = chained(extra["original_block"], previous)
+            to = args.get("transformer_options") or {}
+            call = to.get(CALL_KEY)
+            if call is None:
+                return original(args)
+            if not spec.text_in_img and args.get("txt") is not None:
+                call.n_txt = args["txt"].shape[1]
+            span = image_span(spec, args, call.n_img, call.n_txt, family)
+            if isinstance(span, str):  # the call does not look as the family describes it
+                warn_once((family.name, span), f"{method.name}: {family.name} block call not recognised ({span}); "
+                                               "such calls run unreduced")
+                return original(args)
+            if span is None:
+                return original(args)
+            return method.run_block(BlockCall(args, original, spec, family, span, call,
+                                              (to.get(RUNS_KEY) or {}).get(key)))
+
+        return replace
+
+
+def chained(original: Callable, previous: Callable | None) -> Callable:
+    """The block to run beneath a replacement: `original`, or a replacement already registered there."""
+    if previous is None:
+        return original
+    return lambda a: previous(a, {"original_block": original})
