@@ -63,6 +63,10 @@ class CATPruningPatchModel(io.ComfyNode):
         )
 
     @classmethod
+    def config(cls, preset="balanced", **settings) -> CATConfig:
+        return preset_config(CATConfig, PRESETS, preset, settings).validate()
+
+    @classmethod
     def execute(cls, model, preset="balanced", schedule=None, **settings) -> io.NodeOutput:
-        method = CATPruning(preset_config(CATConfig, PRESETS, preset, settings), schedule=schedule)
+        method = CATPruning(cls.config(preset, **settings), schedule=schedule)
         return io.NodeOutput(patch_model(model, method, "cat", "CAT Cached Token Pruning", cls.hidden.unique_id))

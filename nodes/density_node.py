@@ -61,8 +61,12 @@ class TokenDensityPatchModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, preset="balanced", schedule=None, **settings) -> io.NodeOutput:
+    def config(cls, preset="balanced", **settings) -> DensityConfig:
         if "stage_windows" in settings:
             settings["stage_windows"] = parse_stage_windows(settings["stage_windows"])
-        method = DensitySchedule(preset_config(DensityConfig, PRESETS, preset, settings), schedule=schedule)
+        return preset_config(DensityConfig, PRESETS, preset, settings).validate()
+
+    @classmethod
+    def execute(cls, model, preset="balanced", schedule=None, **settings) -> io.NodeOutput:
+        method = DensitySchedule(cls.config(preset, **settings), schedule=schedule)
         return io.NodeOutput(patch_model(model, method, "density", "Token Density Schedule", cls.hidden.unique_id))

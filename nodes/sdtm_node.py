@@ -75,6 +75,10 @@ class SDTMPatchModel(io.ComfyNode):
         )
 
     @classmethod
+    def config(cls, preset="balanced", **settings) -> SDTMConfig:
+        return preset_config(SDTMConfig, PRESETS, preset, settings).validate()
+
+    @classmethod
     def execute(cls, model, preset="balanced", schedule=None, **settings) -> io.NodeOutput:
-        method = SDTM(preset_config(SDTMConfig, PRESETS, preset, settings), schedule=schedule)
+        method = SDTM(cls.config(preset, **settings), schedule=schedule)
         return io.NodeOutput(patch_model(model, method, "sdtm", "SDTM Token Merging", cls.hidden.unique_id))

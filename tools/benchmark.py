@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +38,7 @@ from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.families import Family, flux_family, mmdit_family  # noqa: E402
 from kernels.runtime import RUNS_KEY, RunStats, Runtime  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from tools import cli  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 from tools.report import Report, peak_memory, sync  # noqa: E402
 
@@ -330,31 +330,25 @@ def time_table(rep: Report, device: str, size: str, repeats: int, use_host: bool
 # ---- main ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default=None,
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", type=cli.choice_list(SECTIONS), default=None,
                    help=f"comma list of {', '.join(SECTIONS)} (default: flops,proxy; with --device cuda all three)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the time section)")
     p.add_argument("--size", choices=("full", "small"), default="full",
                    help="time section: full (Flux-dev sizes, for a GPU) or small (a quick check on the CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed images per setting (median reported)")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed images per setting (median reported)")
     p.add_argument("--no-host", action="store_true", help="time the reference DiT's own blocks even with ComfyUI")
     p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = p.parse_args(argv)
-    default = "flops,proxy,time" if args.device.startswith("cuda") else "flops,proxy"
-    args.sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
-    bad = [s for s in args.sections if s not in SECTIONS]
-    if bad or not args.sections:
-        p.error(f"unknown section(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SECTIONS)}")
-    if args.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.sections is None:
+        args.sections = list(SECTIONS) if args.device.startswith("cuda") else ["flops", "proxy"]
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         p.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch here")
     if "time" in args.sections and args.size == "full" and not args.device.startswith("cuda"):
         p.error("the time section at full size needs --device cuda (use --size small for a check on the CPU)")
-    if args.out is not None and not args.out.parent.is_dir():
-        p.error(f"--out: folder {args.out.parent} does not exist")
+    cli.writable_file(p, args.out)
     return args
 
 

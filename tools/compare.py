@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from kernels.runtime import RUNS_KEY  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import benchmark as B  # noqa: E402
+from tools import cli  # noqa: E402
 from tools.report import Report, peak_memory, sync  # noqa: E402
 from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
@@ -205,10 +206,14 @@ QUICK = dict(samples=4, batch=4, sweep_samples=2, time_images=1, repeats=1, kid_
              naive_sweep=(0.2, 0.4, 0.6, 0.75), step_fractions=(0.3, 0.5, 0.6, 0.8))
 
 
-def reference_model():
+REFERENCE_MODELS = R.MODELS
+DEFAULT_MODEL = "64px"
+
+
+def reference_model(name: str = DEFAULT_MODEL):
     """(model, source): trained weights if present, else random init of the training config."""
-    if R.WEIGHTS_PATH.is_file():
-        return R.build_model()
+    if REFERENCE_MODELS[name].is_file():
+        return R.build_model(weights=REFERENCE_MODELS[name])
     try:
         from tools.train_reference import TRAIN_CONFIG
         config = R.DiTConfig(**TRAIN_CONFIG)
@@ -649,20 +654,35 @@ def run_full_size(rep: Report):
 
 # ---- main ---------------------------------------------------------------------------------------------
 
+SECTIONS = ("reference", "host", "full")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="few samples and repeats (about 2 minutes on 2 cores)")
-    p.add_argument("--samples", type=int, help="images per row on the reference model (default 256, quick 8)")
-    p.add_argument("--sweep-samples", type=int, help="images per point of the equal-FLOPs sweeps (default 64)")
-    p.add_argument("--steps", type=int, default=10, help="sampling steps of the unpatched runs")
-    p.add_argument("--repeats", type=int, help="timed runs per row (default 3, quick 1)")
-    p.add_argument("--sections", default="reference,host,full", help="comma list of reference, host, full")
+    p = cli.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="few samples and repeats")
+    p.add_argument("--samples", type=cli.positive_int,
+                   help=f"images per row on the reference model (default {Settings.samples}, quick {QUICK['samples']})")
+    p.add_argument("--sweep-samples", type=cli.positive_int,
+                   help=f"images per point of the equal-FLOPs sweeps (default {Settings.sweep_samples})")
+    p.add_argument("--steps", type=cli.positive_int, default=10, help="sampling steps of the unpatched runs (at least 2)")
+    p.add_argument("--repeats", type=cli.positive_int,
+                   help=f"timed runs per row (default {Settings.repeats}, quick {QUICK['repeats']})")
+    p.add_argument("--sections", type=cli.choice_list(SECTIONS), default=list(SECTIONS),
+                   help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--model", choices=sorted(REFERENCE_MODELS), default=DEFAULT_MODEL,
+                   help="which trained reference model the reference section samples")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings on a "
-                                                          "shared CPU; 0 = torch's default)")
-    p.add_argument("--no-host", action="store_true", help="skip ComfyUI: no host models, fallback blocks for FLOPs")
+    p.add_argument("--threads", type=cli.non_negative_int, default=1,
+                   help="torch CPU threads (default 1: steadier timings on a shared CPU; 0 = torch's default)")
+    p.add_argument("--no-host", action="store_true", help="skip the tiny ComfyUI models")
     p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"--steps must be at least 2, got {args.steps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch here")
+    cli.writable_file(p, args.out)
+    return args
 
 
 def settings_from(args) -> Settings:
@@ -676,8 +696,6 @@ def settings_from(args) -> Settings:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -690,12 +708,12 @@ def main(argv=None) -> dict:
 def _main(args, argv: list[str]) -> dict:
     t_start = time.perf_counter()
     s = settings_from(args)
-    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    sections = set(args.sections)
     rep = Report()
     rep.header(f"Side-by-side comparison ({'quick' if args.quick else 'full'})", args.device, "tools/compare.py", argv)
     out = {}
     if "reference" in sections:
-        model, source = reference_model()
+        model, source = reference_model(args.model)
         model = model.to(s.device)
         rows = reference_rows(s)
         kid = kid_reference(model, s)

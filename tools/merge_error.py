@@ -34,6 +34,7 @@ from kernels.cat import CATConfig, along_trend  # noqa: E402
 from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.detail_cache import low_pass  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from tools import cli  # noqa: E402
 from tools import compare as C  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 from tools.report import Report  # noqa: E402
@@ -134,17 +135,20 @@ def report(rep: Report, model, steps: int, samples: int):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
+    p = cli.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=cli.positive_int, default=10, help="sampling steps (at least 3)")
+    p.add_argument("--samples", type=cli.positive_int, default=16, help="images sampled")
+    p.add_argument("--model", choices=sorted(C.REFERENCE_MODELS), default=C.DEFAULT_MODEL,
+                   help="which trained reference model to sample")
+    p.add_argument("--threads", type=cli.non_negative_int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = p.parse_args(argv)
-    if args.steps < 3 or args.samples < 1:
-        raise SystemExit("--steps must be at least 3 and --samples at least 1")
+    if args.steps < 3:
+        p.error(f"--steps must be at least 3, got {args.steps}")
+    cli.writable_file(p, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, source = C.reference_model()
+    model, source = C.reference_model(args.model)
     rep = Report()
     rep.header(f"Merged calls against reuse, step by step ({source})", "cpu", "tools/merge_error.py",
                sys.argv[1:] if argv is None else list(argv))

@@ -38,6 +38,8 @@ from kernels.runtime import Runtime
 from kernels.schedule import ProgressMap, flow_percent_to_sigma
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "reference_dit.safetensors"
+# The trained reference models by name: 64 px (16x16 tokens) and 128 px (32x32 tokens); tools/weights/README.md.
+MODELS = {"64px": WEIGHTS_PATH, "128px": WEIGHTS_PATH.with_name("reference_dit_128.safetensors")}
 # Per-call hooks run by `model_call`, this model's analogue of ComfyUI's APPLY_MODEL wrappers.
 APPLY_MODEL_HOOKS_KEY = "reference_apply_model_hooks"
 # Hooks run after it, hook(x, sigma, options, out) -> out (a stateful method such as CAT reuses cached noise).

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -36,7 +36,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tools import procedural  # noqa: E402
+from tools import cli, procedural  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
 # The trained configuration: 64x64 px with 4x4 patches -> a 16x16 token grid (256 image tokens).
@@ -46,25 +46,25 @@ TRAIN_CONFIG = dict(image_size=64, patch_size=4, hidden=128, heads=2, depth_doub
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=R.WEIGHTS_PATH, help="weights file to write (EMA weights)")
-    p.add_argument("--steps", type=int, default=20000, help="maximum optimizer steps")
-    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget; stops early (0 = no limit)")
-    p.add_argument("--batch", type=int, default=32, help="images per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--steps", type=cli.positive_int, default=20000, help="maximum optimizer steps")
+    p.add_argument("--minutes", type=cli.non_negative_float, default=0.0, help="wall-clock budget; stops early (0 = no limit)")
+    p.add_argument("--batch", type=cli.positive_int, default=32, help="images per step")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=200, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=cli.non_negative_float, default=0.01, help="AdamW weight decay")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--sigma-sampling", choices=("logit-normal", "uniform"), default="logit-normal",
                    help="distribution of the training noise levels")
     p.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of unconditional ids (for CFG)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, data and sigmas")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of init, data and sigmas")
+    p.add_argument("--threads", type=cli.non_negative_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="cpu",
                    help="torch device to train on, e.g. cuda (the procedural images are drawn on the CPU, with "
                         "the same seeds, and moved there)")
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint (EMA weights) every N steps")
-    p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
+    p.add_argument("--save-every", type=cli.positive_int, default=250, help="checkpoint (EMA weights) every N steps")
+    p.add_argument("--log-every", type=cli.positive_int, default=50, help="print the loss every N steps")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16",
                    help="storage dtype of the weights file (loaded back as float32)")
     p.add_argument("--init-from", type=Path, default=None,
@@ -74,7 +74,27 @@ def parse_args(argv=None):
                    help="with --evaluate: PNG of samples, one row per class")
     p.add_argument("--config", default=None,
                    help="JSON DiTConfig overrides (default: the shipped 64 px / patch 4 / hidden 128 config)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("ema", "cond_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            p.error(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}")
+    if args.config is not None:
+        try:
+            overrides = json.loads(args.config)
+            R.DiTConfig(**{**TRAIN_CONFIG, **overrides})
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            p.error(f"--config: not a valid DiTConfig in JSON: {e}")
+    if args.init_from is not None and not args.init_from.is_file():
+        p.error(f"--init-from: no file {args.init_from}")
+    if args.evaluate:
+        if not args.out.is_file():
+            p.error(f"--evaluate: no weights file {args.out}")
+        cli.writable_file(p, args.grid, "--grid")
+    else:
+        cli.writable_file(p, args.out)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch here")
+    return args
 
 
 def init_model(config: R.DiTConfig, seed: int) -> R.ReferenceDiT:
@@ -172,7 +192,7 @@ def train(argv=None) -> dict:
         return evaluate(args)
     command = "python tools/train_reference.py " + " ".join(shlex.quote(a) for a in
                                                              (sys.argv[1:] if argv is None else argv))
-    overrides = TRAIN_CONFIG if args.config is None else {**TRAIN_CONFIG, **__import__("json").loads(args.config)}
+    overrides = TRAIN_CONFIG if args.config is None else {**TRAIN_CONFIG, **json.loads(args.config)}
     config = R.DiTConfig(**overrides)
     torch.manual_seed(args.seed)
     prior = {}

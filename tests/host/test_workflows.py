@@ -149,17 +149,15 @@ def check_value(where: str, typ: str, opts: dict, value):
         assert value <= opts["max"], f"{where}: {value} > max {opts['max']}"
 
 
-def check_sdtm(pack, values: dict, where: str):
-    import importlib
-    sdtm = importlib.import_module(pack.__name__ + ".kernels.sdtm")
+def check_patch_node(node_cls, values: dict, where: str):
     try:
-        sdtm.SDTMConfig(**values).validate()
+        node_cls.config(**values)
     except ValueError as e:
         pytest.fail(f"{where}: the node would reject these settings: {e}")
 
 
-# Per pack node: a check of its widget values as a whole (the node's own config validation).
-PACK_CONFIG_CHECKS = {"SDTMPatchModel": check_sdtm}
+# Pack nodes whose widget values are checked as a whole (the node's own config validation).
+PATCH_NODES = ("SDTMPatchModel", "TokenDensityPatchModel", "CATPruningPatchModel")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
@@ -211,8 +209,8 @@ def test_workflow_against_host(host, registry, path):
                 check_value(f"{where} {key}", typ, opts, value)
 
         # Values the widgets accept one by one can still be rejected together at execution.
-        if n["type"] in PACK_CONFIG_CHECKS:
-            PACK_CONFIG_CHECKS[n["type"]](host.load_pack(), dict(zip(widgets, values)), where)
+        if n["type"] in PATCH_NODES:
+            check_patch_node(host.pack_nodes()[n["type"]], dict(zip(widgets, values)), where)
 
     for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
         declared = list(mapping[nodes[src]["type"]].RETURN_TYPES)[src_slot]
