@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu",
                    help="torch device to train on, e.g. cuda (the procedural images are drawn on the CPU, with "
                         "the same seeds, and moved there)")
-    p.add_argument("--save-every", type=cli.positive_int, default=250, help="checkpoint (EMA weights) every N steps")
+    p.add_argument("--save-every", type=cli.non_negative_int, default=250,
+                   help="checkpoint (EMA weights) every N steps (0: only at the end)")
     p.add_argument("--log-every", type=cli.positive_int, default=50, help="print the loss every N steps")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16",
                    help="storage dtype of the weights file (loaded back as float32)")
