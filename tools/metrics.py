@@ -18,6 +18,15 @@ Images are (N, C, H, W) tensors in [-1, 1] (the reference model's range). What e
   samples of the same distribution give about 0 (it can be slightly negative); with a few dozen
   images it is noisy (compare `kid_std`), it needs a few hundred per set to separate methods whose
   scores differ by less than about 1e-3.
+- Token artifact ratio (`token_artifact_ratio`): per-token colour noise, against the unpatched
+  image of the same seed and class. Each image is averaged over its patch x patch token cells (the
+  colour each token carries); its token-scale energy is the mean squared deviation of each token's
+  colour from the mean of its 3x3 token neighbourhood (interior tokens). The ratio of a patched
+  image's energy to its unpatched image's (plus one 8-bit level squared on both, so that a flat
+  unpatched image does not turn invisible residue into a huge ratio) is 1 for equal token-scale
+  detail, above 1 when tokens carry their own colour (merging that leaves per-token residue), below
+  1 for blur. Summarised over images by the median or the mean (`token_artifact_ratios` gives each
+  image's); the mean is the stricter, since noise in a few flat images dominates it.
 """
 from __future__ import annotations
 
@@ -30,7 +39,8 @@ from torch import Tensor
 
 from tools.reference_dit import psnr  # noqa: F401  (one home for PSNR; re-exported here)
 
-__all__ = ["psnr", "ssim", "ssim_per_image", "RandomFeatures", "mmd2_unbiased", "kid"]
+__all__ = ["psnr", "ssim", "ssim_per_image", "RandomFeatures", "mmd2_unbiased", "kid", "token_energy",
+           "token_artifact_ratios", "token_artifact_ratio"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -73,6 +83,48 @@ def ssim_per_image(a: Tensor, b: Tensor, data_range: float = 2.0, window: int = 
 def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> float:
     """Mean SSIM over the image pairs (1.0 for identical images)."""
     return float(ssim_per_image(a, b, data_range).mean())
+
+
+# ---- token-scale artifacts ---------------------------------------------------------------------------
+
+def token_energy(images: Tensor, patch: int) -> Tensor:
+    """(N,) token-scale energy of each image: the mean squared deviation of each token's mean colour
+    (mean over its patch x patch pixels) from the mean of its 3x3 token neighbourhood (centre
+    included), over the interior tokens and the channels. Images are clamped to [-1, 1]."""
+    if images.ndim != 4:
+        raise ValueError(f"token_energy needs (N, C, H, W) images, got {tuple(images.shape)}")
+    patch = int(patch)
+    if patch < 1 or min(images.shape[-2:]) < 3 * patch:
+        raise ValueError(f"token_energy: images of {tuple(images.shape[-2:])} px have fewer than 3x3 tokens "
+                         f"of {patch} px")
+    tokens = F.avg_pool2d(images.detach().double().clamp(-1, 1), patch)   # (N, C, h, w) token colours
+    neighbourhood = F.avg_pool2d(tokens, 3, stride=1)                      # interior tokens only
+    return (tokens[..., 1:-1, 1:-1] - neighbourhood).pow(2).flatten(1).mean(1)
+
+
+TOKEN_ENERGY_FLOOR = (2.0 / 255.0) ** 2   # one 8-bit level in [-1, 1], squared: deviations below it are invisible
+
+
+def token_artifact_ratios(patched: Tensor, unpatched: Tensor, patch: int, eps: float = TOKEN_ENERGY_FLOOR) -> Tensor:
+    """(N,) (token_energy(patched) + eps) / (token_energy(unpatched) + eps), image by image (same seed
+    and class). `eps` (one 8-bit level, squared) keeps a flat unpatched image from turning invisible
+    residue into a huge ratio."""
+    if patched.shape != unpatched.shape:
+        raise ValueError(f"token_artifact_ratios needs two image sets of one shape, got {tuple(patched.shape)} "
+                         f"and {tuple(unpatched.shape)}")
+    return (token_energy(patched, patch) + eps) / (token_energy(unpatched, patch) + eps)
+
+
+def token_artifact_ratio(patched: Tensor, unpatched: Tensor, patch: int, reduce: str = "median") -> float:
+    """Token-scale artifact ratio of a set of images against their unpatched images: the median
+    (`reduce` "median") or mean ("mean") of the per-image ratios. 1: the unpatched token-scale
+    detail; above 1: per-token noise; below 1: blur."""
+    r = token_artifact_ratios(patched, unpatched, patch)
+    if reduce == "median":
+        return float(r.quantile(0.5))
+    if reduce == "mean":
+        return float(r.mean())
+    raise ValueError(f"reduce must be 'median' or 'mean', got {reduce!r}")
 
 
 # ---- random-feature extractor ----------------------------------------------------------------------
