@@ -277,6 +277,7 @@ class Result:
     psnr: float = math.nan
     ssim: float = math.nan
     kid: tuple = (math.nan, math.nan)
+    artifact: tuple = (math.nan, math.nan)   # token artifact ratio against unpatched: (median, mean)
     error: str | None = None
     run: Callable | None = None   # host rows: one timed sampling run
 
@@ -330,6 +331,8 @@ def run_reference(model, rows: list[Row], s: Settings, timing: bool = True,
     for r in ok:
         r.psnr = R.psnr(r.images, base.images)
         r.ssim = M.ssim(r.images, base.images)
+        ratios = M.token_artifact_ratios(r.images, base.images, model.patch_size)
+        r.artifact = (float(ratios.quantile(0.5)), float(ratios.mean()))
         if ref is not None:
             r.kid = ref.kid(r.images, s)
     return res
@@ -359,16 +362,18 @@ def report_reference(rep: Report, res: dict, s: Settings, source: str, model):
     bt = statistics.median(base.times) if base.times else None
     for r in res.values():
         if r.row.missing or r.error:
-            rows.append([r.row.name] + [r.row.missing or r.error] + [""] * 8)
+            rows.append([r.row.name] + [r.row.missing or r.error] + [""] * 9)
             continue
         t = statistics.median(r.times) if r.times else None
         rows.append([r.row.name, f"{r.flops / 1e9:.2f}", f"{r.flops / base.flops:.3f}", f"{100 * r.tokens:.1f}%",
                      "-" if t is None else f"{t:.2f} s", "-" if t is None else f"{t / bt:.3f}",
                      "-" if not r.memory else f"{r.memory / 2**20:.1f}", _db(r.psnr),
                      "-" if math.isnan(r.ssim) else f"{r.ssim:.4f}",
-                     "-" if math.isnan(r.kid[0]) else f"{1e3 * r.kid[0]:.2f} ± {1e3 * r.kid[1]:.2f}"])
+                     "-" if math.isnan(r.kid[0]) else f"{1e3 * r.kid[0]:.2f} ± {1e3 * r.kid[1]:.2f}",
+                     "-" if math.isnan(r.artifact[0]) else f"{r.artifact[0]:.2f} / {r.artifact[1]:.2f}"])
     rep.table(["row", "GFLOPs / image", "FLOPs / unpatched", "image tokens computed", "wall time (median)",
-               "time / unpatched", "peak memory MiB", "PSNR dB", "SSIM", "KID x1e3 (± std)"], rows)
+               "time / unpatched", "peak memory MiB", "PSNR dB", "SSIM", "KID x1e3 (± std)",
+               "token artifact ratio (median / mean)"], rows)
     mem = ("CUDA max_memory_allocated above what was held" if torch.device(s.device).type == "cuda" else
            "peak of torch.profiler's recorded tensor allocations minus frees (CPU, op granularity; weights and "
            "inputs excluded)")
@@ -379,7 +384,10 @@ def report_reference(rep: Report, res: dict, s: Settings, source: str, model):
     rep(f"Peak memory: one timed run of {s.time_images} images; {mem}. PSNR / SSIM: against the unpatched images of "
         f"the same seed and class (pixel fidelity, not quality). KID: random-feature KID (tools/metrics.py) against "
         f"{s.samples} unpatched images of other seeds; the unpatched row is the noise floor; mean ± std over "
-        f"{s.kid_subsets} random subsets of {max(2, s.samples // 2)} images per set.")
+        f"{s.kid_subsets} random subsets of {max(2, s.samples // 2)} images per set. Token artifact ratio "
+        f"(tools/metrics.token_artifact_ratio, {c.patch_size} px tokens): per image, the token-scale energy (each "
+        f"token's mean colour against its 3x3 token neighbourhood) over the unpatched image's, median / mean over "
+        f"images; 1 = the unpatched detail, above 1 per-token noise, below 1 blur.")
     rep()
 
 

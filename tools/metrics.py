@@ -11,13 +11,23 @@ Images are (N, C, H, W) tensors in [-1, 1] (the reference model's range). What e
 - KID (`kid`): a distribution-level score: the unbiased squared MMD, with the cubic polynomial
   kernel, between the feature sets of two sets of images, averaged over random subsets (as in
   Binkowski et al. 2018, and torch-fidelity / clean-fid). No pretrained network can be downloaded
-  here, so the features come from `RandomFeatures`: a fixed, seeded random conv net defined below.
+  here, so the features come from `RandomFeatures`: a fixed, seeded random conv net defined below,
+  with band-pass features at 1, 2, 4 and 8 px (among them the token scale of a patch-4 model).
   Random conv features respond to colour, contrast, edges and texture statistics at several
   scales; they know nothing about object semantics, so KID here detects distribution shift
-  (blur, colour casts, blockiness, artefacts) but not "wrong object". KID is unbiased, so two
+  (blur, colour casts, blockiness, per-token noise) but not "wrong object". KID is unbiased, so two
   samples of the same distribution give about 0 (it can be slightly negative); with a few dozen
   images it is noisy (compare `kid_std`), it needs a few hundred per set to separate methods whose
   scores differ by less than about 1e-3.
+- Token artifact ratio (`token_artifact_ratio`): per-token colour noise, against the unpatched
+  image of the same seed and class. Each image is averaged over its patch x patch token cells (the
+  colour each token carries); its token-scale energy is the mean squared deviation of each token's
+  colour from the mean of its 3x3 token neighbourhood (interior tokens). The ratio of a patched
+  image's energy to its unpatched image's (plus one 8-bit level squared on both, so that a flat
+  unpatched image does not turn invisible residue into a huge ratio) is 1 for equal token-scale
+  detail, above 1 when tokens carry their own colour (merging that leaves per-token residue), below
+  1 for blur. Summarised over images by the median or the mean (`token_artifact_ratios` gives each
+  image's); the mean is the stricter, since noise in a few flat images dominates it.
 """
 from __future__ import annotations
 
@@ -30,7 +40,8 @@ from torch import Tensor
 
 from tools.reference_dit import psnr  # noqa: F401  (one home for PSNR; re-exported here)
 
-__all__ = ["psnr", "ssim", "ssim_per_image", "RandomFeatures", "mmd2_unbiased", "kid"]
+__all__ = ["psnr", "ssim", "ssim_per_image", "RandomFeatures", "mmd2_unbiased", "kid", "token_energy",
+           "token_artifact_ratios", "token_artifact_ratio"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -75,22 +86,77 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> float:
     return float(ssim_per_image(a, b, data_range).mean())
 
 
+# ---- token-scale artifacts ---------------------------------------------------------------------------
+
+def token_energy(images: Tensor, patch: int) -> Tensor:
+    """(N,) token-scale energy of each image: the mean squared deviation of each token's mean colour
+    (mean over its patch x patch pixels) from the mean of its 3x3 token neighbourhood (centre
+    included), over the interior tokens and the channels. Images are clamped to [-1, 1]."""
+    if images.ndim != 4:
+        raise ValueError(f"token_energy needs (N, C, H, W) images, got {tuple(images.shape)}")
+    patch = int(patch)
+    if patch < 1 or min(images.shape[-2:]) < 3 * patch:
+        raise ValueError(f"token_energy: images of {tuple(images.shape[-2:])} px have fewer than 3x3 tokens "
+                         f"of {patch} px")
+    tokens = F.avg_pool2d(images.detach().double().clamp(-1, 1), patch)   # (N, C, h, w) token colours
+    neighbourhood = F.avg_pool2d(tokens, 3, stride=1)                      # interior tokens only
+    return (tokens[..., 1:-1, 1:-1] - neighbourhood).pow(2).flatten(1).mean(1)
+
+
+TOKEN_ENERGY_FLOOR = (2.0 / 255.0) ** 2   # one 8-bit level in [-1, 1], squared: deviations below it are invisible
+
+
+def token_artifact_ratios(patched: Tensor, unpatched: Tensor, patch: int, eps: float = TOKEN_ENERGY_FLOOR) -> Tensor:
+    """(N,) (token_energy(patched) + eps) / (token_energy(unpatched) + eps), image by image (same seed
+    and class). `eps` (one 8-bit level, squared) keeps a flat unpatched image from turning invisible
+    residue into a huge ratio."""
+    if patched.shape != unpatched.shape:
+        raise ValueError(f"token_artifact_ratios needs two image sets of one shape, got {tuple(patched.shape)} "
+                         f"and {tuple(unpatched.shape)}")
+    return (token_energy(patched, patch) + eps) / (token_energy(unpatched, patch) + eps)
+
+
+def token_artifact_ratio(patched: Tensor, unpatched: Tensor, patch: int, reduce: str = "median") -> float:
+    """Token-scale artifact ratio of a set of images against their unpatched images: the median
+    (`reduce` "median") or mean ("mean") of the per-image ratios. 1: the unpatched token-scale
+    detail; above 1: per-token noise; below 1: blur."""
+    r = token_artifact_ratios(patched, unpatched, patch)
+    if reduce == "median":
+        return float(r.quantile(0.5))
+    if reduce == "mean":
+        return float(r.mean())
+    raise ValueError(f"reduce must be 'median' or 'mean', got {reduce!r}")
+
+
 # ---- random-feature extractor ----------------------------------------------------------------------
 
 class RandomFeatures:
     """A fixed, seeded random conv net: the project's own feature extractor for KID.
 
-    Four stages of conv 3x3 (padding 1, He-normal weights N(0, 2 / fan_in) from
-    torch.Generator(seed), zero bias) + ReLU + 2x2 average pool, widths 32, 64, 128, 256.
-    Features: the spatial mean and standard deviation of every channel after each stage's ReLU,
-    concatenated (2 x 480 = 960 dims): colour and local contrast at 1 px, edges and textures at
-    2-8 px. Input: images in [-1, 1] of any size >= 16 px (pooled globally, so no resizing);
-    compare sets of one size only. Deterministic for a given seed (float32, CPU or GPU).
+    Image features: four stages of conv 3x3 (padding 1, He-normal weights N(0, 2 / fan_in) from
+    torch.Generator(seed), zero bias) + ReLU + 2x2 average pool, widths 32, 64, 128, 256; the
+    spatial mean and standard deviation of every channel after each stage's ReLU (2 x 480 = 960
+    dims): colour and local contrast at 1 px, edges and textures at 2-8 px.
+
+    Band features, one set per scale s in `scales` (default 1, 2, 4, 8 px): the image averaged over
+    s x s cells, minus the mean of each cell's 3x3 cell neighbourhood (a band-pass at scale s: what
+    each cell carries that its neighbours do not), times `band_gain`, then one conv 3x3 (32 wide,
+    He-normal, drawn after the image weights) + ReLU, spatial mean and std (64 dims per scale). They
+    make KID see noise at one scale, such as every 4x4-pixel token of a patch-4 model carrying its
+    own colour: the image features alone hardly move for it (their global statistics are dominated
+    by the picture's colours and large edges), the band at the token's scale is near zero on smooth
+    content and grows with the noise. `band_gain` 4 gives the band features a norm comparable to
+    the image features' on the reference model's images (about 4.7 against 6.1).
+
+    Input: images in [-1, 1] of any size >= 16 px (pooled globally, so no resizing); compare sets
+    of one size only. Deterministic for a given seed (float32, CPU or GPU).
     """
 
     WIDTHS = (32, 64, 128, 256)
+    BAND_WIDTH = 32
 
-    def __init__(self, seed: int = 0, channels: int = 3, device=None):
+    def __init__(self, seed: int = 0, channels: int = 3, device=None, scales: tuple = (1, 2, 4, 8),
+                 band_gain: float = 4.0):
         gen = torch.Generator().manual_seed(seed)
         self.weights = []
         c_in = channels
@@ -99,20 +165,33 @@ class RandomFeatures:
             w = torch.randn(c_out, c_in, 3, 3, generator=gen) * math.sqrt(2.0 / fan_in)
             self.weights.append(w.to(device))
             c_in = c_out
-        self.dim = 2 * sum(self.WIDTHS)
+        self.scales = tuple(int(s) for s in scales)
+        self.band_gain = float(band_gain)
+        self.band_weights = [(torch.randn(self.BAND_WIDTH, channels, 3, 3, generator=gen)
+                              * math.sqrt(2.0 / (channels * 9))).to(device) for _ in self.scales]
+        self.dim = 2 * sum(self.WIDTHS) + 2 * self.BAND_WIDTH * len(self.scales)
+
+    @staticmethod
+    def band(images: Tensor, scale: int) -> Tensor:
+        """Band-pass at `scale` px: the s x s cell means minus the mean of their 3x3 cell neighbourhood."""
+        cells = F.avg_pool2d(images, scale) if scale > 1 else images
+        return cells - F.avg_pool2d(cells, 3, stride=1, padding=1, count_include_pad=False)
 
     @torch.inference_mode()
     def __call__(self, images: Tensor, batch: int = 64) -> Tensor:
-        """(N, C, H, W) in [-1, 1] -> (N, 960) float64 features."""
+        """(N, C, H, W) in [-1, 1] -> (N, dim) float64 features."""
         out = []
         for chunk in images.split(batch):
-            x = chunk.detach().float().clamp(-1, 1).to(self.weights[0].device)
+            x = image = chunk.detach().float().clamp(-1, 1).to(self.weights[0].device)
             feats = []
             for i, w in enumerate(self.weights):
                 if i:
                     x = F.avg_pool2d(x, 2)
                 x = F.relu(F.conv2d(x, w, padding=1))
                 feats += [x.mean((2, 3)), x.std((2, 3))]
+            for s, w in zip(self.scales, self.band_weights):
+                y = F.relu(F.conv2d(self.band_gain * self.band(image, s), w, padding=1))
+                feats += [y.mean((2, 3)), y.std((2, 3))]
             out.append(torch.cat(feats, 1).double().cpu())
         return torch.cat(out)
 
