@@ -1,15 +1,12 @@
-"""Demo: class-conditioned images from the embedded reference DiT, unpatched, with SDTM and with CAT.
+"""Demo: the same pictures from the embedded reference DiT, unpatched, with each method, and with fewer steps.
 
-    python tools/demo.py [--out DIR] [--steps N] [--seed S] [--classes 0,1,2,3] [--cfg G]
-                         [--repeats R] [--size PX] [--scale K] [--random-init]
-                         [--threads T]
+    python tools/demo.py [--out DIR] [--model 128px|64px] [--steps N] [--classes 4,5,6] [--seed S]
 
-Runs without ComfyUI. SDTM and CAT run at their nodes' defaults (kernels.sdtm.SDTMConfig(),
-kernels.cat.CATConfig()). Writes DIR/demo_side_by_side.png (rows: baseline, SDTM, CAT; nearest-upscaled)
-and DIR/demo_table.md, and prints the table: FLOPs per image over one full sampling
-run (torch.utils.flop_counter; CFG's unconditional half included), median wall time of R timed runs (interleaved with
-the baseline's, so both see the same machine load), and the difference to the
-baseline images (PSNR, max abs error, on images in [-1, 1]).
+Runs without ComfyUI, in seconds on a CPU. Each method runs at its node's default preset. Writes
+DIR/demo_side_by_side.png (one labelled row per setting: FLOPs of the transformer blocks relative to
+unpatched, PSNR against the unpatched picture of the same seed and class, and the token-scale
+artifact ratio, 1 = as unpatched, above 1 = per-token noise) and DIR/demo_table.md, and prints both
+with a one-line recommendation drawn from what was measured.
 """
 from __future__ import annotations
 
@@ -20,21 +17,26 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.runtime import RUNS_KEY  # noqa: E402
 from kernels.cat import CATConfig, CATPruning  # noqa: E402
+from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
+from kernels.draw import draw_text, text_width  # noqa: E402
+from kernels.runtime import RUNS_KEY  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from tools import cli, metrics, procedural  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The methods at their nodes' defaults (the "balanced" preset).
+METHODS = {"SDTM": lambda: SDTM(SDTMConfig()), "density schedule": lambda: DensitySchedule(DensityConfig()),
+           "CAT": lambda: CATPruning(CATConfig())}
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -77,131 +79,149 @@ def side_by_side(rows: list[torch.Tensor], scale: int = 4, pad: int = 4) -> np.n
     return canvas
 
 
+@dataclass
+class Row:
+    name: str
+    images: torch.Tensor
+    flops: float       # block FLOPs relative to the unpatched run
+    seconds: float
+    psnr: float = float("inf")
+    artifacts: float = 1.0
+
+    def label(self) -> list[str]:
+        return [self.name, f"FLOPS {self.flops:.2f}X", f"PSNR {self.psnr:.1f} DB" if self.psnr != float("inf")
+                else "REFERENCE", f"ARTIFACTS {self.artifacts:.2f}"]
+
+
+def wrap(text: str, width: int, scale: int) -> list[str]:
+    """Words of `text` in lines no wider than `width` pixels (a longer word gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(lines[-1] + " " + word, scale) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def labelled(rows: list[Row], titles: list[str], headline: str, footer: str, scale: int, pad: int = 6) -> np.ndarray:
+    """The images of each row with its label on the left, class names above, headline and footer."""
+    text, gap = 2, 3 * 2  # font scale, line height extra
+    grid = side_by_side([r.images for r in rows], scale=scale, pad=pad)
+    tile = rows[0].images.shape[-1] * scale
+    label_w = max(text_width(line, text) for r in rows for line in r.label()) + 2 * pad
+    wrapped = [wrap(t, tile, text) for t in titles]
+    lines = max(len(t) for t in wrapped)
+    top = (1 + lines) * (5 * text + gap) + pad
+    bottom = 5 * text + 2 * pad
+    h, w = grid.shape[0] + top + bottom, max(grid.shape[1] + label_w, text_width(footer, text) + 2 * pad)
+    canvas = torch.ones(h, w, 3)
+    canvas[top:top + grid.shape[0], label_w:label_w + grid.shape[1]] = torch.from_numpy(grid).float() / 255
+    ink = (0.1, 0.1, 0.1)
+    draw_text(canvas, headline, pad, pad, text, ink)
+    for j, title in enumerate(wrapped):
+        x = label_w + pad + j * (tile + pad)
+        for k, line in enumerate(title):
+            draw_text(canvas, line, x, top - (len(title) - k) * (5 * text + gap), text, ink)
+    for i, r in enumerate(rows):
+        y = top + pad + i * (tile + pad)
+        for k, line in enumerate(r.label()):
+            draw_text(canvas, line, pad, y + k * (5 * text + gap), text, ink)
+    draw_text(canvas, footer, pad, h - bottom + pad, text, ink)
+    return (canvas * 255).round().to(torch.uint8).numpy()
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "out", help="output folder (default: <repo>/out)")
-    p.add_argument("--steps", type=int, default=8, help="Euler sampling steps")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (and random-init seed)")
-    p.add_argument("--classes", default="0,1,2,3", help="comma-separated class ids, one image each")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    p.add_argument("--scale", type=int, default=4, help="nearest upscale factor of the PNG")
-    p.add_argument("--random-init", action="store_true", help="ignore trained weights, use seeded random init")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: steady timings even on a CPU shared with other jobs, "
-                        "where several threads each stall badly; 0 = torch's default)")
-    return p.parse_args(argv)
-
-
-def _runner(model, classes, args, size, options_factory):
-    """run(count_flops) -> (images, FLOPs per image or wall seconds, transformer_options).
-
-    The counted run samples the first class alone: every batch row merges the same
-    number of tokens, so FLOPs per image do not depend on the batch, and that full
-    sampling run under FlopCounterMode is also the warm-up.
-    """
-    def run(count_flops=False):
-        to = options_factory()
-        kw = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, size=size, transformer_options=to)
-        if count_flops:
-            with R.flop_counter() as fc:
-                out = R.sample(model, classes[:1], **kw)
-            return out, fc.get_total_flops(), to
-        t0 = time.perf_counter()
-        out = R.sample(model, classes, **kw)
-        return out, time.perf_counter() - t0, to
-    return run
+    p.add_argument("--model", choices=sorted(R.MODELS), default="128px", help="which trained reference model")
+    p.add_argument("--steps", type=cli.positive_int, default=10, help="Euler sampling steps (at least 4)")
+    p.add_argument("--classes", type=cli.int_list, default=[4, 5, 6],
+                   help="comma-separated class ids, one picture each (default: the classes the models draw best: "
+                        "horizontal stripes, vertical stripes, checkerboard)")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="noise seed")
+    p.add_argument("--cfg", type=cli.non_negative_float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=cli.positive_int, default=None, help="upscale factor of the PNG (default: to 128 px)")
+    p.add_argument("--threads", type=cli.non_negative_int, default=1, help="torch CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.steps < 4:
+        p.error(f"--steps must be at least 4 (a method needs steps to skip), got {args.steps}")
+    bad = [c for c in args.classes if not 0 <= c < procedural.NUM_CLASSES]
+    if bad:
+        p.error(f"--classes: {', '.join(map(str, bad))} outside 0..{procedural.NUM_CLASSES - 1} "
+                f"({', '.join(f'{i} {n}' for i, n in enumerate(procedural.CLASS_NAMES))})")
+    if not R.MODELS[args.model].is_file():
+        p.error(f"--model {args.model}: no weights file {R.MODELS[args.model]}")
+    cli.writable_dir(p, args.out)
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    threads_before = torch.get_num_threads()
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _main(args, t_start)
+        return run(args)
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads)
 
 
-def _main(args, t_start) -> dict:
-    classes = [int(c) for c in args.classes.split(",") if c.strip()]
-    model, source = R.build_model(seed=args.seed, weights=None if args.random_init else R.WEIGHTS_PATH)
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    model = R.load_weights(R.MODELS[args.model])
     cfg = model.config
-    size = args.size or cfg.image_size
-    if any(not (0 <= c < cfg.num_classes) for c in classes):
-        raise SystemExit(f"class ids must lie in [0, {cfg.num_classes})")
-    sdtm_config, cat_config = SDTMConfig(), CATConfig()
-    n_img = (size // cfg.patch_size) ** 2
-    print(f"reference DiT: {source}")
-    print(f"  {cfg.depth_double} double + {cfg.depth_single} single blocks, hidden {cfg.hidden}, {cfg.heads} heads; "
-          f"{size}x{size} RGB -> {n_img} image + {cfg.txt_len} text tokens; {len(classes)} images, "
-          f"{args.steps} Euler steps, CFG {args.cfg}, seed {args.seed}, torch threads {torch.get_num_threads()}")
-    print(f"  SDTM at the node defaults: {sdtm_config}")
-    print(f"  CAT at the node defaults: {cat_config}")
+    patch_px = cfg.patch_size
+    kw = dict(cfg=args.cfg, seed=args.seed)
 
-    # name -> (runner, method key of its RunStats)
-    settings = {
-        "baseline": (_runner(model, classes, args, size, lambda: None), None),
-        "SDTM": (_runner(model, classes, args, size, lambda: R.method_options(SDTM(sdtm_config), model, "sdtm")),
-                 "sdtm"),
-        "CAT": (_runner(model, classes, args, size, lambda: R.method_options(CATPruning(cat_config), model, "cat")),
-                "cat"),
-    }
-    res = {name: {"times": []} for name in settings}
-    for name, (run, _) in settings.items():
-        _, flops, _ = run(count_flops=True)
-        res[name]["flops"] = flops
-    for _ in range(max(args.repeats, 1)):
-        for name, (run, key) in settings.items():  # interleaved: all see the same load
-            images, dt, to = run()
-            res[name]["times"].append(dt)
-            if key is not None:
-                res[name]["stats"] = to[RUNS_KEY][key].stats
-            if "images" not in res[name]:
-                res[name]["images"] = images
-            elif not torch.equal(images, res[name]["images"]):
-                raise RuntimeError(f"{name}: repeated run differs from the first (non-deterministic sampling)")
+    def sample(steps, options=None):
+        t0 = time.perf_counter()
+        images = R.sample(model, args.classes, steps=steps, transformer_options=options, **kw)
+        return images, (time.perf_counter() - t0) / len(args.classes)
 
-    base = res["baseline"]
-    n = len(classes)
-    rows = ["| setting | GFLOPs / image | FLOPs vs baseline | image tokens computed | wall time (median) "
-            "| time vs baseline | PSNR vs baseline | max abs err |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name, r in res.items():
-        r["time"] = statistics.median(r["times"])
-        r["flops_ratio"] = r["flops"] / base["flops"]
-        r["time_ratio"] = r["time"] / base["time"]
-        r["psnr"] = R.psnr(r["images"], base["images"])
-        r["max_abs_err"] = (r["images"].clamp(-1, 1) - base["images"].clamp(-1, 1)).abs().max().item()
-        st = r.get("stats")
-        r["tokens_computed"] = 1.0 if st is None else st.tokens_computed / st.tokens_in
-        rows.append(f"| {name} | {r['flops'] / 1e9:.2f} | {r['flops_ratio']:.3f} | {100 * r['tokens_computed']:.1f}% "
-                    f"| {r['time']:.3f} s | {r['time_ratio']:.3f} | "
-                    + ("inf dB" if r["psnr"] == float("inf") else f"{r['psnr']:.2f} dB")
-                    + f" | {r['max_abs_err']:.4f} |")
-    table = "\n".join(rows)
+    images, seconds = sample(args.steps)
+    rows = [Row("UNPATCHED", images, 1.0, seconds)]
+    for name, make in METHODS.items():
+        options = R.method_options(make(), model, "demo")
+        images, seconds = sample(args.steps, options)
+        rows.append(Row(name.upper(), images, options[RUNS_KEY]["demo"].stats.flops_share(), seconds))
+    # Fewer steps at about the FLOPs the methods spend: what a user could do instead.
+    k = max(1, round(args.steps * sorted(r.flops for r in rows[1:])[len(rows[1:]) // 2]))
+    images, seconds = sample(k)
+    rows.append(Row(f"{k} STEPS, NOT {args.steps}", images, k / args.steps, seconds))
+    base = rows[0].images
+    for r in rows[1:]:
+        r.psnr = R.psnr(r.images, base)
+        r.artifacts = metrics.token_artifact_ratio(r.images, base, patch_px)
 
+    methods = rows[1:-1]
+    clean = [r for r in methods if r.artifacts <= 1.25] or methods
+    best = max(clean, key=lambda r: r.psnr)
+    fewer = rows[-1]
+    verdict = ("beats" if best.psnr > fewer.psnr else "does not beat")
+    recommendation = (f"{best.name} keeps closest to unpatched at {best.flops:.2f}X FLOPS and {verdict} "
+                      f"{fewer.name.lower()} ({fewer.psnr:.1f} DB at {fewer.flops:.2f}X)")
+    headline = (f"REFERENCE DIT {cfg.image_size} PX, {args.steps} STEPS, CFG {args.cfg:g}, SEED {args.seed}")
+    titles = [procedural.CLASS_NAMES[c].upper() for c in args.classes]
+    scale = args.scale or max(1, 128 // cfg.image_size)
     out = Path(args.out)
-    png = write_png(out / "demo_side_by_side.png",
-                    side_by_side([r["images"] for r in res.values()], scale=max(args.scale, 1)))
-    notes = (f"Reference DiT ({source}); {n} images of {size}x{size} px, classes {classes}, {args.steps} steps, "
-             f"CFG {args.cfg}, seed {args.seed}; wall time = median of {max(args.repeats, 1)} runs on "
-             f"{torch.get_num_threads()} torch threads. PSNR and max abs error on images in [-1, 1].")
-    (out / "demo_table.md").write_text(table + "\n\n" + notes + "\n")
-    print()
-    print(table)
+    png = write_png(out / "demo_side_by_side.png", labelled(rows, titles, headline, recommendation, scale))
+
+    table = ["| setting | block FLOPs / unpatched | seconds / image | PSNR vs unpatched | token artifact ratio |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r.name.lower()} | {r.flops:.3f} | {r.seconds:.3f} | "
+                     + ("reference" if r.psnr == float("inf") else f"{r.psnr:.2f} dB") + f" | {r.artifacts:.2f} |")
+    notes = (f"Reference DiT {args.model} ({R.MODELS[args.model].name}); classes {args.classes} "
+             f"({', '.join(t.lower() for t in titles)}); {args.steps} Euler steps, CFG {args.cfg:g}, seed {args.seed}; "
+             f"{torch.get_num_threads()} torch threads. Methods at their nodes' default preset. "
+             f"Recommendation: {recommendation.lower()}.")
+    (out / "demo_table.md").write_text("\n".join(table) + "\n\n" + notes + "\n")
+    print("\n".join(table))
     print()
     print(notes)
-    for name, r in res.items():
-        if "stats" in r:
-            print(r["stats"].summary(name))
-    print(f"wrote {png} (rows: {', '.join(res)}) and {out / 'demo_table.md'} "
-          f"in {time.perf_counter() - t_start:.1f} s")
-    return {"png": png, "table": table, "source": source,
-            "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("images", "stats")} for k, v in res.items()}}
+    print(f"wrote {png} and {out / 'demo_table.md'} in {time.perf_counter() - t_start:.1f} s")
+    return {"png": png, "rows": rows, "recommendation": recommendation}
 
 
 if __name__ == "__main__":

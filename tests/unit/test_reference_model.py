@@ -13,9 +13,12 @@ one tested), while a different noise seed gives 4.9-5.5 dB; the test asserts
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -24,6 +27,7 @@ from kernels.runtime import CALL_KEY, RUNS_KEY
 from kernels.sdtm import SDTM, SDTMConfig
 from tools import demo
 from tools import reference_dit as R
+from tools.comfy_host import PACK_ROOT
 
 CFG = R.DiTConfig(image_size=32, hidden=64, heads=2, axes_dim=(8, 12, 12), depth_double=2, depth_single=4)
 CLASSES = [0, 1]
@@ -285,17 +289,36 @@ def test_png_writer(tmp_path):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    result = demo.main(["--out", str(tmp_path), "--steps", "2", "--size", "16", "--classes", "0,1",
-                        "--repeats", "1", "--random-init", "--scale", "2", "--threads", "1"])
+    result = demo.main(["--out", str(tmp_path), "--model", "64px", "--steps", "4", "--classes", "4,6",
+                        "--scale", "1", "--threads", "1"])
     img = _read_png((tmp_path / "demo_side_by_side.png").read_bytes())
-    assert img.shape == (4 + 3 * (32 + 4), 4 + 2 * (32 + 4), 3)  # three rows of two 16 px images, x2, pad 4
-    assert (tmp_path / "demo_table.md").read_text().startswith("| setting |")
+    rows = result["rows"]
+    assert [r.name for r in rows] == ["UNPATCHED", "SDTM", "DENSITY SCHEDULE", "CAT", "2 STEPS, NOT 4"]
+    assert img.shape[0] > len(rows) * 64 and img.shape[1] > 2 * 64
+    label_column = img[:, :60]
+    assert (label_column < 100).any(), "the rows carry their labels"
+    assert rows[0].flops == 1.0 and rows[-1].flops == 0.5
+    for r in rows[1:-1]:
+        assert 0.0 < r.flops < 1.0 and r.psnr < float("inf"), r.name
     printed = capsys.readouterr().out
-    assert all(f"| {name} |" in printed for name in ("baseline", "SDTM", "CAT")) and "random init" in printed
-    r = result["results"]
-    assert r["baseline"]["flops_ratio"] == 1.0
-    for name in ("SDTM", "CAT"):
-        assert r[name]["flops_ratio"] < 1.0 and r[name]["tokens_computed"] < 1.0, name
+    assert printed.count("| ") >= len(rows) and result["recommendation"].lower() in printed.lower()
+    assert (tmp_path / "demo_table.md").read_text().startswith("| setting |")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["--steps", "2"], "--steps must be at least 4"),
+    (["--classes", ""], "--classes: a comma-separated list of whole numbers expected, got nothing"),
+    (["--classes", "a"], "--classes: a comma-separated list of whole numbers expected, got 'a'"),
+    (["--classes", "12"], "--classes: 12 outside 0..9"),
+    (["--out", "/proc/x/y"], "--out: cannot write to /proc/x/y"),
+    (["--model", "256px"], "argument --model: invalid choice"),
+])
+def test_demo_refuses_bad_arguments_in_one_line(argv, message):
+    res = subprocess.run([sys.executable, str(PACK_ROOT / "tools" / "demo.py"), *argv], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
 def test_matches_comfyui_flux(host, model):

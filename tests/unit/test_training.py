@@ -137,11 +137,3 @@ def test_trained_model_denoises(trained, sigma):
     print(f"sigma {sigma}: trained {err:.4f}, random init {err_random:.4f}, zero predictor {err_zero:.4f}")
     # shipped model: ~0.04 at both sigmas; random init ~2.1; zero ~1.2; predicting v = x_sigma ~0.75 at 0.6
     assert err < 0.05 * err_random and err < 0.15 * err_zero, (err, err_random, err_zero)
-
-
-def test_demo_defaults_to_trained_model(trained, tmp_path):
-    from tools import demo
-    result = demo.main(["--out", str(tmp_path), "--steps", "2", "--size", "32", "--classes", "0",
-                        "--repeats", "1", "--threads", "1"])
-    assert "trained weights" in result["source"]
-    assert result["results"]["SDTM"]["flops_ratio"] < 1.0
