@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import importlib  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -93,6 +94,7 @@ class Row:
 
     name: str
     build: Callable | None = None
+    key: str = ""                 # method/preset id quoted by the docs (e.g. "sdtm:balanced"), or ""
     steps: float = 1.0            # fraction of the sampling steps
     sampler: str = "euler"        # reference_dit.sample's sampler (the unpatched reference is euler)
     baseline: bool = False        # a baseline to beat, not a method of the pack
@@ -737,10 +739,29 @@ def _main(args, argv: list[str]) -> dict:
     if "full" in sections:
         run_full_size(rep)
     rep(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
-    if args.out:
-        args.out.write_text("\n".join(rep.lines) + "\n")
+    rep.write(args.out)
+    if args.out and "reference" in out:
+        args.out.with_suffix(".json").write_text(json.dumps(summary(args, s, out["reference"]), indent=1) + "\n")
     out["report"] = "\n".join(rep.lines)
     return out
+
+
+def summary(args, s: Settings, ref: dict) -> dict:
+    """The reference section's numbers, for the docs that quote them (tools/docs.py): one home."""
+    res, base = ref["results"], next(iter(ref["results"].values()))
+    rows = []
+    for r in res.values():
+        if r.row.missing or r.error:
+            continue
+        rows.append({"name": r.row.name, "key": r.row.key, "baseline": r.row.baseline, "flops": r.flops / base.flops,
+                     "psnr": None if math.isinf(r.psnr) else r.psnr, "artifacts": r.artifact[0]})
+    fewer_steps = CURVE_NAMES["steps"]
+    vs_steps = {e["name"]: (None if e["psnr_curves"][fewer_steps] is None else e["psnr"] - e["psnr_curves"][fewer_steps][0])
+                for e in ref["equal_flops"]}
+    for row in rows:
+        row["vs_fewer_steps"] = vs_steps.get(row["name"])
+    return {"model": args.model, "steps": s.steps, "samples": s.samples, "sweep_samples": s.sweep_samples,
+            "source": ref["source"], "rows": rows}
 
 
 if __name__ == "__main__":

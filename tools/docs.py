@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 
 from kernels.registry import METHODS, REGISTRY, TESTED_COMFYUI  # noqa: E402
@@ -37,7 +38,58 @@ def support_matrix() -> str:
     return "\n".join(rows)
 
 
-BLOCKS = {"support-matrix": support_matrix}
+EVIDENCE = ROOT / "docs" / "evidence"
+PRIMARY = ("128px", 10)  # the evidence run the README quotes
+NODES = {"sdtm": "SDTM Token Merging", "density": "Token Density Schedule", "cat": "CAT Cached Token Pruning"}
+
+
+def evidence(model: str, steps: int) -> dict | None:
+    path = EVIDENCE / f"{model}-{steps}steps.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _flux_dev_flops() -> dict:
+    """Block FLOPs relative to unpatched at Flux-dev 1024x1024, 28 steps, per node preset (a dry run)."""
+    from tools import benchmark
+    arch = benchmark.ARCHS["flux-1024"]
+    return {key: benchmark.dry_run(arch, make()).flops_share(arch.width, arch.mlp_ratio)
+            for key, make in benchmark.preset_methods().items()}
+
+
+def choose() -> str:
+    """Which node and preset for which goal: FLOPs at Flux-dev size, fidelity on the reference model."""
+    ev = evidence(*PRIMARY)
+    model, steps = PRIMARY
+    if ev is None:
+        return (f"No evidence run yet: `python tools/compare.py --model {model} --steps {steps} --sections reference "
+                f"--out docs/evidence/{model}-{steps}steps.md` writes the numbers this table quotes.")
+    flux = _flux_dev_flops()
+    rows = {r["key"]: r for r in ev["rows"] if r["key"]}
+    lines = ["| node | preset | work kept at Flux-dev 1024², 28 steps | work kept here | PSNR vs unpatched | "
+             "vs fewer steps, same work | token artifacts |",
+             "|---|---|---|---|---|---|---|"]
+    for key in sorted(flux, key=lambda k: (list(NODES).index(k.split(":")[0]), flux[k])):
+        r = rows.get(key)
+        if r is None:
+            continue
+        node, preset = key.split(":")
+        vs = "n/a" if r["vs_fewer_steps"] is None else f"{r['vs_fewer_steps']:+.1f} dB"
+        lines.append(f"| {NODES[node]} | {preset} | {flux[key]:.2f} | {r['flops']:.2f} | {r['psnr']:.1f} dB | {vs} | "
+                     f"{r['artifacts']:.2f} |")
+    better = [f"{NODES[k.split(':')[0]]} {k.split(':')[1]}" for k, r in rows.items()
+              if r["vs_fewer_steps"] is not None and r["vs_fewer_steps"] < 0]
+    lines += ["",
+              f"Work kept: the transformer blocks' FLOPs relative to the unpatched model. Fidelity: the pack's "
+              f"{model} reference model, {steps} Euler steps, {ev['samples']} images per row "
+              f"(`docs/evidence/{model}-{steps}steps.md`): PSNR against the unpatched picture of the same seed; "
+              "\"vs fewer steps\": against simply sampling with fewer steps at the same work (above 0: the node is "
+              "the better choice); token artifacts: 1 as unpatched, above 1 per-token noise."]
+    if better:
+        lines.append(f"Where fewer steps is the better choice on this model: {', '.join(sorted(better))}.")
+    return "\n".join(lines)
+
+
+BLOCKS = {"support-matrix": support_matrix, "choose": choose}
 
 
 def render(text: str) -> str:
