@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
 
@@ -68,20 +69,28 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
     return mask
 
 
-def key_bias_hook(key_bias: torch.Tensor, offset: int, n_merged: int) -> Callable:
-    """Adds `key_bias` (B, n_merged) to the merged image keys' attention logits (proportional attention)."""
+def key_bias_hook(key_bias: torch.Tensor, offset: int, n_merged: int, shared=None) -> Callable:
+    """Adds `key_bias` (B, n_merged) to the merged image keys' attention logits (proportional attention).
+
+    `shared` (runtime.CallShared): the padded bias is built once per model call while `key_bias` and the
+    host's mask are the same objects (every block of a density call).
+    """
     def hook(ordinal, args, kwargs):
         q, k = args[0], args[1]
         n_keys = k.shape[seq_dim(kwargs)]
         start = image_key_start(n_keys, offset, n_merged)
         if start is None:
             return args, kwargs
-        bias = torch.zeros(key_bias.shape[0], n_keys, device=q.device, dtype=q.dtype)
-        bias[:, start:start + n_merged] = key_bias.to(q.dtype)
-        bias = bias[:, None, None, :]
         mask = get_mask(args, kwargs)
-        if mask is not None:
-            bias = bias + additive_mask(mask, q.dtype)
-        return with_mask(args, kwargs, bias)
+
+        def build():
+            kb = key_bias if key_bias.dtype == q.dtype else key_bias.to(q.dtype)
+            bias = F.pad(kb, (start, n_keys - start - n_merged)).view(kb.shape[0], 1, 1, n_keys)
+            return bias if mask is None else bias + additive_mask(mask, q.dtype)
+
+        if shared is None:
+            return with_mask(args, kwargs, build())
+        return with_mask(args, kwargs, shared.get(("key bias", n_keys, start, q.dtype, q.device), (key_bias, mask),
+                                                  build))
 
     return hook

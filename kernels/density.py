@@ -127,14 +127,11 @@ class DensitySchedule(MergingMethod):
         k = self.window(block, num_blocks, progress)
         if k <= 1:
             return None
-        plan = pool_plan(tuple(int(g) for g in grid), k, tokens.device)
-        if plan.n_out >= plan.n_in:
-            return None
-        b = tokens.shape[0]
-        return MergePlan(assign=plan.assign.expand(b, -1), rep=plan.rep.expand(b, -1), sizes=plan.sizes.expand(b, -1))
+        plan = batched_pool_plan(tuple(int(g) for g in grid), k, tokens.device, tokens.shape[0])
+        return None if plan.n_out >= plan.n_in else plan
 
     def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return plan.sizes.log() if self.config.proportional_attention else None
+        return plan.log_sizes() if self.config.proportional_attention else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,5 +163,12 @@ def pool_plan(grid: tuple, k: int, device) -> MergePlan:
     plan = plan_from_targets(target, m)
     device = torch.device(device)
     if device.type != "cpu":
-        plan = MergePlan(assign=plan.assign.to(device), rep=plan.rep.to(device), sizes=plan.sizes.to(device))
+        plan = MergePlan(plan.assign.to(device), plan.rep.to(device), plan.sizes.to(device))
     return plan
+
+
+@functools.lru_cache(maxsize=64)
+def batched_pool_plan(grid: tuple, k: int, device, batch: int) -> MergePlan:
+    """pool_plan for `batch` rows: the same plan object for every block and step (its gather indices and
+    attention bias are built once)."""
+    return pool_plan(grid, k, device).expand(batch)

@@ -13,18 +13,35 @@ import contextvars
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .families import BlockSpec, Family, ImageSpan, image_span, run_block_merged
+from .families import BlockSpec, Family, ImageSpan, image_span, run_block_merged, split_tokens
 from .token_ops import MergePlan
 
 CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
 RUNS_KEY = "token_reduction_runs"   # transformer_options: {method key: Run} of the current sampling run
 
 log = logging.getLogger("token_reduction")
+
+
+class CallShared:
+    """Values every block of one model call can share (a plan, its rotary gather, an attention bias, CAT's
+    gather indices): built by the first block that asks, reused while their inputs are the same objects.
+    One lives in each CallInfo, so nothing outlives its call."""
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def get(self, key, sources: tuple, make: Callable):
+        hit = self._values.get(key)
+        if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
+            return hit[1]
+        value = make()
+        self._values[key] = (sources, value)
+        return value
 
 
 @dataclass
@@ -40,6 +57,7 @@ class CallInfo:
     reduced: bool = False  # set when any block of this call ran on fewer tokens
     num_blocks: int = 0
     patch: int = 1
+    shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
 
 
 def token_grid(shape, patch: int) -> tuple:
@@ -145,10 +163,17 @@ class BlockCall:
     call: CallInfo
     run: Run | None
 
+    _pieces: tuple | None = None
+
+    def pieces(self) -> tuple:
+        """(before, image tokens, after) of args["img"] (families.split_tokens), split once per block."""
+        if self._pieces is None:
+            self._pieces = split_tokens(self.args["img"], self.span.img_start, self.span.n_img)
+        return self._pieces
+
     @property
     def image_tokens(self) -> torch.Tensor:
-        a = self.span.img_start
-        return self.args["img"][:, a:a + self.span.n_img]
+        return self.pieces()[1]
 
     def count(self, n_computed: int, n_keys: int | None = None):
         """Record that `n_computed` image tokens ran (attending to `n_keys` image keys, default the same)."""
@@ -216,7 +241,8 @@ class MergingMethod(TokenMethod):
             return block.original(block.args)
         report_plan(block.spec.index, plan)
         block.call.reduced = True
-        return run_block_merged(block.args, block.original, plan, block.span, block.family, self.key_bias(plan))
+        return run_block_merged(block.args, block.original, plan, block.span, block.family, self.key_bias(plan),
+                                block.call.shared, block.pieces())
 
     def new_run_state(self):
         return self.detail_cache.new_run_state() if self.detail_cache is not None else None
