@@ -31,6 +31,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from kernels.attention import ATTENTION_OVERRIDE_KEY  # noqa: E402
@@ -143,25 +144,60 @@ def flops_table(rep: Report, archs=("flux-1024", "flux-2048", "sd35-1024")):
 # ---- proxy: ops and syncs on the CPU ------------------------------------------------------------------
 
 # Ops that make the host wait for the device: a scalar read, or an output whose size depends on values.
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "bincount", "unique", "_unique2",
-            "masked_select", "repeat_interleave", "item", "allclose", "_assert_async"}
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "bincount", "unique", "_unique", "_unique2",
+            "unique_dim", "unique_consecutive", "masked_select", "repeat_interleave", "item", "allclose",
+            "_assert_async"}
+# Indexing with a boolean mask: the kernel finds the mask's True entries first (a nonzero, inside the op).
+MASK_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+# Tensor methods that copy to the host without dispatching any aten op on the CPU (seen at the Python level).
+SYNC_METHODS = {"tolist", "numpy"}
+
+
+class _MethodSyncs(TorchFunctionMode):
+    def __init__(self, counter: "OpCounter"):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNC_METHODS:
+            self.counter.record_sync(name)
+        return func(*args, **(kwargs or {}))
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops dispatched, and among them those that synchronise with the device."""
+    """Counts aten ops dispatched, and among them those that synchronise with the device (SYNC_OPS,
+    boolean-mask indexing, and the host copies of SYNC_METHODS)."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
         self.syncs = 0
         self.sync_names: dict = {}
+        self._methods = _MethodSyncs(self)
+
+    def record_sync(self, name: str):
+        self.syncs += 1
+        self.sync_names[name] = self.sync_names.get(name, 0) + 1
+
+    def __enter__(self):
+        self._methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._methods.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
-            self.syncs += 1
-            self.sync_names[name] = self.sync_names.get(name, 0) + 1
+            self.record_sync(name)
+        elif name in MASK_INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                            for i in (args[1] if len(args) > 1 else ())):
+            self.record_sync(f"{name} (boolean mask)")
         return func(*args, **(kwargs or {}))
 
 
