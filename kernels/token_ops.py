@@ -29,21 +29,35 @@ class MergePlan:
                  sizes_col: torch.Tensor | None = None, assign_col: torch.Tensor | None = None):
         if sizes is None and sizes_col is None:
             raise ValueError("MergePlan needs sizes or sizes_col")
-        self.assign, self.rep = assign, rep
+        # A planner may hand assign / rep in row layout (B, 1, N) / (B, 1, M): the shape the rotary gather
+        # of Flux-like tables wants; the (B, N) / (B, M) views are made when something asks for them.
+        self._assign, self._rep = assign, rep
         self._sizes, self._sizes_col, self._assign_col = sizes, sizes_col, assign_col
         self._index: dict = {}
         self._log_sizes = None
+
+    @property
+    def assign(self) -> torch.Tensor:
+        if self._assign.ndim == 3:
+            self._assign = self._assign.squeeze(1)
+        return self._assign
+
+    @property
+    def rep(self) -> torch.Tensor:
+        if self._rep.ndim == 3:
+            self._rep = self._rep.squeeze(1)
+        return self._rep
 
     def __repr__(self) -> str:
         return f"MergePlan(batch={self.assign.shape[0]}, n_in={self.n_in}, n_out={self.n_out})"
 
     @property
     def n_in(self) -> int:
-        return self.assign.shape[1]
+        return self._assign.shape[-1]
 
     @property
     def n_out(self) -> int:
-        return self.rep.shape[1]
+        return self._rep.shape[-1]
 
     @property
     def sizes(self) -> torch.Tensor:
@@ -97,18 +111,20 @@ class MergePlan:
         `t` has the plan's batch (or 1) at dim 0 and N entries at `dim`; used for
         positional embeddings, whose trailing dims vary by family.
         """
-        return take_rows(t, self.rep, dim)
+        return take_rows(t, self._rep, dim)
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """t[b, ..., idx[b, j], ...] along `dim` for every row b of idx (B, K); `t` has batch B or 1 (shared by
-    every row). One indexing op: every axis up to `dim` gets a broadcasting index, so the result keeps
+    """t[b, ..., idx[b, j], ...] along `dim` for every row b of idx (B, K) (or (B, 1, .., K), dim + 1 axes);
+    `t` has batch B or 1 (shared by every row). One indexing op: every axis up to `dim` gets a broadcasting index, so the result keeps
     t's layout."""
     if dim == 0:
         raise ValueError("take_rows indexes along a token axis after the batch axis")
-    b, k = idx.shape
+    b, k = idx.shape[0], idx.shape[-1]
     lead = _lead_index(b, t.shape[0] == 1 and b > 1, tuple(t.shape[1:dim]), idx.device)
-    return t[lead + (idx.view(b, *([1] * (dim - 1)), k),)]
+    if idx.ndim != dim + 1:  # (B, K) -> (B, 1, .., K); an index already in that layout is used as it is
+        idx = idx.reshape(b, *([1] * (dim - 1)), k)
+    return t[lead + (idx,)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,9 +154,10 @@ def _arange(n: int, device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=128)
-def _slot_numbers(batch: int, m: int, device) -> torch.Tensor:
-    """(B, m): 1..m per row, the cumulative starter counts whose first positions are the reps."""
-    return torch.arange(1, m + 1, device=device).expand(batch, m).contiguous()
+def _slot_numbers(batch: int, m: int, device, row_layout: bool = False) -> torch.Tensor:
+    """(B, m) or (B, 1, m): 1..m per row, the cumulative starter counts whose first positions are the reps."""
+    out = torch.arange(1, m + 1, device=device).expand(batch, m).contiguous()
+    return out.unsqueeze(1) if row_layout else out
 
 
 @functools.lru_cache(maxsize=32)
@@ -149,19 +166,19 @@ def _ones_col(batch: int, n: int, device) -> torch.Tensor:
 
 
 def plan_from_targets(target: torch.Tensor, m: int) -> MergePlan:
-    """Build a plan from `target[b, n]`, the token that token n merges into.
+    """Build a plan from `target[b, n]` (or the row layout (B, 1, N)), the token that token n merges into.
 
     A token that targets itself starts a slot; every other token must target
     such a starter (no chains), and every row has exactly `m` starters (passed
     in so that no device sync is needed). Slots keep the raster order of their
     starters.
     """
-    b, n = target.shape
+    b, n = target.shape[0], target.shape[-1]
     starter = target == _arange(n, target.device)
-    count = starter.cumsum(1)  # starters up to each token
-    rep = torch.searchsorted(count, _slot_numbers(b, m, target.device))  # where the count first reaches j
+    count = starter.cumsum(-1)  # starters up to each token
+    rep = torch.searchsorted(count, _slot_numbers(b, m, target.device, target.ndim == 3))  # count first reaches j
     assign = torch.searchsorted(rep, target)  # a target is a rep: its place among the reps is its slot
-    assign_col = assign.unsqueeze(-1)
+    assign_col = assign.transpose(1, 2) if target.ndim == 3 else assign.unsqueeze(-1)
     sizes_col = zeros_like_shape((b, m, 1), torch.float32, target.device).scatter_add(
         1, assign_col, _ones_col(b, n, target.device))
     return MergePlan(assign, rep, sizes_col=sizes_col, assign_col=assign_col)
@@ -205,7 +222,7 @@ def window_layout(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
 @functools.lru_cache(maxsize=64)
 def window_tables(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What window merging reads per block, built once per grid: (idx_t (K, n_windows), the windows'
-    tokens by position; token_window (N,), each token's window, n_windows for border tokens;
+    tokens by position; token_window (1, N), each token's window, n_windows for border tokens;
     token_window_any (1, N), the same with border tokens sent to window 0, for lookups whose
     result a border token ignores)."""
     idx, _ = window_layout(grid, window, device)
@@ -213,7 +230,7 @@ def window_tables(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
     n = _prod(grid)
     token_window = torch.full((n,), n_win, dtype=torch.long, device=device)
     token_window[idx.reshape(-1)] = torch.arange(n_win, device=device).unsqueeze(1).expand(n_win, k).reshape(-1)
-    return idx.t().contiguous(), token_window, token_window.clamp(max=max(n_win - 1, 0)).unsqueeze(0)
+    return idx.t().contiguous(), token_window.unsqueeze(0), token_window.clamp(max=max(n_win - 1, 0)).unsqueeze(0)
 
 
 def window_reps(grid, window, seeds, device) -> tuple[torch.Tensor, ...]:
@@ -223,8 +240,13 @@ def window_reps(grid, window, seeds, device) -> tuple[torch.Tensor, ...]:
     idx_t, _, token_window_any = window_tables(tuple(grid), tuple(window), device)
     n_win, k = idx_t.shape[1], idx_t.shape[0]
     pos = torch.cat([random_window_positions(n_win, k, s, 1, device) for s in seeds])  # (S, n_win)
-    reps = torch.gather(torch.gather(idx_t, 0, pos), 1, token_window_any.expand(len(seeds), -1))
+    reps = torch.gather(torch.gather(idx_t, 0, pos), 1, _expand_rows(token_window_any, len(seeds)))
     return reps.split(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.expand(rows, -1)
 
 
 def _prod(xs) -> int:
@@ -281,7 +303,7 @@ def window_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, seed:
         reps = window_reps(grid, window, [seed], metric.device)[0]
     _, token_window, _ = window_tables(grid, window, metric.device)
     merged = zeros_like_shape((b, n_win + 1), torch.bool, metric.device).scatter(1, chosen, True)
-    target = torch.where(merged[:, token_window], reps, _arange(n, metric.device))
+    target = torch.where(merged[:, token_window], reps, _arange(n, metric.device))  # (B, 1, N): row layout
     return plan_from_targets(target, n - n_sel * (k - 1))
 
 
