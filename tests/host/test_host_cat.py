@@ -8,12 +8,12 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
-import re
 
 import pytest
 import torch
 
-from test_host_sdtm import SD3_DEPTH, assert_same_snapshot, build, count_flops, predicted_block_flops, snapshot
+from test_host_sdtm import (SD3_DEPTH, SUMMARY, assert_same_snapshot, build, count_flops, predicted_block_flops,
+                            snapshot)
 
 FAMILIES = ["flux", "sd3"]
 PX = 128          # 128 px -> 16x16 latent -> 8x8 = 64 image tokens
@@ -62,9 +62,6 @@ def progresses(host, model, steps=STEPS):
     return [patching.progress_map(ms)(s) for s in sig]
 
 
-SUMMARY = re.compile(r"image tokens computed ([\d.]+)% of unpatched .* over (\d+) block calls, (\d+) of them reduced")
-
-
 def run_with_stats(host, model, caplog, **kw):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="token_reduction"):
@@ -72,7 +69,7 @@ def run_with_stats(host, model, caplog, **kw):
     found = [m for m in (SUMMARY.search(r.getMessage()) for r in caplog.records) if m]
     assert len(found) == 1, [r.getMessage() for r in caplog.records]
     assert any("cache peak" in r.getMessage() and "freed" in r.getMessage() for r in caplog.records)
-    return out, float(found[0].group(1)), int(found[0].group(2)), int(found[0].group(3))
+    return out, float(found[0]["computed"]), int(found[0]["calls"]), int(found[0]["reduced"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,7 +81,8 @@ def test_runs_and_computes_the_requested_fraction(host, cat_node, defaults, fami
     n = 64
     # The node's own schedule rule (the one benchmark.py counts FLOPs with): image tokens per step.
     cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")
-    tokens = cat.CATPruning(cat.CATConfig(**defaults)).step_plan(progresses(host, model), n)
+    settings = {k: v for k, v in defaults.items() if k != "preset"}
+    tokens = cat.CATPruning(cat.CATConfig(**settings)).step_plan(progresses(host, model), n)
     plan = [k == n for k in tokens]
     full = sum(plan)
     assert 0 < full < STEPS and any(plan[i] and not plan[i - 1] for i in range(1, STEPS)), plan  # a refresh step

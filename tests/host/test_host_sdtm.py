@@ -97,7 +97,9 @@ def assert_same_snapshot(a, b):
 
 # ---- run statistics (the pack's end-of-run log line) ----------------------------------------
 
-SUMMARY = re.compile(r"image tokens computed ([\d.]+)% of unpatched .* over (\d+) block calls, (\d+) of them reduced")
+# The run summary kernels.runtime.RunStats.summary logs at the end of every sampling run.
+SUMMARY = re.compile(r"image tokens computed (?P<computed>[\d.]+)% of unpatched .*; (?P<reduced>\d+) of "
+                     r"(?P<calls>\d+) block calls reduced")
 
 
 def run_with_stats(host, model, caplog, **kw):
@@ -107,7 +109,7 @@ def run_with_stats(host, model, caplog, **kw):
     found = [SUMMARY.search(r.getMessage()) for r in caplog.records if r.name == "token_reduction"]
     found = [m for m in found if m]
     assert len(found) == 1, f"expected one run summary, got {[r.getMessage() for r in caplog.records]}"
-    computed, calls, reduced = float(found[0].group(1)), int(found[0].group(2)), int(found[0].group(3))
+    computed, calls, reduced = float(found[0]["computed"]), int(found[0]["calls"]), int(found[0]["reduced"])
     return out, computed, calls, reduced
 
 
