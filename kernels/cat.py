@@ -19,7 +19,7 @@ from .attention import image_key_start, override_attention, seq_dim
 from .families import join_tokens, per_token_vec, split_tokens, with_image_pe
 from .runtime import BlockCall, TokenMethod, call_rows, check_fractions, observing, report_computed
 from .schedule import TokenRatioSchedule, block_depth
-from .token_ops import take_rows, zeros_like_shape
+from .token_ops import RATIO_BUCKETS, bucket_ratio, take_rows, zeros_like_shape
 
 TOP_CLUSTER_QUOTA = (3, 2, 1)  # quota multipliers of the three highest-scoring clusters
 BASE_QUOTA = 0.05              # base per-cluster quota, as a fraction of the kept tokens
@@ -328,11 +328,13 @@ class CATPruning(TokenMethod):
         return CATRunState()
 
     def ratio(self, progress: float, num_blocks: int = 1) -> float:
-        """Fraction pruned at `progress` (a schedule is averaged over the model's block depths)."""
+        """Fraction pruned at `progress` (a schedule is averaged over the model's block depths, and bucketed
+        as token_ops.bucket_ratio: it changes with progress, the configured ratio does not)."""
         if self.schedule is None:
             return self.config.ratio
         vals = [self.schedule.ratio(block_depth(i, num_blocks), progress) for i in range(num_blocks)]
-        return min(max(sum(vals) / len(vals), 0.0), 0.99)
+        top = 1.0 - 1.0 / RATIO_BUCKETS  # the largest bucket that keeps a token
+        return min(max(bucket_ratio(sum(vals) / len(vals)), 0.0), top)
 
     def n_keep(self, n_img: int, progress: float, num_blocks: int = 1) -> int:
         return n_img - int(self.ratio(progress, num_blocks) * n_img)
@@ -510,12 +512,14 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
         if per_token_vec(vec, x):  # the selected tokens keep their own modulation
             new_args["vec"] = torch.cat([vec[:, :a], take_rows(vec[:, a:a + span.n_img], selection, 1),
                                          vec[:, a + span.n_img:]], dim=1)
+    captured: list = []
     new_args["transformer_options"] = override_attention(
         args.get("transformer_options") or {},
-        _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection, shared),
+        _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection, shared, captured),
         first_call_only=span.cross_attention)
     out = original_block(new_args)
     if selection is None:
+        _store_kv(kv_store, captured)
         return out
     y_before, y_sel, y_after = split_tokens(out["img"], a, k)
     idx = _expanded(shared, selection, 1, (bsz, k, main.shape[2]))
@@ -535,11 +539,28 @@ def _expanded(shared, selection: torch.Tensor, dim: int, shape: tuple) -> torch.
     return make() if shared is None else shared.get(("selection index", dim, shape), (selection,), make)
 
 
-def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=None):
-    """Attention hook that stores (selection None) or completes (selection) the image keys/values.
+def _store_kv(kv_store: dict, captured: list):
+    """Keep the image keys/values a full block's attention calls handed over (copied into the entry of
+    the last full step when its layout is the same)."""
+    for ordinal, start, kk, vv in captured:
+        entry = kv_store.get(ordinal)
+        if entry is not None and entry["k"].shape == kk.shape and entry["k"].dtype == kk.dtype \
+                and entry["k"].device == kk.device:
+            entry["k"].copy_(kk)
+            entry["v"].copy_(vv)
+            entry["start"] = start
+        else:
+            kv_store[ordinal] = {"k": kk.clone(), "v": vv.clone(), "start": start}
+
+
+def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=None, captured: list | None = None):
+    """Attention hook that hands over (selection None) or completes (selection) the image keys/values.
 
     Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only attention
     (SD3.5's second attention) sees the image alone. Calls are told apart by their order in the block.
+    A full block's keys/values go to `captured` ((ordinal, start, k, v) views), stored by the caller after
+    the block: the hook runs inside the block (inside a compiled graph, when the host compiles blocks),
+    which then neither writes nor branches on the store.
     """
     def hook(ordinal, args, kwargs):
         q, k, v = args[0], args[1], args[2]
@@ -547,16 +568,8 @@ def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=N
         n_keys = k.shape[seq]
         if selection is None:
             start = image_key_start(n_keys, offset, n_img)
-            if start is not None:
-                entry = kv_store.get(ordinal)
-                kk, vv = (split_tokens(t, start, n_img, seq)[1] for t in (k, v))
-                if entry is not None and entry["k"].shape == kk.shape and entry["k"].dtype == kk.dtype \
-                        and entry["k"].device == kk.device:
-                    entry["k"].copy_(kk)
-                    entry["v"].copy_(vv)
-                    entry["start"] = start
-                else:
-                    kv_store[ordinal] = {"k": kk.clone(), "v": vv.clone(), "start": start}
+            if start is not None and captured is not None:
+                captured.append((ordinal, start) + tuple(split_tokens(t, start, n_img, seq)[1] for t in (k, v)))
             return args, kwargs
         entry = kv_store.get(ordinal)
         n_sel = selection.shape[1]
@@ -573,4 +586,3 @@ def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=N
         return args, kwargs
 
     return hook
-

@@ -36,6 +36,8 @@ class CallShared:
         self._values: dict = {}
 
     def get(self, key, sources: tuple, make: Callable):
+        if torch.compiler.is_compiling():  # inside a compiled block (an attention hook): a lookup would guard
+            return make()                  # the graph on this store's contents; the graph fuses the ops anyway
         hit = self._values.get(key)
         if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
             return hit[1]

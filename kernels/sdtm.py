@@ -15,7 +15,8 @@ import torch
 from .detail_cache import DetailCache
 from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
-from .token_ops import MergePlan, bipartite_merge_plan, max_merge_ratio, window_merge_plan, window_reps
+from .token_ops import (MergePlan, bipartite_merge_plan, bucket_ratio, max_merge_ratio, window_merge_plan,
+                        window_reps)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class SDTM(MergingMethod):
         return self.config.seed * 1_000_003 + block * 7919 + int(round(progress * 1e6))
 
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
-        num_remove = int(self.ratio(block, num_blocks, progress) * tokens.shape[1])
+        num_remove = int(min(bucket_ratio(self.ratio(block, num_blocks, progress)), self._top) * tokens.shape[1])
         if num_remove <= 0:
             return None
         window = (1,) * (len(grid) - 2) + (self.config.window, self.config.window)

@@ -344,6 +344,14 @@ def _other_positions(k: int, device) -> torch.Tensor:
     return full[~torch.eye(k, dtype=torch.bool)].reshape(k, k - 1).to(device)
 
 
+RATIO_BUCKETS = 20  # token counts come from ratios in steps of 1/20: a compiled model sees a few shapes, not one per step
+
+
+def bucket_ratio(ratio: float) -> float:
+    """`ratio` to the nearest multiple of 1 / RATIO_BUCKETS (settings already on that grid keep their value)."""
+    return round(ratio * RATIO_BUCKETS) / RATIO_BUCKETS
+
+
 def max_merge_ratio(window) -> float:
     """Largest fraction of tokens a window size lets either matcher remove."""
     k = _prod(window)
