@@ -60,6 +60,16 @@ class CallInfo:
     num_blocks: int = 0
     patch: int = 1
     shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
+    previous_output: dict | None = field(default=None, repr=False, compare=False)
+
+    def release_previous_output(self):
+        """Empty the dict the previous block returned. The host (Flux's forward_orig, and the reference model
+        like it) keeps that dict in a local until the next replace returns; after the double blocks its image
+        tensor is no longer the host's own, and would stay alive through the first single block (one
+        activation above the unpatched peak)."""
+        if self.previous_output is not None:
+            self.previous_output.clear()
+            self.previous_output = None
 
 
 def token_grid(shape, patch: int) -> tuple:
@@ -361,6 +371,12 @@ class Runtime:
             call = to.get(CALL_KEY)
             if call is None:
                 return original(args)
+            call.release_previous_output()
+            out = run(args, original, call, to)
+            call.previous_output = out
+            return out
+
+        def run(args, original, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
             span = image_span(spec, args, call.n_img, call.n_txt, family)
