@@ -65,6 +65,7 @@ class DensityConfig:
     top_dense: float = 0.0                # fraction of blocks at the top kept dense
     span_pattern: bool = False            # middle blocks: FlexDiT's [pooled x 4, dense x 2] spans
     proportional_attention: bool = True
+    bias_free_attention: bool = False     # proportional attention through a value channel, not a mask
     start_percent: float = 0.2
     end_percent: float = 1.0
     detail_cache: bool = False            # pooled calls reuse the last full call's per-token detail

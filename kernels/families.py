@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .attention import key_bias_hook, override_attention
+from .attention import key_bias_hook, override_attention, size_weighted_hook
 from .token_ops import MergePlan
 
 
@@ -189,11 +189,14 @@ def per_token_vec(vec, x: torch.Tensor) -> bool:
 
 
 def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span: ImageSpan,
-                     family: Family, key_bias: torch.Tensor | None = None, shared=None, pieces=None) -> dict:
+                     family: Family, key_bias: torch.Tensor | None = None, shared=None, pieces=None,
+                     key_weights: torch.Tensor | None = None) -> dict:
     """Run a block on merged image tokens and restore full density: X + Unmerge(F(Merge X) - Merge X).
 
     Each group is the mean of its members at its representative's rotary position; every member
-    keeps its own input plus the group's update. `shared` (runtime.CallShared) lets the blocks of one
+    keeps its own input plus the group's update. `key_bias` (B, M) is added to the merged keys'
+    attention logits; `key_weights` (B, M) gives the same attention as key_bias = log(key_weights)
+    without a mask (attention.size_weighted_hook). `shared` (runtime.CallShared) lets the blocks of one
     model call share what depends only on the plan (density: rotary gather, attention bias);
     `pieces`: split_tokens(args["img"]) when the caller has it.
     """
@@ -223,10 +226,11 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
         img_vec = vec[:, a:a + span.n_img]
         merged_vec = plan.merge(img_vec.flatten(2)).unflatten(2, img_vec.shape[2:])
         new_args["vec"] = torch.cat([vec[:, :a], merged_vec, vec[:, a + span.n_img:]], dim=1)
-    if key_bias is not None:
-        new_args["transformer_options"] = override_attention(
-            args.get("transformer_options") or {}, key_bias_hook(key_bias, span.key_offset, plan.n_out, shared),
-            first_call_only=span.cross_attention)
+    hook = (key_bias_hook(key_bias, span.key_offset, plan.n_out, shared) if key_bias is not None else
+            size_weighted_hook(key_weights, span.key_offset, plan.n_out, shared) if key_weights is not None else None)
+    if hook is not None:
+        new_args["transformer_options"] = override_attention(args.get("transformer_options") or {}, hook,
+                                                             first_call_only=span.cross_attention)
     out = original_block(new_args)
     y_before, y_merged, y_after = split_tokens(out["img"], a, plan.n_out)
     out = dict(out)

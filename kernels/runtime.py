@@ -253,7 +253,11 @@ class MergingMethod(TokenMethod):
             return block.original(block.args)
         report_plan(block.spec.index, plan)
         block.call.reduced = True
-        return run_block_merged(block.args, block.original, plan, block.span, block.family, self.key_bias(plan),
+        bias = self.key_bias(plan)
+        if bias is not None and getattr(self.config, "bias_free_attention", False):  # the same weights, no mask
+            return run_block_merged(block.args, block.original, plan, block.span, block.family, None,
+                                    block.call.shared, block.pieces(), key_weights=plan.sizes)
+        return run_block_merged(block.args, block.original, plan, block.span, block.family, bias,
                                 block.call.shared, block.pieces())
 
     def new_run_state(self):

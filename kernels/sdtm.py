@@ -32,6 +32,7 @@ class SDTMConfig:
     dynamic_merge: bool = True
     ratio_adjust: bool = True
     prompt_reweight: bool = True
+    bias_free_attention: bool = False  # prompt reweighting through a value channel, not a mask (attention.size_weighted_hook)
     start_percent: float = 0.2
     end_percent: float = 1.0
     detail_cache: bool = False
