@@ -27,6 +27,11 @@ POSITION_WEIGHT_NOISE = 0.05   # clustering feature = 0.05 x noise + position
 KMEANS_ITERS = 10
 
 
+CACHE_DTYPES = ("model", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
 @dataclass(frozen=True)
 class CATConfig:
     ratio: float = 0.95         # fraction of image tokens pruned (not computed) per pruned step (paper: 0.7)
@@ -38,10 +43,14 @@ class CATConfig:
     start_percent: float = 0.0
     end_percent: float = 1.0
     seed: int = 0
+    cache_dtype: str = "model"  # cached keys/values: "model" (the model's dtype) or "fp8" (float8 + per-token scale)
 
     def validate(self) -> "CATConfig":
         if not (0.0 <= self.ratio < 1.0):
             raise ValueError(f"CAT Pruning: ratio must lie in [0, 1), got {self.ratio}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"CAT Pruning: cache_dtype must be one of {', '.join(CACHE_DTYPES)}, "
+                             f"got {self.cache_dtype!r}")
         check_fractions("CAT Pruning", self, "full_percent", "start_percent", "end_percent", "balance", "forecast")
         if self.clusters < 1:
             raise ValueError(f"CAT Pruning: clusters must be >= 1, got {self.clusters}")
@@ -477,13 +486,13 @@ class CATPruning(TokenMethod):
                 computed = torch.zeros_like(computed).scatter_(1, selection, 1.0)
             report_computed(block.spec.index, computed)
         return run_block_pruned(block.args, block.original, block.span, block.family, selection, store,
-                                block.call.shared, block.pieces())
+                                block.call.shared, block.pieces(), self.config.cache_dtype == "fp8")
 
 
 # ---- block runner ---------------------------------------------------------------------------------
 
 def run_block_pruned(args: dict, original_block, span, family, selection: torch.Tensor | None,
-                     kv_store: dict, shared=None, pieces=None) -> dict:
+                     kv_store: dict, shared=None, pieces=None, fp8: bool = False) -> dict:
     """Run a block on a subset of image tokens, with cached keys/values for the others.
 
     selection None: every token runs and the image keys/values of each attention call are stored in
@@ -491,7 +500,8 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
     tokens run as queries (text and reference tokens always run); their fresh keys/values go into the
     cache, and attention sees every image token's key and value. Other tokens leave the block unchanged.
     `shared` (runtime.CallShared): the selection's gather indices and rotary gather, built once per call
-    (the selection is the same for every block); `pieces`: split_tokens(args["img"]) when the caller has it.
+    (the selection is the same for every block); `pieces`: split_tokens(args["img"]) when the caller has it;
+    `fp8`: the store keeps keys/values as float8 with a scale per token (and head), half the bytes of bf16.
     """
     x = args["img"]
     a = span.img_start
@@ -515,11 +525,11 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
     captured: list = []
     new_args["transformer_options"] = override_attention(
         args.get("transformer_options") or {},
-        _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection, shared, captured),
+        _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection, shared, captured, fp8),
         first_call_only=span.cross_attention)
     out = original_block(new_args)
     if selection is None:
-        _store_kv(kv_store, captured)
+        _store_kv(kv_store, captured, fp8)
         return out
     y_before, y_sel, y_after = split_tokens(out["img"], a, k)
     idx = _expanded(shared, selection, 1, (bsz, k, main.shape[2]))
@@ -539,28 +549,50 @@ def _expanded(shared, selection: torch.Tensor, dim: int, shape: tuple) -> torch.
     return make() if shared is None else shared.get(("selection index", dim, shape), (selection,), make)
 
 
-def _store_kv(kv_store: dict, captured: list):
+def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 bits as uint8, float32 scale (..., 1)): t / scale fits float8_e4m3fn, one scale per last-axis
+    vector (a token's key or value in one head). The bits are stored as uint8: scatter has no float8 kernel."""
+    scale = t.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (t.float() / scale).to(FP8).view(torch.uint8), scale
+
+
+def dequantize_fp8(bits: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    return (bits.view(FP8).float() * scale).to(dtype)
+
+
+def _store_kv(kv_store: dict, captured: list, fp8: bool = False):
     """Keep the image keys/values a full block's attention calls handed over (copied into the entry of
     the last full step when its layout is the same)."""
     for ordinal, start, kk, vv in captured:
+        new = {"start": start}
+        for name, t in (("k", kk), ("v", vv)):
+            if fp8:
+                new[name], new[name + "_scale"] = quantize_fp8(t)
+            else:
+                new[name] = t
         entry = kv_store.get(ordinal)
-        if entry is not None and entry["k"].shape == kk.shape and entry["k"].dtype == kk.dtype \
-                and entry["k"].device == kk.device:
-            entry["k"].copy_(kk)
-            entry["v"].copy_(vv)
-            entry["start"] = start
+        if entry is not None and entry.keys() == new.keys() and all(
+                entry[n].shape == new[n].shape and entry[n].dtype == new[n].dtype and entry[n].device == new[n].device
+                for n in new if n != "start"):
+            for n in new:
+                if n == "start":
+                    entry[n] = start
+                else:
+                    entry[n].copy_(new[n])
         else:
-            kv_store[ordinal] = {"k": kk.clone(), "v": vv.clone(), "start": start}
+            kv_store[ordinal] = {n: (t if n == "start" or fp8 else t.clone()) for n, t in new.items()}
 
 
-def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=None, captured: list | None = None):
+def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=None, captured: list | None = None,
+                    fp8: bool = False):
     """Attention hook that hands over (selection None) or completes (selection) the image keys/values.
 
     Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only attention
     (SD3.5's second attention) sees the image alone. Calls are told apart by their order in the block.
     A full block's keys/values go to `captured` ((ordinal, start, k, v) views), stored by the caller after
     the block: the hook runs inside the block (inside a compiled graph, when the host compiles blocks),
-    which then neither writes nor branches on the store.
+    which then neither writes nor branches on the store. With `fp8` the store holds float8 bits and scales;
+    the selected tokens attend with their fresh keys/values, exact, and the store keeps them quantised.
     """
     def hook(ordinal, args, kwargs):
         q, k, v = args[0], args[1], args[2]
@@ -578,10 +610,17 @@ def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=N
             full = []
             for name, t in (("k", k), ("v", v)):  # v may have another layout than k (SD3: B, L, H, D)
                 before, fresh, after = split_tokens(t, start, n_sel, seq)
+                idx = _expanded(shared, selection, seq, tuple(fresh.shape))
                 cache = entry[name]
-                cache.scatter_(seq, _expanded(shared, selection, seq, tuple(fresh.shape)),
-                               fresh if fresh.dtype == cache.dtype else fresh.to(cache.dtype))
-                full.append(join_tokens(before, cache if cache.dtype == t.dtype else cache.to(t.dtype), after, seq))
+                if fp8:
+                    image = dequantize_fp8(cache, entry[name + "_scale"], t.dtype).scatter_(seq, idx, fresh)
+                    bits, scale = quantize_fp8(fresh)
+                    cache.scatter_(seq, idx, bits)
+                    entry[name + "_scale"].scatter_(seq, _expanded(shared, selection, seq, tuple(scale.shape)), scale)
+                else:
+                    cache.scatter_(seq, idx, fresh if fresh.dtype == cache.dtype else fresh.to(cache.dtype))
+                    image = cache if cache.dtype == t.dtype else cache.to(t.dtype)
+                full.append(join_tokens(before, image, after, seq))
             args = (q, full[0], full[1]) + tuple(args[3:])
         return args, kwargs
 

@@ -326,6 +326,42 @@ def test_pruned_block_matches_the_full_block_on_selected_tokens(ref_model, kind)
     assert not torch.allclose(dropped["img"][:, a:a + n_img].gather(1, idx), want, atol=1e-3)
 
 
+# ---- the fp8 key/value cache ------------------------------------------------------------------------
+
+def test_fp8_quantisation_error_is_within_half_a_float8_step():
+    from kernels.cat import dequantize_fp8, quantize_fp8
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 40)[:, None]
+    bits, scale = quantize_fp8(x)
+    assert bits.dtype == torch.uint8 and scale.shape == (2, 3, 40, 1)
+    back = dequantize_fp8(bits, scale, torch.float32)
+    # e4m3: 3 mantissa bits (relative step 2^-3), subnormal step 2^-9 of the scale
+    assert bool(((back - x).abs() <= x.abs() * 2 ** -4 + scale * 2 ** -10).all())
+    assert (back - x).abs().max() > 0  # it is a lossy format: the bound above is what the test checks
+
+
+def test_fp8_cache_stores_about_a_quarter_of_float32_and_changes_little(ref_model):
+    from tools import reference_dit as R
+    base = R.sample(ref_model, [1, 2], steps=8)
+    out, kv_bytes = {}, {}
+    for dtype in ("model", "fp8"):
+        to = R.method_options(CATPruning(CATConfig(full_percent=0.3, cache_dtype=dtype)), ref_model, "cat")
+        out[dtype] = R.sample(ref_model, [1, 2], steps=8, transformer_options=to)
+        state = to["token_reduction_runs"]["cat"].state
+        kv_bytes[dtype] = sum(t.numel() * t.element_size() for per_block in state.kv.values()
+                              for per_call in per_block.values() for entry in per_call.values()
+                              for t in entry.values() if isinstance(t, torch.Tensor))
+        assert state.peak_cache_bytes >= state.cache_bytes() > kv_bytes[dtype]  # noise rows are counted too
+    head_dim = ref_model.config.hidden // ref_model.config.heads
+    # one byte per element plus a float32 scale per token and head, against four bytes
+    assert kv_bytes["fp8"] * 4 == kv_bytes["model"] * (1 + 4 / head_dim)
+    assert float((out["fp8"] - out["model"]).norm()) < 0.01 * float((out["model"] - base).norm())
+
+
+def test_unknown_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="cache_dtype"):
+        CATPruning(CATConfig(cache_dtype="int4"))
+
+
 # ---- the vectorised selection is the per-cluster loop it replaced ------------------------------------
 
 def _loop_select(delta, labels, age, n_keep, balance, first):
