@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -208,18 +209,32 @@ PROXY_STEPS = 10
 def op_counts(method_factory: Callable, config: R.DiTConfig = PROXY_MODEL, steps: int = PROXY_STEPS) -> dict:
     """Ops per block call and syncs per step that `method_factory()` adds over a whole sampling run (CFG 3,
     one image, 32x32 = 1024 image tokens) of a random-weight reference DiT."""
-    model = R.ReferenceDiT(config).init_weights(0).eval()
-    counts = {}
-    for key, make in (("base", lambda: None), ("method", method_factory)):
-        method = make()
-        to = None if method is None else R.method_options(method, model, "proxy")
-        with OpCounter() as c:
-            R.sample(model, [0], steps=steps, cfg=3.0, seed=0, transformer_options=to)
-        counts[key] = c
+    model = _proxy_model(config.to_json())
+    base_ops, base_syncs = _base_counts(config.to_json(), steps)
+    method = method_factory()
+    c = _count(model, method, steps)
     block_calls = steps * model.family().num_blocks
-    return {"ops_per_block_call": (counts["method"].ops - counts["base"].ops) / block_calls,
-            "syncs_per_step": (counts["method"].syncs - counts["base"].syncs) / steps,
-            "sync_ops": counts["method"].sync_names}
+    return {"ops_per_block_call": (c.ops - base_ops) / block_calls, "syncs_per_step": (c.syncs - base_syncs) / steps,
+            "sync_ops": c.sync_names}
+
+
+@functools.lru_cache(maxsize=2)
+def _proxy_model(config_json: str) -> R.ReferenceDiT:
+    return R.ReferenceDiT(R.DiTConfig.from_json(config_json)).init_weights(0).eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _base_counts(config_json: str, steps: int) -> tuple[int, int]:
+    """The unpatched run's counts (the same for every method compared with it)."""
+    c = _count(_proxy_model(config_json), None, steps)
+    return c.ops, c.syncs
+
+
+def _count(model: R.ReferenceDiT, method, steps: int) -> OpCounter:
+    to = None if method is None else R.method_options(method, model, "proxy")
+    with OpCounter() as c:
+        R.sample(model, [0], steps=steps, cfg=3.0, seed=0, transformer_options=to)
+    return c
 
 
 def proxy_table(rep: Report):
