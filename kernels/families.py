@@ -205,7 +205,9 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
     before, main, after = pieces if pieces is not None else split_tokens(x, a, span.n_img)
     merged = plan.merge(main)
     new_args = dict(args)
-    new_args["img"] = join_tokens(before, merged, after)
+    joined = join_tokens(before, merged, after)
+    # Hosts update the block input in place (ComfyUI's Flux: img += ...); merged is needed after the block.
+    new_args["img"] = merged.clone() if joined is merged else joined
     if span.pe_dim is not None:
         pe = args["pe"]
 

@@ -258,6 +258,33 @@ def _args(b, n_txt, n_img, n_ref=0, single=False, rope=True, seed=1, img_tokens=
 
 @pytest.mark.parametrize("single", [False, True])
 @pytest.mark.parametrize("n_ref", [0, 5])
+def test_a_block_that_updates_its_input_in_place_gives_the_same_result(single, n_ref):
+    """ComfyUI's Flux blocks add their updates in place (img += ...); the merged path keeps what it needs
+    after the block, so an in-place block and an out-of-place one give the same output."""
+    b, n_txt, n_img = 2, 6, 32
+    args = _args(b, n_txt, n_img, n_ref, single=single)
+    before = args["img"].clone()
+    plan = _plan_for(n_img)
+    spec = BlockSpec(("single_block", 0) if single else ("double_block", 0), 0, single)
+    span = image_span(spec, args, n_img, n_txt, FLUX)
+    weight = torch.randn(C, C, generator=torch.Generator().manual_seed(5))
+
+    def out_of_place(a):
+        return {"img": a["img"] + torch.tanh(a["img"] @ weight), **({"txt": a["txt"]} if "txt" in a else {})}
+
+    def in_place(a):
+        img = a["img"]
+        img += torch.tanh(img @ weight)
+        return {"img": img, **({"txt": a["txt"]} if "txt" in a else {})}
+
+    want = run_block_merged(args, out_of_place, plan, span, FLUX)["img"]
+    got = run_block_merged(args, in_place, plan, span, FLUX)["img"]
+    assert torch.equal(got, want)
+    assert torch.equal(args["img"], before), "the caller's tensor is not modified"
+
+
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("n_ref", [0, 5])
 def test_identity_block_returns_input_exactly(single, n_ref):
     b, n_txt, n_img = 2, 6, 32
     args = _args(b, n_txt, n_img, n_ref, single=single)
