@@ -73,7 +73,8 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def key_bias_hook(key_bias: torch.Tensor, offset: int, n_merged: int, shared=None) -> Callable:
-    """Adds `key_bias` (B, n_merged) to the merged image keys' attention logits (proportional attention).
+    """Adds `key_bias` (B, n_merged), or (B, 1, 1, n_merged), to the merged image keys' attention logits
+    (proportional attention).
 
     `shared` (runtime.CallShared): the padded bias is built once per model call while `key_bias` and the
     host's mask are the same objects (every block of a density call).
@@ -88,7 +89,8 @@ def key_bias_hook(key_bias: torch.Tensor, offset: int, n_merged: int, shared=Non
 
         def build():
             kb = key_bias if key_bias.dtype == q.dtype else key_bias.to(q.dtype)
-            bias = F.pad(kb, (start, n_keys - start - n_merged)).view(kb.shape[0], 1, 1, n_keys)
+            kb = kb if kb.ndim == 4 else kb.view(kb.shape[0], 1, 1, n_merged)
+            bias = F.pad(kb, (start, n_keys - start - n_merged))
             return bias if mask is None else bias + additive_mask(mask, q.dtype)
 
         if shared is None:

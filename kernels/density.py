@@ -131,8 +131,8 @@ class DensitySchedule(MergingMethod):
         plan = batched_pool_plan(tuple(int(g) for g in grid), k, tokens.device, tokens.shape[0])
         return None if plan.n_out >= plan.n_in else plan
 
-    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return plan.log_sizes() if self.config.proportional_attention else None
+    def weighted_attention(self) -> bool:
+        return self.config.proportional_attention
 
 
 @functools.lru_cache(maxsize=64)

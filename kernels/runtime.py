@@ -242,8 +242,13 @@ class MergingMethod(TokenMethod):
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
         raise NotImplementedError
 
+    def weighted_attention(self) -> bool:
+        """Proportional attention: a merged key counts as often as its group has tokens."""
+        return False
+
     def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return None
+        """(B, M) logit bias of the merged keys, log(group size), when the attention is weighted."""
+        return plan.log_sizes() if self.weighted_attention() else None
 
     def run_block(self, block: BlockCall) -> dict:
         plan = self.plan(block.image_tokens, block.call.grid, block.spec.index, block.family.num_blocks,
@@ -253,12 +258,14 @@ class MergingMethod(TokenMethod):
             return block.original(block.args)
         report_plan(block.spec.index, plan)
         block.call.reduced = True
-        bias = self.key_bias(plan)
-        if bias is not None and getattr(self.config, "bias_free_attention", False):  # the same weights, no mask
-            return run_block_merged(block.args, block.original, plan, block.span, block.family, None,
-                                    block.call.shared, block.pieces(), key_weights=plan.sizes)
+        bias, weights = None, None
+        if self.weighted_attention():
+            if getattr(self.config, "bias_free_attention", False):  # the same weights, no mask
+                weights = plan.sizes
+            else:
+                bias = plan.log_sizes(as_keys=True)  # (B, 1, 1, M): the mask's layout, padded as it is
         return run_block_merged(block.args, block.original, plan, block.span, block.family, bias,
-                                block.call.shared, block.pieces())
+                                block.call.shared, block.pieces(), key_weights=weights)
 
     def new_run_state(self):
         return self.detail_cache.new_run_state() if self.detail_cache is not None else None

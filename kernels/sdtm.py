@@ -115,5 +115,5 @@ class SDTM(MergingMethod):
             self._reps = (key, window_reps(grid, window, seeds, device))
         return self._reps[1][block]
 
-    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return plan.log_sizes() if self.config.prompt_reweight else None
+    def weighted_attention(self) -> bool:
+        return self.config.prompt_reweight

@@ -71,11 +71,13 @@ class MergePlan:
             self._sizes_col = self._sizes.unsqueeze(-1)
         return self._sizes_col
 
-    def log_sizes(self) -> torch.Tensor:
-        """(B, M) log of the group sizes: proportional attention's key bias (built once per plan)."""
+    def log_sizes(self, as_keys: bool = False) -> torch.Tensor:
+        """(B, M) log of the group sizes, proportional attention's key bias (built once per plan); with
+        `as_keys` (B, 1, 1, M), the layout of an attention mask over the keys."""
         if self._log_sizes is None:
-            self._log_sizes = self.sizes.log()
-        return self._log_sizes
+            b, m = self._rep.shape[0], self.n_out
+            self._log_sizes = self.sizes_col.view(b, 1, 1, m).log()
+        return self._log_sizes if as_keys else self._log_sizes.view(self._log_sizes.shape[0], -1)
 
     def index(self, c: int) -> torch.Tensor:
         """(B, N, c) slot index of every token, repeated over c channels (merge's scatter, unmerge's gather)."""
@@ -145,7 +147,12 @@ def _lead_index(batch: int, shared: bool, middle: tuple, device) -> tuple:
 def zeros_like_shape(shape: tuple, dtype, device) -> torch.Tensor:
     """A read-only zero tensor of `shape` that holds one element (an expanded scalar): the start of an
     out-of-place scatter, which allocates its own output, in one op instead of zeros + an in-place scatter."""
-    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+    return _zero(dtype, device).expand(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _zero(dtype, device) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -156,8 +163,7 @@ def _arange(n: int, device) -> torch.Tensor:
 @functools.lru_cache(maxsize=128)
 def _slot_numbers(batch: int, m: int, device, row_layout: bool = False) -> torch.Tensor:
     """(B, m) or (B, 1, m): 1..m per row, the cumulative starter counts whose first positions are the reps."""
-    out = torch.arange(1, m + 1, device=device).expand(batch, m).contiguous()
-    return out.unsqueeze(1) if row_layout else out
+    return torch.arange(1, m + 1, device=device).repeat(batch, *((1, 1) if row_layout else (1,)))
 
 
 @functools.lru_cache(maxsize=32)
