@@ -338,12 +338,15 @@ class CATPruning(TokenMethod):
 
     def ratio(self, progress: float, num_blocks: int = 1) -> float:
         """Fraction pruned at `progress` (a schedule is averaged over the model's block depths, and bucketed
-        as token_ops.bucket_ratio: it changes with progress, the configured ratio does not)."""
+        as token_ops.bucket_ratio when it changes with progress)."""
         if self.schedule is None:
             return self.config.ratio
         vals = [self.schedule.ratio(block_depth(i, num_blocks), progress) for i in range(num_blocks)]
+        r = sum(vals) / len(vals)
+        if not self.schedule.varies_with_progress():
+            return min(max(r, 0.0), 0.99)
         top = 1.0 - 1.0 / RATIO_BUCKETS  # the largest bucket that keeps a token
-        return min(max(bucket_ratio(sum(vals) / len(vals)), 0.0), top)
+        return min(max(bucket_ratio(r), 0.0), top)
 
     def n_keep(self, n_img: int, progress: float, num_blocks: int = 1) -> int:
         return n_img - int(self.ratio(progress, num_blocks) * n_img)

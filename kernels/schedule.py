@@ -89,6 +89,10 @@ class TokenRatioSchedule:
                 if not (0.0 <= r < 1.0) or math.isnan(r):
                     raise ValueError(f"schedule ratios must lie in [0, 1), got {r}")
 
+    def varies_with_progress(self) -> bool:
+        """True when some depth's ratio changes from one progress point to another."""
+        return any(len(set(row)) > 1 for row in self.ratios)
+
     def ratio(self, depth: float, progress: float) -> float:
         per_depth = [_interp(self.progress, row, progress) for row in self.ratios]
         return _interp(self.depth, per_depth, depth)

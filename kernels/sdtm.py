@@ -74,6 +74,9 @@ class SDTM(MergingMethod):
         self._top = max_merge_ratio((config.window, config.window))
         self.detail_cache = DetailCache(config.window) if config.detail_cache else None
         self._reps = None  # (step key, every block's window representatives) of the last step
+        # The ratio changes with progress (CRA's cosine, or a schedule's progress axis): merge counts are bucketed.
+        self._moving_ratio = (schedule.varies_with_progress() if schedule is not None
+                              else config.ratio_adjust and config.deviation > 0)
 
     def ratio(self, block: int, num_blocks: int, progress: float) -> float:
         c = self.config
@@ -97,7 +100,8 @@ class SDTM(MergingMethod):
         return self.config.seed * 1_000_003 + block * 7919 + int(round(progress * 1e6))
 
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
-        num_remove = int(min(bucket_ratio(self.ratio(block, num_blocks, progress)), self._top) * tokens.shape[1])
+        r = self.ratio(block, num_blocks, progress)
+        num_remove = int((min(bucket_ratio(r), self._top) if self._moving_ratio else r) * tokens.shape[1])
         if num_remove <= 0:
             return None
         window = (1,) * (len(grid) - 2) + (self.config.window, self.config.window)

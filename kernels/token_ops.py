@@ -350,11 +350,12 @@ def _other_positions(k: int, device) -> torch.Tensor:
     return full[~torch.eye(k, dtype=torch.bool)].reshape(k, k - 1).to(device)
 
 
-RATIO_BUCKETS = 20  # token counts come from ratios in steps of 1/20: a compiled model sees a few shapes, not one per step
+RATIO_BUCKETS = 20  # a ratio that changes from step to step moves in steps of 1/20: a compiled model sees a few shapes
 
 
 def bucket_ratio(ratio: float) -> float:
-    """`ratio` to the nearest multiple of 1 / RATIO_BUCKETS (settings already on that grid keep their value)."""
+    """`ratio` to the nearest multiple of 1 / RATIO_BUCKETS. For ratios that change with progress; a ratio
+    that stays constant through a run is one shape already and is used as it is."""
     return round(ratio * RATIO_BUCKETS) / RATIO_BUCKETS
 
 

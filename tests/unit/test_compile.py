@@ -51,7 +51,7 @@ def sdtm_counts(method: sdtm.SDTM, n: int, num_blocks: int) -> set:
     out = {n}
     for p in progresses():
         for b in range(num_blocks):
-            r = min(token_ops.bucket_ratio(method.ratio(b, num_blocks, p)), method._top)
+            r = min(token_ops.bucket_ratio(method.ratio(b, num_blocks, p)), method._top)  # CRA's cosine moves
             removed = int(r * n) // 3 * 3  # whole 2x2 windows: 3 tokens each
             out.add(n - removed)
     return out
@@ -99,8 +99,8 @@ def test_cat_compiles_once_for_full_and_once_for_pruned_steps(one_torch_thread):
 
 
 def test_scheduled_ratios_take_their_counts_from_the_buckets():
-    """A schedule's ratio changes with progress; the counts it gives CAT and SDTM lie on the 1/20 grid, so a
-    run of any length meets at most RATIO_BUCKETS token counts."""
+    """A schedule's ratio that changes with progress gives CAT and SDTM counts on the 1/20 grid, so a run of
+    any length meets at most RATIO_BUCKETS token counts; a ratio constant through the run is used as it is."""
     sched = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.9, 0.3], [0.7, 0.1]])
     n_img = 256
     grid = {n_img - int(j / token_ops.RATIO_BUCKETS * n_img) for j in range(token_ops.RATIO_BUCKETS + 1)}
@@ -114,3 +114,9 @@ def test_scheduled_ratios_take_their_counts_from_the_buckets():
             plan = m.plan(torch.randn(1, n_img, 8), (16, 16), b, 6, p)
             removed.add(0 if plan is None else n_img - plan.n_out)
     assert 1 < len(removed) <= token_ops.RATIO_BUCKETS + 1, removed
+    steady = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.33, 0.33], [0.41, 0.41]])
+    assert not steady.varies_with_progress() and sched.varies_with_progress()
+    assert cat.CATPruning(cat.CATConfig(), schedule=steady).ratio(0.5, 2) == pytest.approx(0.37)
+    assert cat.CATPruning(cat.CATConfig(ratio=0.93)).ratio(0.5) == 0.93
+    fixed = sdtm.SDTM(sdtm.SDTMConfig(ratio=0.33, ratio_adjust=False, start_percent=0.0))
+    assert n_img - fixed.plan(torch.randn(1, n_img, 8), (16, 16), 0, 6, 0.5).n_out == int(0.33 * n_img) // 3 * 3
