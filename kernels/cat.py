@@ -8,6 +8,7 @@ its measured defaults and its departures from the paper's code: docs/cat.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -15,14 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from .attention import image_key_start, override_attention, seq_dim
-from .families import per_token_vec, with_image_pe
+from .families import join_tokens, per_token_vec, split_tokens, with_image_pe
 from .runtime import BlockCall, TokenMethod, call_rows, check_fractions, observing, report_computed
 from .schedule import TokenRatioSchedule, block_depth
+from .token_ops import RATIO_BUCKETS, bucket_ratio, take_rows, zeros_like_shape
 
 TOP_CLUSTER_QUOTA = (3, 2, 1)  # quota multipliers of the three highest-scoring clusters
 BASE_QUOTA = 0.05              # base per-cluster quota, as a fraction of the kept tokens
 POSITION_WEIGHT_NOISE = 0.05   # clustering feature = 0.05 x noise + position
 KMEANS_ITERS = 10
+
+
+CACHE_DTYPES = ("model", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,14 @@ class CATConfig:
     start_percent: float = 0.0
     end_percent: float = 1.0
     seed: int = 0
+    cache_dtype: str = "model"  # cached keys/values: "model" (the model's dtype) or "fp8" (float8 + per-token scale)
 
     def validate(self) -> "CATConfig":
         if not (0.0 <= self.ratio < 1.0):
             raise ValueError(f"CAT Pruning: ratio must lie in [0, 1), got {self.ratio}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"CAT Pruning: cache_dtype must be one of {', '.join(CACHE_DTYPES)}, "
+                             f"got {self.cache_dtype!r}")
         check_fractions("CAT Pruning", self, "full_percent", "start_percent", "end_percent", "balance", "forecast")
         if self.clusters < 1:
             raise ValueError(f"CAT Pruning: clusters must be >= 1, got {self.clusters}")
@@ -81,40 +92,54 @@ def position_features(grid, dim: int, device=None) -> torch.Tensor:
 
 def kmeans_labels(noise: torch.Tensor, grid, k: int, seed: int = 0, iters: int = KMEANS_ITERS) -> torch.Tensor:
     """Cluster label (N,) per token: Lloyd's k-means on 0.05 x noise + position, seeded init."""
-    n = noise.shape[0]
+    return kmeans_labels_batched(noise.unsqueeze(0), grid, k, seed, iters)[0]
+
+
+def kmeans_labels_batched(noise: torch.Tensor, grid, k: int, seed: int = 0, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """kmeans_labels for every row of noise (B, N, D) at once: (B, N).
+
+    Always `iters` Lloyd steps: a converged labelling is a fixed point (same labels, same centres), so
+    this equals stopping at convergence without asking the device whether it has converged.
+    """
+    b, n, d = noise.shape
     if k >= n:
-        return torch.arange(n, device=noise.device)
-    feats = POSITION_WEIGHT_NOISE * noise.float() + position_features(grid, noise.shape[1], noise.device)
+        return torch.arange(n, device=noise.device).expand(b, n)
+    feats = POSITION_WEIGHT_NOISE * noise.float() + position_features(grid, d, noise.device)
     gen = torch.Generator().manual_seed(seed)
-    centres = feats[torch.randperm(n, generator=gen)[:k].to(noise.device)].clone()
-    labels = None
+    centres = feats[:, torch.randperm(n, generator=gen)[:k].to(noise.device)]  # (B, k, D)
+    ones = torch.ones((), device=noise.device).expand(b, n)
     for _ in range(iters):
-        dist = (feats[:, None, :] - centres[None]).pow(2).sum(-1)
-        new = dist.argmin(1)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-        sums = torch.zeros_like(centres).index_add_(0, labels, feats)
-        counts = torch.bincount(labels, minlength=k).to(feats.dtype)
-        filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None]  # empty clusters keep their centre
+        labels = (feats[:, :, None, :] - centres[:, None]).pow(2).sum(-1).argmin(2)  # (B, N)
+        sums = torch.zeros_like(centres).scatter_add_(1, labels[..., None].expand(b, n, d), feats)
+        counts = torch.zeros(b, k, device=noise.device).scatter_add_(1, labels, ones)
+        # empty clusters keep their centre
+        centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], centres)
     return labels
 
 
-def cluster_scores(delta: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(k,) norm of each cluster's element-wise max |delta|; empty clusters score -1."""
+def cluster_counts(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) tokens per cluster of labels (B, N), counted without a device sync."""
+    return torch.zeros(labels.shape[0], k, dtype=torch.long, device=labels.device).scatter_add_(
+        1, labels, torch.ones((), dtype=torch.long, device=labels.device).expand(labels.shape))
+
+
+def cluster_scores(delta: torch.Tensor, labels: torch.Tensor, k: int, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(k,) norm of each cluster's element-wise max |delta|; empty clusters score -1. Batched: delta
+    (B, N, D), labels (B, N) and counts (B, k) (cluster_counts, computed once per run) give (B, k)."""
+    if delta.ndim == 2:
+        return cluster_scores(delta.unsqueeze(0), labels.unsqueeze(0), k,
+                              None if counts is None else counts.unsqueeze(0))[0]
     d = delta.abs().float()
-    pooled = torch.zeros(k, d.shape[1], device=d.device).scatter_reduce(
-        0, labels[:, None].expand_as(d), d, reduce="amax", include_self=False)
-    scores = pooled.norm(dim=1)
-    scores[torch.bincount(labels, minlength=k) == 0] = -1.0
-    return scores
+    pooled = torch.zeros(d.shape[0], k, d.shape[2], device=d.device).scatter_reduce(
+        1, labels[..., None].expand_as(d), d, reduce="amax", include_self=False)
+    counts = cluster_counts(labels, k) if counts is None else counts
+    return torch.where(counts > 0, pooled.norm(dim=2), -1.0)
 
 
 def _rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
-    """Sort key: primary (integer-valued) first, ties broken by secondary scaled into [0, 0.5)."""
+    """Sort key per row: primary (integer-valued) first, ties broken by secondary scaled into [0, 0.5)."""
     s = secondary.double()
-    s = s / (s.max() * 2 + 1e-12) if s.numel() else s
+    s = s / (s.amax(dim=-1, keepdim=True) * 2 + 1e-12) if s.numel() else s
     return primary.double() + s
 
 
@@ -123,50 +148,81 @@ def select_tokens(delta: torch.Tensor, labels: torch.Tensor, age: torch.Tensor, 
     """Indices (n_keep,) of the image tokens to compute, ascending and distinct.
 
     delta: (N, D) noise change since the reference step; labels: (N,) clusters; age: (N,) steps
-    since each token was last computed; `first`: the first pruned step of the run.
+    since each token was last computed; `first`: the first pruned step of the run. One row of
+    select_tokens_batched (which reads the cluster count from the caller instead of the labels).
     """
-    n = delta.shape[0]
+    k = int(labels.max()) + 1 if labels.numel() else 1
+    return select_tokens_batched(delta.unsqueeze(0), labels.unsqueeze(0), age.unsqueeze(0), n_keep, balance, first,
+                                 cluster_counts(labels.unsqueeze(0), k))[0]
+
+
+def _order_within_clusters(key: torch.Tensor, labels: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(B, N): each token's place in its cluster by descending key (ties: lower index first)."""
+    by_key = torch.argsort(key, dim=1, descending=True, stable=True)
+    grouped = by_key.gather(1, torch.argsort(labels.gather(1, by_key), dim=1, stable=True))  # by cluster, then key
+    place = torch.empty_like(grouped).scatter_(1, grouped, _positions(key.shape, key.device))
+    return place - starts.gather(1, labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(shape: tuple, device) -> torch.Tensor:
+    return torch.arange(shape[1], device=device).expand(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _quota_multipliers(k: int, device) -> torch.Tensor:
+    """(k,) quota multiplier of the cluster at each score rank."""
+    mult = [TOP_CLUSTER_QUOTA[i] if i < len(TOP_CLUSTER_QUOTA) else 1 for i in range(k)]
+    return torch.tensor(mult, dtype=torch.long).to(device)
+
+
+def select_tokens_batched(delta: torch.Tensor, labels: torch.Tensor, age: torch.Tensor, n_keep: int,
+                          balance: float, first, counts: torch.Tensor) -> torch.Tensor:
+    """select_tokens for every row at once, without a device sync: (B, n_keep) ascending indices.
+
+    delta (B, N, D), labels (B, N), age (B, N), counts (B, k) tokens per cluster; `first` a bool, or
+    one per row. The noise share goes cluster by cluster in score order: the cluster's quota of
+    most-changed tokens, then (after the first pruned step, not in the top cluster) half a quota of
+    its least recently computed ones, the first n_noise distinct tokens of that sequence (then, if
+    the clusters run out, the most-changed of the rest). The balance share is the least recently
+    computed of the others. Ties go to the lower token index.
+    """
+    b, n = labels.shape
+    k = counts.shape[1]
     n_keep = max(0, min(n_keep, n))
     if n_keep == n:
-        return torch.arange(n, device=delta.device)
-    mag = delta.float().norm(dim=1)
+        return _positions((b, n), delta.device)
+    mag = delta.float().norm(dim=2)
     n_stale = max(1, int(round(balance * n_keep))) if n_keep else 0
     n_noise = n_keep - n_stale
-    chosen = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    picked: list[torch.Tensor] = []
-    count = 0
+    stale_key = _rank(age, mag)
+    picked = []
     if n_noise > 0:
-        k = int(labels.max()) + 1
-        order = torch.argsort(cluster_scores(delta, labels, k), descending=True, stable=True)
+        order = torch.argsort(cluster_scores(delta, labels, k, counts), dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, _positions((b, k), delta.device))  # cluster -> rank
         quota = max(1, int(BASE_QUOTA * n_keep))
-        stale_key = _rank(age, mag)
-        for i, c in enumerate(order.tolist()):
-            members = (labels == c).nonzero().flatten()
-            if members.numel() == 0:
-                continue
-            q = min(quota * (TOP_CLUSTER_QUOTA[i] if i < len(TOP_CLUSTER_QUOTA) else 1), members.numel())
-            take = [members[torch.topk(mag[members], q).indices]]
-            if not first and i != 0 and q // 2 > 0:  # the cluster's least recently computed tokens
-                take.append(members[torch.topk(stale_key[members], q // 2).indices])
-            for t in take:
-                t = t[~chosen[t]]
-                t = t[: n_noise - count]
-                chosen[t] = True
-                picked.append(t)
-                count += t.numel()
-            if count >= n_noise:
-                break
-        if count < n_noise:  # clusters exhausted: the largest remaining changes
-            rest = torch.where(chosen, torch.full_like(mag, -1.0), mag)
-            t = torch.topk(rest, n_noise - count).indices
-            chosen[t] = True
-            count += t.numel()
-    # Distribution balance: the rest goes to the least recently computed tokens.
-    key = _rank(age, mag)
-    key[chosen] = -1.0
-    t = torch.topk(key, n_keep - count).indices
-    chosen[t] = True
-    return chosen.nonzero().flatten()
+        cluster_quota = torch.minimum(quota * _quota_multipliers(k, delta.device)[rank], counts)  # (B, k)
+        starts = counts.cumsum(1) - counts
+        token_rank, token_quota = rank.gather(1, labels), cluster_quota.gather(1, labels)
+        place = _order_within_clusters(mag, labels, starts)
+        # Sequence key: cluster rank, then the changed tokens, then the stale ones; the rest by change.
+        key = torch.where(place < token_quota, token_rank * (2 * n) + place, 2 * n * k + place)
+        if not (first is True or (not isinstance(first, bool) and all(first))):
+            stale_place = _order_within_clusters(stale_key, labels, starts)
+            stale = (stale_place < token_quota // 2) & (token_rank > 0) & (key >= 2 * n * k)
+            if not isinstance(first, bool):
+                stale &= ~torch.tensor(list(first), device=delta.device)[:, None]
+            key = torch.where(stale, token_rank * (2 * n) + n + stale_place, key)
+        # past every candidate: the most-changed tokens, in order
+        by_change = torch.empty_like(place).scatter_(1, torch.argsort(mag, dim=1, descending=True, stable=True),
+                                                     _positions((b, n), delta.device))
+        key = torch.where(key >= 2 * n * k, 2 * n * k + by_change, key)
+        noise_idx = torch.topk(key, n_noise, dim=1, largest=False).indices
+        picked.append(noise_idx)
+        stale_key = stale_key.scatter(1, noise_idx, -1.0)
+    if n_stale > 0:
+        picked.append(torch.topk(stale_key, n_stale, dim=1).indices)
+    return torch.cat(picked, dim=1).sort(dim=1).values
 
 
 def staleness_bound(n: int, n_keep: int, balance: float) -> int:
@@ -212,13 +268,15 @@ class RowState:
     before: torch.Tensor | None = None  # the one before (becomes the reference)
     ref: torch.Tensor | None = None     # frozen at the first pruned step
     labels: torch.Tensor | None = None  # clusters, computed at the first pruned step
+    counts: torch.Tensor | None = None  # tokens per cluster (k,)
     age: torch.Tensor | None = None     # steps since each token was last computed (N,)
     sigma: float | None = None          # sigma of the step `prev` belongs to
     full: torch.Tensor | None = None    # noise of the last full step (N, D)
     full_sigma: float | None = None
     full_steps: int = 0                 # full steps seen (the first never starts a slope)
     slope: torch.Tensor | None = None   # d noise / d sigma between the last two full steps (N, D)
-    trend_ok: bool = True               # the last check: the trend predicted a full step better than holding
+    trend_ok: object = True             # the last check: the trend predicted a full step better than holding
+                                        # (a 0-d bool tensor, read on the device: no sync)
 
 
 @dataclass
@@ -259,7 +317,7 @@ class CATRunState:
                 for entry in per_call.values():
                     total += sum(t.numel() * t.element_size() for t in entry.values() if isinstance(t, torch.Tensor))
         for r in self.rows.values():
-            for t in (r.prev, r.before, r.ref, r.labels, r.age, r.full, r.slope):
+            for t in (r.prev, r.before, r.ref, r.labels, r.counts, r.age, r.full, r.slope):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
@@ -279,11 +337,16 @@ class CATPruning(TokenMethod):
         return CATRunState()
 
     def ratio(self, progress: float, num_blocks: int = 1) -> float:
-        """Fraction pruned at `progress` (a schedule is averaged over the model's block depths)."""
+        """Fraction pruned at `progress` (a schedule is averaged over the model's block depths, and bucketed
+        as token_ops.bucket_ratio when it changes with progress)."""
         if self.schedule is None:
             return self.config.ratio
         vals = [self.schedule.ratio(block_depth(i, num_blocks), progress) for i in range(num_blocks)]
-        return min(max(sum(vals) / len(vals), 0.0), 0.99)
+        r = sum(vals) / len(vals)
+        if not self.schedule.varies_with_progress():
+            return min(max(r, 0.0), 0.99)
+        top = 1.0 - 1.0 / RATIO_BUCKETS  # the largest bucket that keeps a token
+        return min(max(bucket_ratio(r), 0.0), top)
 
     def n_keep(self, n_img: int, progress: float, num_blocks: int = 1) -> int:
         return n_img - int(self.ratio(progress, num_blocks) * n_img)
@@ -310,7 +373,8 @@ class CATPruning(TokenMethod):
                 or signature not in state.kv)
         selection = None
         if not full:
-            selection = torch.stack([self._select(state.rows[r], call.grid, n_keep) for r in rows]).to(x.device)
+            selection = self._select([state.rows[r] for r in rows], call.grid, n_keep)
+            selection = selection if selection.device == x.device else selection.to(x.device)
         state.last_full = full
         state.call = CallPlan(rows, selection, signature)
         return state.call
@@ -336,19 +400,31 @@ class CATPruning(TokenMethod):
             history = True
         return out
 
-    def _select(self, row: RowState, grid, n_keep: int) -> torch.Tensor:
+    def _select(self, rows: list, grid, n_keep: int) -> torch.Tensor:
+        """(B, n_keep) tokens to compute, one row per RowState, chosen for all rows at once."""
         c = self.config
-        first = row.ref is None
-        if first:
-            row.ref = row.before if row.before is not None else row.prev
-            row.labels = kmeans_labels(row.prev, grid, c.clusters, seed=c.seed)
-        return select_tokens(row.prev - row.ref, row.labels, row.age, n_keep, c.balance, first)
+        first = tuple(row.ref is None for row in rows)
+        new = [row for row in rows if row.labels is None]
+        if new:  # clusters once per run, at the first pruned step
+            prev = torch.stack([row.prev for row in new])
+            k = min(c.clusters, prev.shape[1])
+            labels = kmeans_labels_batched(prev, grid, c.clusters, seed=c.seed)
+            for row, lab, cnt in zip(new, labels.unbind(0), cluster_counts(labels, k).unbind(0)):
+                row.labels, row.counts = lab, cnt
+        for row in rows:
+            if row.ref is None:
+                row.ref = row.before if row.before is not None else row.prev
+        stack = [torch.stack(t) for t in zip(*((row.prev, row.ref, row.labels, row.age, row.counts) for row in rows))]
+        prev, ref, labels, age, counts = stack
+        return select_tokens_batched(prev - ref, labels, age, n_keep, c.balance,
+                                     first[0] if len(set(first)) == 1 else first, counts)
 
     def _forecast(self, row: RowState, sigma: float) -> torch.Tensor:
         """The row's cached noise carried from its last step to `sigma`, while the trend holds."""
-        if row.slope is None or not row.trend_ok or self.config.forecast == 0.0:
+        if row.slope is None or row.trend_ok is False or self.config.forecast == 0.0:
             return row.prev
-        return along_trend(row.prev, row.sigma, sigma, row.slope, self.config.forecast)
+        moved = along_trend(row.prev, row.sigma, sigma, row.slope, self.config.forecast)
+        return moved if row.trend_ok is True else torch.where(row.trend_ok, moved, row.prev)
 
     def end_call(self, state: CATRunState, call, noise: torch.Tensor):
         """Record this call's predicted noise (B, C, H, W). Returns (noise with non-computed tokens
@@ -359,35 +435,34 @@ class CATPruning(TokenMethod):
         if plan is None:
             return None
         grid, patch = call.grid, call.patch
-        tokens = patchify(noise.float(), grid, patch)
+        tokens = patchify(noise.float(), grid, patch)  # a fresh tensor: rows keep views of it
         sigma = state.last_sigma
         replaced = None
         if plan.selection is not None:
-            keep = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            keep.scatter_(1, plan.selection, True)
+            keep = zeros_like_shape(tokens.shape[:2], torch.bool, tokens.device).scatter(1, plan.selection, True)
             cached = torch.stack([self._forecast(state.rows[r], sigma).to(tokens.device) for r in plan.rows])
             replaced = torch.where(keep[..., None], tokens, cached)
-        for i, key in enumerate(plan.rows):
-            row = state.rows.setdefault(key, RowState())
-            if plan.selection is None:
+            ages = torch.stack([state.rows[r].age for r in plan.rows]).add_(1).scatter_(1, plan.selection, 0)
+            for key, prev, age in zip(plan.rows, replaced.unbind(0), ages.unbind(0)):
+                row = state.rows[key]
+                row.prev, row.age, row.sigma = prev, age, sigma
+        else:
+            age = zeros_like_shape(tokens.shape[1:2], torch.long, tokens.device)  # read-only: replaced, not added to
+            for key, tok in zip(plan.rows, tokens.unbind(0)):
+                row = state.rows.setdefault(key, RowState())
                 if row.sigma != sigma:
                     row.before = row.prev
                 if row.full_sigma != sigma:
                     if row.slope is not None:  # would the trend have predicted this step better than holding?
                         guess = along_trend(row.full, row.full_sigma, sigma, row.slope, self.config.forecast)
-                        row.trend_ok = bool((guess - tokens[i]).norm() < (row.full - tokens[i]).norm())
+                        row.trend_ok = (guess - tok).norm() < (row.full - tok).norm()
                     if row.full_steps >= 2:
-                        row.slope = (tokens[i] - row.full) / (sigma - row.full_sigma)
+                        row.slope = (tok - row.full) / (sigma - row.full_sigma)
                     row.full_steps += 1
-                # one copy serves as both: `prev` is replaced, never written in place
-                row.prev = row.full = tokens[i].clone()
+                # one tensor serves as both: `prev` is replaced, never written in place
+                row.prev = row.full = tok
                 row.full_sigma = sigma
-                row.age = torch.zeros(tokens.shape[1], dtype=torch.long, device=tokens.device)
-            else:
-                row.prev = replaced[i].clone()
-                row.age += 1
-                row.age[plan.selection[i]] = 0
-            row.sigma = sigma
+                row.age, row.sigma = age, sigma
         state.peak_cache_bytes = max(state.peak_cache_bytes, state.cache_bytes())
         if replaced is None:
             return None
@@ -413,56 +488,114 @@ class CATPruning(TokenMethod):
             if selection is not None:
                 computed = torch.zeros_like(computed).scatter_(1, selection, 1.0)
             report_computed(block.spec.index, computed)
-        return run_block_pruned(block.args, block.original, block.span, block.family, selection, store)
+        return run_block_pruned(block.args, block.original, block.span, block.family, selection, store,
+                                block.call.shared, block.pieces(), self.config.cache_dtype == "fp8")
 
 
 # ---- block runner ---------------------------------------------------------------------------------
 
 def run_block_pruned(args: dict, original_block, span, family, selection: torch.Tensor | None,
-                     kv_store: dict) -> dict:
+                     kv_store: dict, shared=None, pieces=None, fp8: bool = False) -> dict:
     """Run a block on a subset of image tokens, with cached keys/values for the others.
 
     selection None: every token runs and the image keys/values of each attention call are stored in
     `kv_store` ({attention call ordinal: {"k", "v", "start"}}). selection (B, k): only those image
     tokens run as queries (text and reference tokens always run); their fresh keys/values go into the
     cache, and attention sees every image token's key and value. Other tokens leave the block unchanged.
+    `shared` (runtime.CallShared): the selection's gather indices and rotary gather, built once per call
+    (the selection is the same for every block); `pieces`: split_tokens(args["img"]) when the caller has it;
+    `fp8`: the store keeps keys/values as float8 with a scale per token (and head), half the bytes of bf16.
     """
     x = args["img"]
-    a, b = span.img_start, span.img_start + span.n_img
+    a = span.img_start
     new_args = dict(args)
     if selection is not None:
         bsz, k = selection.shape
-        main = x[:, a:b]
-        idx = selection[:, :, None].expand(bsz, k, x.shape[2])
-        new_args["img"] = torch.cat([x[:, :a], main.gather(1, idx), x[:, b:]], dim=1)
+        before, main, after = pieces if pieces is not None else split_tokens(x, a, span.n_img)
+        new_args["img"] = join_tokens(before, take_rows(main, selection, 1), after)
         if span.pe_dim is not None:
             pe, d = args["pe"], span.pe_dim
-            view = [bsz] + [1] * (pe.ndim - 1)
-            view[d] = k
-            pidx = selection.view(*view).expand(*(bsz,) + pe.shape[1:d], k, *pe.shape[d + 1:])
-            new_args["pe"] = with_image_pe(pe, span, family, bsz, lambda t: t.gather(d, pidx))
+
+            def selected_pe():
+                return with_image_pe(pe, span, family, bsz, lambda t: take_rows(t, selection, d), shared)
+
+            new_args["pe"] = selected_pe() if shared is None else shared.get(("selected pe", d, span.key_offset),
+                                                                              (pe, selection), selected_pe)
         vec = args.get("vec")
         if per_token_vec(vec, x):  # the selected tokens keep their own modulation
-            vidx = selection.view(bsz, k, *([1] * (vec.ndim - 2))).expand(bsz, k, *vec.shape[2:])
-            new_args["vec"] = torch.cat([vec[:, :a], vec[:, a:b].gather(1, vidx), vec[:, b:]], dim=1)
+            new_args["vec"] = torch.cat([vec[:, :a], take_rows(vec[:, a:a + span.n_img], selection, 1),
+                                         vec[:, a + span.n_img:]], dim=1)
+    captured: list = []
     new_args["transformer_options"] = override_attention(
-        args.get("transformer_options") or {}, _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection),
+        args.get("transformer_options") or {},
+        _cached_kv_hook(kv_store, span.key_offset, span.n_img, selection, shared, captured, fp8),
         first_call_only=span.cross_attention)
     out = original_block(new_args)
     if selection is None:
+        _store_kv(kv_store, captured, fp8)
         return out
-    y = out["img"]
-    restored = main.scatter(1, idx, y[:, a:a + k].to(main.dtype))
+    y_before, y_sel, y_after = split_tokens(out["img"], a, k)
+    idx = _expanded(shared, selection, 1, (bsz, k, main.shape[2]))
     out = dict(out)
-    out["img"] = torch.cat([y[:, :a], restored, y[:, a + k:]], dim=1)
+    out["img"] = join_tokens(y_before, main.scatter(1, idx, y_sel if y_sel.dtype == main.dtype else
+                                                    y_sel.to(main.dtype)), y_after)
     return out
 
 
-def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection):
-    """Attention hook that stores (selection None) or completes (selection) the image keys/values.
+def _expanded(shared, selection: torch.Tensor, dim: int, shape: tuple) -> torch.Tensor:
+    """The selection (B, k) as a scatter index of `shape` (k along `dim`); built once per call and shape."""
+    def make():
+        view = [selection.shape[0]] + [1] * (len(shape) - 1)
+        view[dim] = selection.shape[1]
+        return selection.view(*view).expand(*shape)
+
+    return make() if shared is None else shared.get(("selection index", dim, shape), (selection,), make)
+
+
+def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 bits as uint8, float32 scale (..., 1)): t / scale fits float8_e4m3fn, one scale per last-axis
+    vector (a token's key or value in one head). The bits are stored as uint8: scatter has no float8 kernel."""
+    scale = t.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (t.float() / scale).to(FP8).view(torch.uint8), scale
+
+
+def dequantize_fp8(bits: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    return (bits.view(FP8).float() * scale).to(dtype)
+
+
+def _store_kv(kv_store: dict, captured: list, fp8: bool = False):
+    """Keep the image keys/values a full block's attention calls handed over (copied into the entry of
+    the last full step when its layout is the same)."""
+    for ordinal, start, kk, vv in captured:
+        new = {"start": start}
+        for name, t in (("k", kk), ("v", vv)):
+            if fp8:
+                new[name], new[name + "_scale"] = quantize_fp8(t)
+            else:
+                new[name] = t
+        entry = kv_store.get(ordinal)
+        if entry is not None and entry.keys() == new.keys() and all(
+                entry[n].shape == new[n].shape and entry[n].dtype == new[n].dtype and entry[n].device == new[n].device
+                for n in new if n != "start"):
+            for n in new:
+                if n == "start":
+                    entry[n] = start
+                else:
+                    entry[n].copy_(new[n])
+        else:
+            kv_store[ordinal] = {n: (t if n == "start" or fp8 else t.clone()) for n, t in new.items()}
+
+
+def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=None, captured: list | None = None,
+                    fp8: bool = False):
+    """Attention hook that hands over (selection None) or completes (selection) the image keys/values.
 
     Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only attention
     (SD3.5's second attention) sees the image alone. Calls are told apart by their order in the block.
+    A full block's keys/values go to `captured` ((ordinal, start, k, v) views), stored by the caller after
+    the block: the hook runs inside the block (inside a compiled graph, when the host compiles blocks),
+    which then neither writes nor branches on the store. With `fp8` the store holds float8 bits and scales;
+    the selected tokens attend with their fresh keys/values, exact, and the store keeps them quantised.
     """
     def hook(ordinal, args, kwargs):
         q, k, v = args[0], args[1], args[2]
@@ -470,30 +603,28 @@ def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection):
         n_keys = k.shape[seq]
         if selection is None:
             start = image_key_start(n_keys, offset, n_img)
-            if start is not None:
-                entry = kv_store.get(ordinal)
-                kk, vv = k.narrow(seq, start, n_img), v.narrow(seq, start, n_img)
-                if entry is not None and entry["k"].shape == kk.shape and entry["k"].dtype == kk.dtype \
-                        and entry["k"].device == kk.device:
-                    entry["k"].copy_(kk)
-                    entry["v"].copy_(vv)
-                    entry["start"] = start
-                else:
-                    kv_store[ordinal] = {"k": kk.clone(), "v": vv.clone(), "start": start}
+            if start is not None and captured is not None:
+                captured.append((ordinal, start) + tuple(split_tokens(t, start, n_img, seq)[1] for t in (k, v)))
             return args, kwargs
         entry = kv_store.get(ordinal)
         n_sel = selection.shape[1]
         if entry is not None and n_keys >= entry["start"] + n_sel:
             start = entry["start"]
+            full = []
             for name, t in (("k", k), ("v", v)):  # v may have another layout than k (SD3: B, L, H, D)
-                fresh = t.narrow(seq, start, n_sel)
-                view = [selection.shape[0]] + [1] * (t.ndim - 1)
-                view[seq] = n_sel
-                entry[name].scatter_(seq, selection.view(*view).expand(*fresh.shape), fresh.to(entry[name].dtype))
-            end = start + n_sel
-            k = torch.cat([k.narrow(seq, 0, start), entry["k"].to(k.dtype), k.narrow(seq, end, n_keys - end)], dim=seq)
-            v = torch.cat([v.narrow(seq, 0, start), entry["v"].to(v.dtype), v.narrow(seq, end, n_keys - end)], dim=seq)
-            args = (q, k, v) + tuple(args[3:])
+                before, fresh, after = split_tokens(t, start, n_sel, seq)
+                idx = _expanded(shared, selection, seq, tuple(fresh.shape))
+                cache = entry[name]
+                if fp8:
+                    image = dequantize_fp8(cache, entry[name + "_scale"], t.dtype).scatter_(seq, idx, fresh)
+                    bits, scale = quantize_fp8(fresh)
+                    cache.scatter_(seq, idx, bits)
+                    entry[name + "_scale"].scatter_(seq, _expanded(shared, selection, seq, tuple(scale.shape)), scale)
+                else:
+                    cache.scatter_(seq, idx, fresh if fresh.dtype == cache.dtype else fresh.to(cache.dtype))
+                    image = cache if cache.dtype == t.dtype else cache.to(t.dtype)
+                full.append(join_tokens(before, image, after, seq))
+            args = (q, full[0], full[1]) + tuple(args[3:])
         return args, kwargs
 
     return hook

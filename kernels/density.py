@@ -65,6 +65,7 @@ class DensityConfig:
     top_dense: float = 0.0                # fraction of blocks at the top kept dense
     span_pattern: bool = False            # middle blocks: FlexDiT's [pooled x 4, dense x 2] spans
     proportional_attention: bool = True
+    bias_free_attention: bool = False     # proportional attention through a value channel, not a mask
     start_percent: float = 0.2
     end_percent: float = 1.0
     detail_cache: bool = False            # pooled calls reuse the last full call's per-token detail
@@ -127,14 +128,11 @@ class DensitySchedule(MergingMethod):
         k = self.window(block, num_blocks, progress)
         if k <= 1:
             return None
-        plan = pool_plan(tuple(int(g) for g in grid), k, tokens.device)
-        if plan.n_out >= plan.n_in:
-            return None
-        b = tokens.shape[0]
-        return MergePlan(assign=plan.assign.expand(b, -1), rep=plan.rep.expand(b, -1), sizes=plan.sizes.expand(b, -1))
+        plan = batched_pool_plan(tuple(int(g) for g in grid), k, tokens.device, tokens.shape[0])
+        return None if plan.n_out >= plan.n_in else plan
 
-    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return plan.sizes.log() if self.config.proportional_attention else None
+    def weighted_attention(self) -> bool:
+        return self.config.proportional_attention
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,5 +164,12 @@ def pool_plan(grid: tuple, k: int, device) -> MergePlan:
     plan = plan_from_targets(target, m)
     device = torch.device(device)
     if device.type != "cpu":
-        plan = MergePlan(assign=plan.assign.to(device), rep=plan.rep.to(device), sizes=plan.sizes.to(device))
+        plan = MergePlan(plan.assign.to(device), plan.rep.to(device), plan.sizes.to(device))
     return plan
+
+
+@functools.lru_cache(maxsize=64)
+def batched_pool_plan(grid: tuple, k: int, device, batch: int) -> MergePlan:
+    """pool_plan for `batch` rows: the same plan object for every block and step (its gather indices and
+    attention bias are built once)."""
+    return pool_plan(grid, k, device).expand(batch)

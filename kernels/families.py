@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .attention import key_bias_hook, override_attention
+from .attention import key_bias_hook, override_attention, size_weighted_hook
 from .token_ops import MergePlan
 
 
@@ -148,15 +148,39 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, famil
     return span
 
 
-def with_image_pe(pe: torch.Tensor, span: ImageSpan, family: Family, batch: int, take: Callable) -> torch.Tensor:
-    """`pe` with its image part (along span.pe_dim) replaced by take(image part)."""
+def split_tokens(x: torch.Tensor, start: int, n: int, dim: int = 1) -> tuple:
+    """(before, part, after) of x along its token axis `dim`, views from one split; x itself is the
+    part, with nothing around it, when the part is all of x."""
+    if start == 0 and n == x.shape[dim]:
+        return None, x, None
+    return tuple(x.split([start, n, x.shape[dim] - start - n], dim=dim))
+
+
+def join_tokens(before, part, after, dim: int = 1) -> torch.Tensor:
+    """Inverse of split_tokens for a new middle part: one cat of the non-empty pieces."""
+    pieces = [t for t in (before, part, after) if t is not None and t.shape[dim]]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def with_image_pe(pe: torch.Tensor, span: ImageSpan, family: Family, batch: int, take: Callable,
+                  shared=None) -> torch.Tensor:
+    """`pe` with its image part (along span.pe_dim) replaced by take(image part).
+
+    The image part is handed over as stored (batch 1 for a batch-shared table); the parts around it
+    are split and batch-expanded once per model call when `shared` (runtime.CallShared) is given.
+    """
     d = span.pe_dim
     p0 = (span.n_txt if family.pe_has_text else 0) + span.img_start
-    p1 = p0 + span.n_img
-    if pe.shape[0] != batch:  # a batch-shared table: give every row its own image part
-        pe = pe.expand(batch, *pe.shape[1:])
-    return torch.cat([pe.narrow(d, 0, p0), take(pe.narrow(d, p0, span.n_img)), pe.narrow(d, p1, pe.shape[d] - p1)],
-                     dim=d)
+
+    def parts():
+        before, img, after = pe.split([p0, span.n_img, pe.shape[d] - p0 - span.n_img], dim=d)
+        if pe.shape[0] != batch:  # a batch-shared table: every row gets its own image part
+            before, after = (t.expand(batch, *t.shape[1:]) for t in (before, after))
+        return before, img, after
+
+    before, img, after = parts() if shared is None else shared.get(("pe parts", d, p0, span.n_img, batch), (pe,),
+                                                                    parts)
+    return torch.cat([t for t in (before, take(img), after) if t.shape[d]], dim=d)
 
 
 def per_token_vec(vec, x: torch.Tensor) -> bool:
@@ -165,21 +189,33 @@ def per_token_vec(vec, x: torch.Tensor) -> bool:
 
 
 def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span: ImageSpan,
-                     family: Family, key_bias: torch.Tensor | None = None) -> dict:
+                     family: Family, key_bias: torch.Tensor | None = None, shared=None, pieces=None,
+                     key_weights: torch.Tensor | None = None) -> dict:
     """Run a block on merged image tokens and restore full density: X + Unmerge(F(Merge X) - Merge X).
 
     Each group is the mean of its members at its representative's rotary position; every member
-    keeps its own input plus the group's update.
+    keeps its own input plus the group's update. `key_bias` (B, M) is added to the merged keys'
+    attention logits; `key_weights` (B, M) gives the same attention as key_bias = log(key_weights)
+    without a mask (attention.size_weighted_hook). `shared` (runtime.CallShared) lets the blocks of one
+    model call share what depends only on the plan (density: rotary gather, attention bias);
+    `pieces`: split_tokens(args["img"]) when the caller has it.
     """
     x = args["img"]
-    a, b = span.img_start, span.img_start + span.n_img
-    main = x[:, a:b]
+    a = span.img_start
+    before, main, after = pieces if pieces is not None else split_tokens(x, a, span.n_img)
     merged = plan.merge(main)
     new_args = dict(args)
-    new_args["img"] = torch.cat([x[:, :a], merged, x[:, b:]], dim=1)
+    joined = join_tokens(before, merged, after)
+    # Hosts update the block input in place (ComfyUI's Flux: img += ...); merged is needed after the block.
+    new_args["img"] = merged.clone() if joined is merged else joined
     if span.pe_dim is not None:
-        new_args["pe"] = with_image_pe(args["pe"], span, family, x.shape[0],
-                                       lambda t: plan.take_rep(t, dim=span.pe_dim))
+        pe = args["pe"]
+
+        def merged_pe():
+            return with_image_pe(pe, span, family, x.shape[0], lambda t: plan.take_rep(t, dim=span.pe_dim), shared)
+
+        new_args["pe"] = merged_pe() if shared is None else shared.get(("merged pe", span.pe_dim, span.key_offset),
+                                                                          (pe, plan), merged_pe)
     mask = args.get(family.key_mask_arg) if family.key_mask_arg else None
     if isinstance(mask, torch.Tensor):  # a per-key mask (HunyuanVideo's text mask): merged keys take their rep's
         k0 = span.key_offset
@@ -189,19 +225,18 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
              mask[..., k0 + span.n_img:]], dim=-1)
     vec = args.get("vec")
     if per_token_vec(vec, x):  # merged tokens take their group's mean modulation
-        img_vec = vec[:, a:b]
+        img_vec = vec[:, a:a + span.n_img]
         merged_vec = plan.merge(img_vec.flatten(2)).unflatten(2, img_vec.shape[2:])
-        new_args["vec"] = torch.cat([vec[:, :a], merged_vec, vec[:, b:]], dim=1)
-    if key_bias is not None:
-        new_args["transformer_options"] = override_attention(
-            args.get("transformer_options") or {}, key_bias_hook(key_bias, span.key_offset, plan.n_out),
-            first_call_only=span.cross_attention)
+        new_args["vec"] = torch.cat([vec[:, :a], merged_vec, vec[:, a + span.n_img:]], dim=1)
+    hook = (key_bias_hook(key_bias, span.key_offset, plan.n_out, shared) if key_bias is not None else
+            size_weighted_hook(key_weights, span.key_offset, plan.n_out, shared) if key_weights is not None else None)
+    if hook is not None:
+        new_args["transformer_options"] = override_attention(args.get("transformer_options") or {}, hook,
+                                                             first_call_only=span.cross_attention)
     out = original_block(new_args)
-    y = out["img"]
-    m = plan.n_out
-    restored = main + plan.unmerge(y[:, a:a + m] - merged)
+    y_before, y_merged, y_after = split_tokens(out["img"], a, plan.n_out)
     out = dict(out)
-    out["img"] = torch.cat([y[:, :a], restored, y[:, a + m:]], dim=1)
+    out["img"] = join_tokens(y_before, main + plan.unmerge(y_merged - merged), y_after)
     return out
 
 

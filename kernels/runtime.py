@@ -13,18 +13,37 @@ import contextvars
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .families import BlockSpec, Family, ImageSpan, image_span, run_block_merged
+from .families import BlockSpec, Family, ImageSpan, image_span, run_block_merged, split_tokens
 from .token_ops import MergePlan
 
 CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
 RUNS_KEY = "token_reduction_runs"   # transformer_options: {method key: Run} of the current sampling run
 
 log = logging.getLogger("token_reduction")
+
+
+class CallShared:
+    """Values every block of one model call can share (a plan, its rotary gather, an attention bias, CAT's
+    gather indices): built by the first block that asks, reused while their inputs are the same objects.
+    One lives in each CallInfo, so nothing outlives its call."""
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def get(self, key, sources: tuple, make: Callable):
+        if torch.compiler.is_compiling():  # inside a compiled block (an attention hook): a lookup would guard
+            return make()                  # the graph on this store's contents; the graph fuses the ops anyway
+        hit = self._values.get(key)
+        if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
+            return hit[1]
+        value = make()
+        self._values[key] = (sources, value)
+        return value
 
 
 @dataclass
@@ -40,6 +59,17 @@ class CallInfo:
     reduced: bool = False  # set when any block of this call ran on fewer tokens
     num_blocks: int = 0
     patch: int = 1
+    shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
+    previous_output: dict | None = field(default=None, repr=False, compare=False)
+
+    def release_previous_output(self):
+        """Empty the dict the previous block returned. The host (Flux's forward_orig, and the reference model
+        like it) keeps that dict in a local until the next replace returns; after the double blocks its image
+        tensor is no longer the host's own, and would stay alive through the first single block (one
+        activation above the unpatched peak)."""
+        if self.previous_output is not None:
+            self.previous_output.clear()
+            self.previous_output = None
 
 
 def token_grid(shape, patch: int) -> tuple:
@@ -145,10 +175,17 @@ class BlockCall:
     call: CallInfo
     run: Run | None
 
+    _pieces: tuple | None = None
+
+    def pieces(self) -> tuple:
+        """(before, image tokens, after) of args["img"] (families.split_tokens), split once per block."""
+        if self._pieces is None:
+            self._pieces = split_tokens(self.args["img"], self.span.img_start, self.span.n_img)
+        return self._pieces
+
     @property
     def image_tokens(self) -> torch.Tensor:
-        a = self.span.img_start
-        return self.args["img"][:, a:a + self.span.n_img]
+        return self.pieces()[1]
 
     def count(self, n_computed: int, n_keys: int | None = None):
         """Record that `n_computed` image tokens ran (attending to `n_keys` image keys, default the same)."""
@@ -205,8 +242,13 @@ class MergingMethod(TokenMethod):
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
         raise NotImplementedError
 
+    def weighted_attention(self) -> bool:
+        """Proportional attention: a merged key counts as often as its group has tokens."""
+        return False
+
     def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return None
+        """(B, M) logit bias of the merged keys, log(group size), when the attention is weighted."""
+        return plan.log_sizes() if self.weighted_attention() else None
 
     def run_block(self, block: BlockCall) -> dict:
         plan = self.plan(block.image_tokens, block.call.grid, block.spec.index, block.family.num_blocks,
@@ -216,7 +258,14 @@ class MergingMethod(TokenMethod):
             return block.original(block.args)
         report_plan(block.spec.index, plan)
         block.call.reduced = True
-        return run_block_merged(block.args, block.original, plan, block.span, block.family, self.key_bias(plan))
+        bias, weights = None, None
+        if self.weighted_attention():
+            if getattr(self.config, "bias_free_attention", False):  # the same weights, no mask
+                weights = plan.sizes
+            else:
+                bias = plan.log_sizes(as_keys=True)  # (B, 1, 1, M): the mask's layout, padded as it is
+        return run_block_merged(block.args, block.original, plan, block.span, block.family, bias,
+                                block.call.shared, block.pieces(), key_weights=weights)
 
     def new_run_state(self):
         return self.detail_cache.new_run_state() if self.detail_cache is not None else None
@@ -333,6 +382,12 @@ class Runtime:
             call = to.get(CALL_KEY)
             if call is None:
                 return original(args)
+            call.release_previous_output()
+            out = run(args, original, call, to)
+            call.previous_output = out
+            return out
+
+        def run(args, original, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
             span = image_span(spec, args, call.n_img, call.n_txt, family)

@@ -7,6 +7,7 @@ step count and denoise < 1 see the same stage boundaries.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,14 +17,18 @@ import torch
 
 
 class ProgressMap:
-    """sigma -> percent, by inverting a monotone `percent_to_sigma` once."""
+    """sigma -> percent, by inverting a monotone `percent_to_sigma` once.
+
+    Plain Python floats (float64, as the table was in torch before): a per-call lookup dispatches no
+    tensor op, so it costs the device nothing.
+    """
 
     def __init__(self, percent_to_sigma: Callable[[float], float], points: int = 1001):
         percents = [i / (points - 1) for i in range(points)]
         sigmas = [float(percent_to_sigma(p)) for p in percents]
-        # percent_to_sigma is decreasing; store ascending sigmas for searchsorted.
-        self._sigmas = torch.tensor(sigmas[::-1], dtype=torch.float64)
-        self._percents = torch.tensor(percents[::-1], dtype=torch.float64)
+        # percent_to_sigma is decreasing; store ascending sigmas for bisect.
+        self._sigmas = sigmas[::-1]
+        self._percents = percents[::-1]
 
     def __call__(self, sigma) -> float:
         s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
@@ -32,8 +37,8 @@ class ProgressMap:
             return float(pct[0])
         if s >= sig[-1]:
             return float(pct[-1])
-        j = int(torch.searchsorted(sig, torch.tensor(s, dtype=torch.float64)))
-        s0, s1 = float(sig[j - 1]), float(sig[j])
+        j = bisect.bisect_left(sig, s)
+        s0, s1 = sig[j - 1], sig[j]
         w = 0.0 if s1 == s0 else (s - s0) / (s1 - s0)
         return float(pct[j - 1] + w * (pct[j] - pct[j - 1]))
 
@@ -83,6 +88,10 @@ class TokenRatioSchedule:
             for r in row:
                 if not (0.0 <= r < 1.0) or math.isnan(r):
                     raise ValueError(f"schedule ratios must lie in [0, 1), got {r}")
+
+    def varies_with_progress(self) -> bool:
+        """True when some depth's ratio changes from one progress point to another."""
+        return any(len(set(row)) > 1 for row in self.ratios)
 
     def ratio(self, depth: float, progress: float) -> float:
         per_depth = [_interp(self.progress, row, progress) for row in self.ratios]

@@ -15,7 +15,8 @@ import torch
 from .detail_cache import DetailCache
 from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
-from .token_ops import MergePlan, bipartite_merge_plan, max_merge_ratio, window_merge_plan
+from .token_ops import (MergePlan, bipartite_merge_plan, bucket_ratio, max_merge_ratio, window_merge_plan,
+                        window_reps)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SDTMConfig:
     dynamic_merge: bool = True
     ratio_adjust: bool = True
     prompt_reweight: bool = True
+    bias_free_attention: bool = False  # prompt reweighting through a value channel, not a mask (attention.size_weighted_hook)
     start_percent: float = 0.2
     end_percent: float = 1.0
     detail_cache: bool = False
@@ -71,6 +73,10 @@ class SDTM(MergingMethod):
         self.schedule = schedule
         self._top = max_merge_ratio((config.window, config.window))
         self.detail_cache = DetailCache(config.window) if config.detail_cache else None
+        self._reps = None  # (step key, every block's window representatives) of the last step
+        # The ratio changes with progress (CRA's cosine, or a schedule's progress axis): merge counts are bucketed.
+        self._moving_ratio = (schedule.varies_with_progress() if schedule is not None
+                              else config.ratio_adjust and config.deviation > 0)
 
     def ratio(self, block: int, num_blocks: int, progress: float) -> float:
         c = self.config
@@ -89,16 +95,29 @@ class SDTM(MergingMethod):
     def stage(self, progress: float) -> str:
         return "structure" if progress < self.config.switch_percent else "detail"
 
+    def seed(self, block: int, progress: float) -> int:
+        # Destinations move with block and step, so every token is computed on its own now and then.
+        return self.config.seed * 1_000_003 + block * 7919 + int(round(progress * 1e6))
+
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
-        num_remove = int(self.ratio(block, num_blocks, progress) * tokens.shape[1])
+        r = self.ratio(block, num_blocks, progress)
+        num_remove = int((min(bucket_ratio(r), self._top) if self._moving_ratio else r) * tokens.shape[1])
         if num_remove <= 0:
             return None
         window = (1,) * (len(grid) - 2) + (self.config.window, self.config.window)
-        # Destinations move with block and step, so every token is computed on its own now and then.
-        seed = self.config.seed * 1_000_003 + block * 7919 + int(round(progress * 1e6))
         if self.config.dynamic_merge and self.stage(progress) == "structure":
-            return window_merge_plan(tokens, grid, window, num_remove, seed)
-        return bipartite_merge_plan(tokens, grid, window, num_remove, seed)
+            return window_merge_plan(tokens, grid, window, num_remove,
+                                     reps=self._window_reps(tuple(grid), window, block, num_blocks, progress,
+                                                            tokens.device))
+        return bipartite_merge_plan(tokens, grid, window, num_remove, self.seed(block, progress))
 
-    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        return plan.sizes.log() if self.config.prompt_reweight else None
+    def _window_reps(self, grid, window, block, num_blocks, progress, device) -> torch.Tensor:
+        """Block `block`'s window representatives; every block's are drawn at its step's first merge."""
+        key = (grid, window, num_blocks, progress, device)
+        if self._reps is None or self._reps[0] != key:
+            seeds = [self.seed(b, progress) for b in range(num_blocks)]
+            self._reps = (key, window_reps(grid, window, seeds, device))
+        return self._reps[1][block]
+
+    def weighted_attention(self) -> bool:
+        return self.config.prompt_reweight

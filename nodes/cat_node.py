@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..kernels.cat import PRESETS, CATConfig, CATPruning
+from ..kernels.cat import CACHE_DTYPES, PRESETS, CATConfig, CATPruning
 from .patching import CATEGORY, FAMILIES_SHORT, advanced, model_input, patch_model, preset_config, preset_input
 from .types import TokenRatioScheduleType
 
@@ -53,6 +53,10 @@ class CATPruningPatchModel(io.ComfyNode):
                     "forecast", default=d.forecast, min=0.0, max=1.0, step=0.05,
                     tooltip="How far a cached token follows the trend of its last two full steps (0 = holds its "
                             "last value, as the paper); switched off while the trend predicts worse than holding.")),
+                advanced(io.Combo.Input(
+                    "cache_dtype", options=list(CACHE_DTYPES), default=d.cache_dtype,
+                    tooltip="Storage of the cached keys and values: the model's dtype, or fp8 (float8 with a scale "
+                            "per token) for a smaller cache at a small cost in fidelity.")),
                 TokenRatioScheduleType.Input(
                     "schedule", optional=True,
                     tooltip="Fraction pruned per progress from the Token Ratio Schedule node (averaged over depth); "

@@ -125,12 +125,13 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
     def apply_model_wrapper(executor, *args, **kwargs):
         x, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
-        sigma_value = float(sigma.flatten()[0])  # one device sync per call
+        # one device sync per call: the first row's sigma (progress) and the smallest (noise recoverable)
+        sigma_value, sigma_min = torch.stack([sigma.flatten()[0], sigma.min()]).tolist()
         progress = progress_map(executor.class_obj.model_sampling)(sigma_value)
         runtime.begin_call(transformer_options, x, sigma_value, progress, n_txt,
                            row_keys(transformer_options, x.shape[0]))
         out = executor(*args, **kwargs)
-        if runtime.stateful(transformer_options) and bool((sigma > 0).all()):
+        if runtime.stateful(transformer_options) and sigma_min > 0:
             # The model returns the denoised latent; methods work on the predicted noise
             # (x - denoised) / sigma: eps for eps models, the velocity for flow models.
             s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(out.dtype)

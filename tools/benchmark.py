@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -30,28 +31,54 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from kernels import cat, density, sdtm  # noqa: E402
 from kernels.attention import ATTENTION_OVERRIDE_KEY  # noqa: E402
-from kernels.cat import FAST_SETTING, CATConfig, CATPruning  # noqa: E402
-from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.families import Family, flux_family, mmdit_family  # noqa: E402
 from kernels.runtime import RUNS_KEY, RunStats, Runtime  # noqa: E402
-from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import cli  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 from tools.report import Report, peak_memory, sync  # noqa: E402
 
 SECTIONS = ("flops", "proxy", "time")
 
-# Every row of every table: (name, factory of a fresh method or None for the unpatched model).
-SETTINGS: list[tuple[str, Callable]] = [
-    ("unpatched", lambda: None),
-    ("SDTM defaults", lambda: SDTM(SDTMConfig())),
-    ("density schedule defaults", lambda: DensitySchedule(DensityConfig())),
-    ("CAT defaults", lambda: CATPruning(CATConfig())),
-    ("CAT faster preset", lambda: CATPruning(CATConfig(**FAST_SETTING))),
-]
+# (row label, method class, config class, presets, whether it weights attention by group size)
+METHODS = [("SDTM", sdtm.SDTM, sdtm.SDTMConfig, sdtm.PRESETS, True),
+           ("density schedule", density.DensitySchedule, density.DensityConfig, density.PRESETS, True),
+           ("CAT", cat.CATPruning, cat.CATConfig, cat.PRESETS, False)]
+BIAS_FREE = ", bias-free attention"
+FP8_CACHE = "CAT defaults, fp8 key/value cache"
+
+
+def settings(bias_free: bool = False, cache_options: bool = False) -> list[tuple[str, Callable]]:
+    """Rows of a table: (name, factory of a fresh method or None for the unpatched model). Every method at
+    its defaults and at every preset that differs from them; with `bias_free`, the size-weighted methods
+    again with attention.size_weighted_hook instead of the additive bias; with `cache_options`, CAT's fp8
+    key/value cache."""
+    rows = [("unpatched", lambda: None)]
+    for label, cls, config, presets, weighted in METHODS:
+        for preset, kwargs in [("defaults", {})] + [(p, kw) for p, kw in presets.items() if kw]:
+            name = f"{label} defaults" if preset == "defaults" else f"{label} {preset} preset"
+            rows.append((name, lambda cls=cls, config=config, kwargs=kwargs: cls(config(**kwargs))))
+            if bias_free and weighted:
+                rows.append((name + BIAS_FREE, lambda cls=cls, config=config, kwargs=kwargs: cls(
+                    config(**kwargs, bias_free_attention=True))))
+    if cache_options:
+        rows.append((FP8_CACHE, lambda: cat.CATPruning(cat.CATConfig(cache_dtype="fp8"))))
+    return rows
+
+
+def preset_methods() -> dict[str, Callable]:
+    """{"sdtm:balanced": factory, ...}: every node preset by the key the docs quote it with."""
+    keys = {"SDTM": "sdtm", "density schedule": "density", "CAT": "cat"}
+    return {f"{keys[label]}:{preset}": (lambda cls=cls, config=config, kwargs=kwargs: cls(config(**kwargs)))
+            for label, cls, config, presets, _ in METHODS for preset, kwargs in presets.items()}
+
+
+SETTINGS = settings()                                            # FLOPs and the CPU proxy
+TIME_SETTINGS = settings(bias_free=True, cache_options=True)     # wall time: also the choices that change no FLOPs
 
 
 @dataclass(frozen=True)
@@ -143,25 +170,60 @@ def flops_table(rep: Report, archs=("flux-1024", "flux-2048", "sd35-1024")):
 # ---- proxy: ops and syncs on the CPU ------------------------------------------------------------------
 
 # Ops that make the host wait for the device: a scalar read, or an output whose size depends on values.
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "bincount", "unique", "_unique2",
-            "masked_select", "repeat_interleave", "item", "allclose", "_assert_async"}
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "bincount", "unique", "_unique", "_unique2",
+            "unique_dim", "unique_consecutive", "masked_select", "repeat_interleave", "item", "allclose",
+            "_assert_async"}
+# Indexing with a boolean mask: the kernel finds the mask's True entries first (a nonzero, inside the op).
+MASK_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+# Tensor methods that copy to the host without dispatching any aten op on the CPU (seen at the Python level).
+SYNC_METHODS = {"tolist", "numpy"}
+
+
+class _MethodSyncs(TorchFunctionMode):
+    def __init__(self, counter: "OpCounter"):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNC_METHODS:
+            self.counter.record_sync(name)
+        return func(*args, **(kwargs or {}))
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops dispatched, and among them those that synchronise with the device."""
+    """Counts aten ops dispatched, and among them those that synchronise with the device (SYNC_OPS,
+    boolean-mask indexing, and the host copies of SYNC_METHODS)."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
         self.syncs = 0
         self.sync_names: dict = {}
+        self._methods = _MethodSyncs(self)
+
+    def record_sync(self, name: str):
+        self.syncs += 1
+        self.sync_names[name] = self.sync_names.get(name, 0) + 1
+
+    def __enter__(self):
+        self._methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._methods.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
-            self.syncs += 1
-            self.sync_names[name] = self.sync_names.get(name, 0) + 1
+            self.record_sync(name)
+        elif name in MASK_INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                            for i in (args[1] if len(args) > 1 else ())):
+            self.record_sync(f"{name} (boolean mask)")
         return func(*args, **(kwargs or {}))
 
 
@@ -172,18 +234,32 @@ PROXY_STEPS = 10
 def op_counts(method_factory: Callable, config: R.DiTConfig = PROXY_MODEL, steps: int = PROXY_STEPS) -> dict:
     """Ops per block call and syncs per step that `method_factory()` adds over a whole sampling run (CFG 3,
     one image, 32x32 = 1024 image tokens) of a random-weight reference DiT."""
-    model = R.ReferenceDiT(config).init_weights(0).eval()
-    counts = {}
-    for key, make in (("base", lambda: None), ("method", method_factory)):
-        method = make()
-        to = None if method is None else R.method_options(method, model, "proxy")
-        with OpCounter() as c:
-            R.sample(model, [0], steps=steps, cfg=3.0, seed=0, transformer_options=to)
-        counts[key] = c
+    model = _proxy_model(config.to_json())
+    base_ops, base_syncs = _base_counts(config.to_json(), steps)
+    method = method_factory()
+    c = _count(model, method, steps)
     block_calls = steps * model.family().num_blocks
-    return {"ops_per_block_call": (counts["method"].ops - counts["base"].ops) / block_calls,
-            "syncs_per_step": (counts["method"].syncs - counts["base"].syncs) / steps,
-            "sync_ops": counts["method"].sync_names}
+    return {"ops_per_block_call": (c.ops - base_ops) / block_calls, "syncs_per_step": (c.syncs - base_syncs) / steps,
+            "sync_ops": c.sync_names}
+
+
+@functools.lru_cache(maxsize=2)
+def _proxy_model(config_json: str) -> R.ReferenceDiT:
+    return R.ReferenceDiT(R.DiTConfig.from_json(config_json)).init_weights(0).eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _base_counts(config_json: str, steps: int) -> tuple[int, int]:
+    """The unpatched run's counts (the same for every method compared with it)."""
+    c = _count(_proxy_model(config_json), None, steps)
+    return c.ops, c.syncs
+
+
+def _count(model: R.ReferenceDiT, method, steps: int) -> OpCounter:
+    to = None if method is None else R.method_options(method, model, "proxy")
+    with OpCounter() as c:
+        R.sample(model, [0], steps=steps, cfg=3.0, seed=0, transformer_options=to)
+    return c
 
 
 def proxy_table(rep: Report):
@@ -274,56 +350,68 @@ class BlockTimer:
         return total
 
 
-def time_table(rep: Report, device: str, size: str, repeats: int, use_host: bool):
+def time_table(rep: Report, device: str, size: str, repeats: int, use_host: bool, warmup_steps: int | None = None):
+    """Seconds per image for every TIME_SETTINGS row. Per row one short warm-up image (kernels, allocator,
+    the row's token counts), then `repeats` timed images interleaved across rows; each timed image also
+    records the blocks' own time (for the method's share outside them) and, on a GPU, the peak memory."""
     archs = [SMALL] if size == "small" else [ARCHS["flux-1024"], ARCHS["flux-2048"]]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    cuda = torch.device(device).type == "cuda"
     for arch in archs:
+        started = time.perf_counter()
         model, desc = build_timed_model(arch, device, dtype, use_host)
+        warm = warmup_steps or max(4, arch.steps // 4)
         rep(f"## Seconds per image: {arch.title}, {device}")
         rep()
         rep(f"Blocks: {desc}; random {str(dtype).replace('torch.', '')} weights; {arch.n_img} image + {arch.n_txt} "
-            f"text tokens; one model call per step; median of {repeats} interleaved runs after a warm-up image.")
+            f"text tokens; one model call per step; median of {repeats} interleaved run(s) after a {warm}-step "
+            "warm-up image per row.")
         rep()
-        runs = {}
-        for name, make in SETTINGS:
-            def image(make=make, timer=None):
-                method = make()
-                base = {"patches_replace": {"dit": timer.replaces(model.family())}} if timer else None
-                to = R.method_options(method, model, "bench", base) if method is not None else base
-                R.sample(model, [0], steps=arch.steps, cfg=1.0, seed=0, transformer_options=to, device=device)
-                return to
-            runs[name] = image
-        times = {name: [] for name in runs}
-        for name, image in runs.items():  # warm-up (kernels, allocator, caches)
-            image()
+
+        def image(make, steps=arch.steps, timer=None):
+            method = make()
+            base = {"patches_replace": {"dit": timer.replaces(model.family())}} if timer else None
+            to = R.method_options(method, model, "bench", base) if method is not None else base
+            R.sample(model, [0], steps=steps, cfg=1.0, seed=0, transformer_options=to, device=device)
+            return to
+
+        rows = TIME_SETTINGS
+        for _, make in rows:  # warm-up
+            image(make, steps=warm)
+        times = {name: [] for name, _ in rows}
+        outside, memory, runs = {}, {}, {}
         for _ in range(repeats):
-            for name, image in runs.items():
+            for name, make in rows:
+                timer = BlockTimer(device)
                 sync(device)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    held = torch.cuda.memory_allocated()
                 t0 = time.perf_counter()
-                image()
+                runs[name] = image(make, timer=timer)
                 sync(device)
-                times[name].append(time.perf_counter() - t0)
-        rows, base_t, outside_base = [], statistics.median(times["unpatched"]), None
-        for name, image in runs.items():
-            timer = BlockTimer(device)
-            sync(device)
-            t0 = time.perf_counter()
-            to = image(timer=timer)
-            sync(device)
-            total = time.perf_counter() - t0
-            outside = total - timer.seconds()   # embedders, final layer, sampler, and the method's own work
-            if outside_base is None:
-                outside_base = outside
-            memory = peak_memory(image, device)
+                total = time.perf_counter() - t0
+                times[name].append(total)
+                outside[name] = total - timer.seconds()  # embedders, final layer, sampler and the method's own work
+                if cuda:
+                    memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated() - held)
+        if not cuda:  # the CPU profiler would slow the timed runs: one more image per row
+            memory = {name: peak_memory(lambda make=make: image(make), device) for name, make in rows}
+        base_t = statistics.median(times["unpatched"])
+        table = []
+        for name, _ in rows:
             t = statistics.median(times[name])
-            run = (to or {}).get(RUNS_KEY, {}).get("bench")
+            run = (runs[name] or {}).get(RUNS_KEY, {}).get("bench")
             flops = f"{run.stats.flops_share():.3f}" if run is not None else "1.000"
-            rows.append([name, f"{t:.3f}", f"{base_t / t:.2f}x", flops,
-                         f"{100 * max(outside - outside_base, 0.0) / total:.1f}%", f"{memory / 2 ** 30:.2f}"])
+            own = 100 * max(outside[name] - outside["unpatched"], 0.0) / t
+            table.append([name, f"{t:.3f}", f"{base_t / t:.2f}x", flops, f"{own:.1f}%",
+                          f"{memory[name] / 2 ** 20:.1f}"])
         rep.table(["setting", "s / image", "speedup", "block FLOPs / unpatched", "method's own work",
-                   "peak GiB above weights"], rows)
-        model = runs = None  # free the weights before the next size
-        if torch.device(device).type == "cuda":
+                   "peak MiB above weights"], table)
+        rep(f"({len(rows)} rows in {time.perf_counter() - started:.0f} s.)")
+        rep()
+        model = None  # free the weights before the next size
+        if cuda:
             torch.cuda.empty_cache()
 
 
@@ -336,7 +424,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (the time section)")
     p.add_argument("--size", choices=("full", "small"), default="full",
                    help="time section: full (Flux-dev sizes, for a GPU) or small (a quick check on the CPU)")
-    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed images per setting (median reported)")
+    p.add_argument("--repeats", type=cli.positive_int, default=1,
+                   help="timed images per setting (median reported; 1 keeps the full GPU run under 6 minutes)")
     p.add_argument("--no-host", action="store_true", help="time the reference DiT's own blocks even with ComfyUI")
     p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = p.parse_args(argv)

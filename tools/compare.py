@@ -156,7 +156,8 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
              cat_row("CAT pruning, ablation: forecast 0 (cached noise held, as the paper)",
                      lambda mod: PLAIN_REUSE_CAT),
              cat_row("CAT pruning, paper's setting (ratio 0.7, full_percent 0.28, no refresh, no forecast)",
-                     lambda mod: mod.PAPER_SETTING)]
+                     lambda mod: mod.PAPER_SETTING),
+             cat_row("CAT pruning, fp8 key/value cache (cache_dtype fp8)", lambda mod: dict(cache_dtype="fp8"))]
     rows.append(optional_row("density schedule (defaults)", "kernels.density",
                              lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
                                                                  "density")))

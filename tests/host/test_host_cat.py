@@ -152,10 +152,10 @@ def test_cache_is_freed_after_each_run(host, cat_node, defaults, family, monkeyp
     # Every run held the cache while it ran and freed it at the end. Cache: K and V of the 64 image
     # tokens per attention call (Flux 4 blocks, SD3 4 blocks; hidden 64 / 256), 2 rows (cond, uncond),
     # fp32; plus per row 5 noise maps (64 tokens x 64 values: last, the one before, reference, last full
-    # step, forecast slope) and labels / ages.
+    # step, forecast slope), labels / ages and the tokens per cluster.
     hidden = 64 if family == "flux" else 64 * SD3_DEPTH
     kv = 4 * 2 * 2 * 64 * hidden * 4
-    rows = 2 * (5 * 64 * 64 * 4 + 2 * 64 * 8)
+    rows = 2 * (5 * 64 * 64 * 4 + 2 * 64 * 8 + defaults["clusters"] * 8)
     for st in states:
         assert not st.kv and not st.rows and st.call is None
         assert st.peak_cache_bytes == kv + rows, (st.peak_cache_bytes, kv + rows)

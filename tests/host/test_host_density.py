@@ -158,3 +158,19 @@ def test_bad_inputs_raise_clear_errors(host, nodes, defaults):
     with pytest.raises(ValueError, match="progress_curve: point 2"):
         host.run_node(nodes["TokenRatioSchedule"], preset="constant", ratio=0.5, end_scale=1.0, switch_percent=0.4,
                       progress_curve="0:0.5, 2:0.1", depth_curve="", schedule_json="")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bias_free_attention_matches_the_bias_on_the_host_blocks(host, family):
+    """ComfyUI's own attention calls (Flux: heads split, SD3: v with split heads, heads by keyword): the
+    value-channel form of proportional attention gives the biased run's result."""
+    import importlib
+    pack = host.load_pack().__name__
+    dens = importlib.import_module(pack + ".kernels.density")
+    patching = importlib.import_module(pack + ".nodes.patching")
+    model = build(host, family)
+    outs = [host.sample(patching.patch_model(model, dens.DensitySchedule(dens.DensityConfig(bias_free_attention=free)),
+                                             "density", "Token Density"), height=128, width=128)
+            for free in (False, True)]
+    assert not torch.equal(outs[0], host.sample(model, height=128, width=128))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -324,3 +324,115 @@ def test_pruned_block_matches_the_full_block_on_selected_tokens(ref_model, kind)
     # without the cached keys/values (pruned tokens dropped from attention) the result would differ
     dropped = run_block_pruned(args, original, span, family, selection, {})
     assert not torch.allclose(dropped["img"][:, a:a + n_img].gather(1, idx), want, atol=1e-3)
+
+
+# ---- the fp8 key/value cache ------------------------------------------------------------------------
+
+def test_fp8_quantisation_error_is_within_half_a_float8_step():
+    from kernels.cat import dequantize_fp8, quantize_fp8
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 40)[:, None]
+    bits, scale = quantize_fp8(x)
+    assert bits.dtype == torch.uint8 and scale.shape == (2, 3, 40, 1)
+    back = dequantize_fp8(bits, scale, torch.float32)
+    # e4m3: 3 mantissa bits (relative step 2^-3), subnormal step 2^-9 of the scale
+    assert bool(((back - x).abs() <= x.abs() * 2 ** -4 + scale * 2 ** -10).all())
+    assert (back - x).abs().max() > 0  # it is a lossy format: the bound above is what the test checks
+
+
+def test_fp8_cache_stores_about_a_quarter_of_float32_and_changes_little(ref_model):
+    from tools import reference_dit as R
+    base = R.sample(ref_model, [1, 2], steps=8)
+    out, kv_bytes = {}, {}
+    for dtype in ("model", "fp8"):
+        to = R.method_options(CATPruning(CATConfig(full_percent=0.3, cache_dtype=dtype)), ref_model, "cat")
+        out[dtype] = R.sample(ref_model, [1, 2], steps=8, transformer_options=to)
+        state = to["token_reduction_runs"]["cat"].state
+        kv_bytes[dtype] = sum(t.numel() * t.element_size() for per_block in state.kv.values()
+                              for per_call in per_block.values() for entry in per_call.values()
+                              for t in entry.values() if isinstance(t, torch.Tensor))
+        assert state.peak_cache_bytes >= state.cache_bytes() > kv_bytes[dtype]  # noise rows are counted too
+    head_dim = ref_model.config.hidden // ref_model.config.heads
+    # one byte per element plus a float32 scale per token and head, against four bytes
+    assert kv_bytes["fp8"] * 4 == kv_bytes["model"] * (1 + 4 / head_dim)
+    assert float((out["fp8"] - out["model"]).norm()) < 0.01 * float((out["model"] - base).norm())
+
+
+def test_unknown_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="cache_dtype"):
+        CATPruning(CATConfig(cache_dtype="int4"))
+
+
+# ---- the vectorised selection is the per-cluster loop it replaced ------------------------------------
+
+def _loop_select(delta, labels, age, n_keep, balance, first):
+    """The selection as a Python loop over clusters (the pack's code before it was vectorised; it synced
+    with the device several times per cluster). Kept here as the specification of the order."""
+    from kernels.cat import BASE_QUOTA, TOP_CLUSTER_QUOTA, _rank
+    n = delta.shape[0]
+    mag = delta.float().norm(dim=1)
+    n_stale = max(1, int(round(balance * n_keep)))
+    n_noise = n_keep - n_stale
+    chosen = torch.zeros(n, dtype=torch.bool)
+    count = 0
+    if n_noise > 0:
+        k = int(labels.max()) + 1
+        order = torch.argsort(cluster_scores(delta, labels, k), descending=True, stable=True)
+        quota = max(1, int(BASE_QUOTA * n_keep))
+        stale_key = _rank(age, mag)
+        for i, c in enumerate(order.tolist()):
+            members = (labels == c).nonzero().flatten()
+            if members.numel() == 0:
+                continue
+            q = min(quota * (TOP_CLUSTER_QUOTA[i] if i < len(TOP_CLUSTER_QUOTA) else 1), members.numel())
+            take = [members[torch.topk(mag[members], q).indices]]
+            if not first and i != 0 and q // 2 > 0:
+                take.append(members[torch.topk(stale_key[members], q // 2).indices])
+            for t in take:
+                t = t[~chosen[t]][: n_noise - count]
+                chosen[t] = True
+                count += t.numel()
+            if count >= n_noise:
+                break
+        if count < n_noise:
+            t = torch.topk(torch.where(chosen, torch.full_like(mag, -1.0), mag), n_noise - count).indices
+            chosen[t] = True
+            count += t.numel()
+    key = _rank(age, mag)
+    key[chosen] = -1.0
+    chosen[torch.topk(key, n_keep - count).indices] = True
+    return chosen.nonzero().flatten()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_keep,balance", [(13, 0.75), (64, 0.75), (64, 0.25), (200, 0.5), (40, 0.0)])
+@pytest.mark.parametrize("first", [True, False])
+def test_vectorised_selection_matches_the_per_cluster_loop(seed, n_keep, balance, first):
+    """Without ties (continuous random changes and ages), the batched sort-based selection picks exactly the
+    tokens the loop did. Ties are where they may differ: the loop took whatever topk returned, the batched
+    selection takes the lower token index (next test)."""
+    n, gen = 256, torch.Generator().manual_seed(seed)
+    delta = torch.randn(n, 8, generator=gen) * torch.rand(n, 1, generator=gen)
+    labels = kmeans_labels(torch.randn(n, 8, generator=gen), (16, 16), 20, seed=seed)
+    age = torch.randint(0, 5, (n,), generator=gen)
+    assert torch.equal(select_tokens(delta, labels, age, n_keep, balance, first),
+                       _loop_select(delta, labels, age, n_keep, balance, first))
+
+
+def test_ties_go_to_the_lower_token_index():
+    n = 64
+    flat = torch.zeros(n, 4)  # every token changed alike and is as old as every other
+    sel = select_tokens(flat, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), 10, 0.0, False)
+    assert torch.equal(sel, torch.arange(10))
+
+
+def test_rows_with_and_without_a_first_pruned_step_are_chosen_together():
+    """A call whose rows reached pruning at different steps (a row key new to the run): each row follows
+    its own first flag, as if chosen alone."""
+    from kernels.cat import cluster_counts, select_tokens_batched
+    n, gen = 128, torch.Generator().manual_seed(7)
+    delta = torch.randn(2, n, 8, generator=gen)
+    labels = torch.stack([kmeans_labels(torch.randn(n, 8, generator=gen), (8, 16), 12) for _ in range(2)])
+    age = torch.randint(0, 6, (2, n), generator=gen)
+    both = select_tokens_batched(delta, labels, age, 40, 0.5, (True, False), cluster_counts(labels, 12))
+    for row, first in enumerate((True, False)):
+        assert torch.equal(both[row], _loop_select(delta[row], labels[row], age[row], 40, 0.5, first))

@@ -256,15 +256,42 @@ def _args(b, n_txt, n_img, n_ref=0, single=False, rope=True, seed=1, img_tokens=
     return args
 
 
+def _flux_block_case(single, n_ref, b=2, n_txt=6, n_img=32):
+    """Block arguments of a Flux double (or single) block, a merge plan and the image span."""
+    args = _args(b, n_txt, n_img, n_ref, single=single)
+    spec = BlockSpec(("single_block", 0) if single else ("double_block", 0), 0, single)
+    return args, _plan_for(n_img), image_span(spec, args, n_img, n_txt, FLUX)
+
+
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("n_ref", [0, 5])
+def test_a_block_that_updates_its_input_in_place_gives_the_same_result(single, n_ref):
+    """ComfyUI's Flux blocks add their updates in place (img += ...); the merged path keeps what it needs
+    after the block, so an in-place block and an out-of-place one give the same output."""
+    args, plan, span = _flux_block_case(single, n_ref)
+    before = args["img"].clone()
+    weight = torch.randn(C, C, generator=torch.Generator().manual_seed(5))
+
+    def out_of_place(a):
+        return {"img": a["img"] + torch.tanh(a["img"] @ weight), **({"txt": a["txt"]} if "txt" in a else {})}
+
+    def in_place(a):
+        img = a["img"]
+        img += torch.tanh(img @ weight)
+        return {"img": img, **({"txt": a["txt"]} if "txt" in a else {})}
+
+    want = run_block_merged(args, out_of_place, plan, span, FLUX)["img"]
+    got = run_block_merged(args, in_place, plan, span, FLUX)["img"]
+    assert torch.equal(got, want)
+    assert torch.equal(args["img"], before), "the caller's tensor is not modified"
+
+
 @pytest.mark.parametrize("single", [False, True])
 @pytest.mark.parametrize("n_ref", [0, 5])
 def test_identity_block_returns_input_exactly(single, n_ref):
     b, n_txt, n_img = 2, 6, 32
-    args = _args(b, n_txt, n_img, n_ref, single=single)
+    args, plan, span = _flux_block_case(single, n_ref, b, n_txt, n_img)
     img_before = args["img"].clone()
-    plan = _plan_for(n_img)
-    spec = BlockSpec(("single_block", 0) if single else ("double_block", 0), 0, single)
-    span = image_span(spec, args, n_img, n_txt, FLUX)
     assert span == ImageSpan(n_txt if single else 0, n_img, 0 if single else n_txt, pe_dim=2)
     seen = {}
 

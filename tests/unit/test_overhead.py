@@ -1,0 +1,54 @@
+"""The CPU proxy of a method's overhead (tools/benchmark.op_counts): every method, at its defaults and at
+every preset, adds at most MAX_OPS aten ops per block call (mean over a whole sampling run) and at most
+MAX_SYNCS host synchronisations per step. On a GPU each op is a kernel launch and each sync stalls the
+queue, so these are the budgets of the wall-time gain, not of the FLOPs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cat, density, sdtm
+from kernels.runtime import MergingMethod
+from tools import benchmark as B
+
+MAX_OPS = 30
+MAX_SYNCS = 1
+
+METHODS = [(sdtm.SDTM, sdtm.SDTMConfig, sdtm.PRESETS), (density.DensitySchedule, density.DensityConfig,
+                                                        density.PRESETS),
+           (cat.CATPruning, cat.CATConfig, cat.PRESETS)]
+SETTINGS = [pytest.param(cls, config, kwargs, id=f"{cls.name}-{preset}")
+            for cls, config, presets in METHODS for preset, kwargs in [("defaults", {}), *presets.items()]]
+
+
+@pytest.mark.parametrize("cls,config,kwargs", SETTINGS)
+def test_every_method_and_preset_stays_within_the_overhead_budget(one_torch_thread, cls, config, kwargs):
+    counts = B.op_counts(lambda: cls(config(**kwargs)))
+    assert counts["ops_per_block_call"] <= MAX_OPS, counts
+    assert counts["syncs_per_step"] <= MAX_SYNCS, counts["sync_ops"]
+
+
+class _Syncing(MergingMethod):
+    """Merges nothing; reads the tokens back to the host in the ways the proxy must notice."""
+
+    name = "syncing probe"
+
+    def is_active(self, progress):
+        return True
+
+    def plan(self, tokens, grid, block, num_blocks, progress):
+        tokens[0, :2, 0].tolist()                     # no aten op on the CPU at all
+        _ = tokens[0, :, 0][tokens[0, :, 0] > 0]      # a boolean mask: a nonzero inside the index op
+        return None
+
+
+def test_the_proxy_sees_syncs_that_dispatch_no_sync_op(one_torch_thread):
+    counts = B.op_counts(_Syncing, steps=2)
+    assert counts["sync_ops"] == {"tolist": 12, "index (boolean mask)": 12}, counts["sync_ops"]
+    assert counts["syncs_per_step"] == 12.0  # 6 blocks x 2 syncs
+
+
+def test_the_unpatched_model_adds_nothing(one_torch_thread):
+    counts = B.op_counts(lambda: None, steps=2)
+    assert counts["ops_per_block_call"] == 0 and counts["syncs_per_step"] == 0
+    assert torch.get_num_threads() == 1
