@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .attention import image_key_start, override_attention, seq_dim
 from .families import join_tokens, per_token_vec, split_tokens, with_image_pe
+from .forecast import Trend
 from .runtime import BlockCall, TokenMethod, call_rows, check_fractions, observing, report_computed
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import RATIO_BUCKETS, bucket_ratio, take_rows, zeros_like_shape
@@ -59,10 +60,6 @@ class CATConfig:
         return self
 
 
-def along_trend(noise: torch.Tensor, from_sigma: float, sigma: float, slope: torch.Tensor,
-                damping: float) -> torch.Tensor:
-    """`noise` (predicted at `from_sigma`) moved to `sigma` along `slope` (d noise / d sigma), damped."""
-    return noise + (damping * (sigma - from_sigma)) * slope
 
 
 # The paper's schedule (t0 = 8 of 28 steps, no refresh, no forecast), a comparison row in the evidence.
@@ -271,12 +268,7 @@ class RowState:
     counts: torch.Tensor | None = None  # tokens per cluster (k,)
     age: torch.Tensor | None = None     # steps since each token was last computed (N,)
     sigma: float | None = None          # sigma of the step `prev` belongs to
-    full: torch.Tensor | None = None    # noise of the last full step (N, D)
-    full_sigma: float | None = None
-    full_steps: int = 0                 # full steps seen (the first never starts a slope)
-    slope: torch.Tensor | None = None   # d noise / d sigma between the last two full steps (N, D)
-    trend_ok: object = True             # the last check: the trend predicted a full step better than holding
-                                        # (a 0-d bool tensor, read on the device: no sync)
+    trend: Trend = field(default_factory=Trend)  # its full steps, for the forecast
 
 
 @dataclass
@@ -317,7 +309,7 @@ class CATRunState:
                 for entry in per_call.values():
                     total += sum(t.numel() * t.element_size() for t in entry.values() if isinstance(t, torch.Tensor))
         for r in self.rows.values():
-            for t in (r.prev, r.before, r.ref, r.labels, r.counts, r.age, r.full, r.slope):
+            for t in (r.prev, r.before, r.ref, r.labels, r.counts, r.age, r.trend.full, r.trend.slope):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
@@ -421,10 +413,7 @@ class CATPruning(TokenMethod):
 
     def _forecast(self, row: RowState, sigma: float) -> torch.Tensor:
         """The row's cached noise carried from its last step to `sigma`, while the trend holds."""
-        if row.slope is None or row.trend_ok is False or self.config.forecast == 0.0:
-            return row.prev
-        moved = along_trend(row.prev, row.sigma, sigma, row.slope, self.config.forecast)
-        return moved if row.trend_ok is True else torch.where(row.trend_ok, moved, row.prev)
+        return row.trend.carry(row.prev, row.sigma, sigma, self.config.forecast)
 
     def end_call(self, state: CATRunState, call, noise: torch.Tensor):
         """Record this call's predicted noise (B, C, H, W). Returns (noise with non-computed tokens
@@ -452,16 +441,8 @@ class CATPruning(TokenMethod):
                 row = state.rows.setdefault(key, RowState())
                 if row.sigma != sigma:
                     row.before = row.prev
-                if row.full_sigma != sigma:
-                    if row.slope is not None:  # would the trend have predicted this step better than holding?
-                        guess = along_trend(row.full, row.full_sigma, sigma, row.slope, self.config.forecast)
-                        row.trend_ok = (guess - tok).norm() < (row.full - tok).norm()
-                    if row.full_steps >= 2:
-                        row.slope = (tok - row.full) / (sigma - row.full_sigma)
-                    row.full_steps += 1
-                # one tensor serves as both: `prev` is replaced, never written in place
-                row.prev = row.full = tok
-                row.full_sigma = sigma
+                row.trend.record(tok, sigma, self.config.forecast)
+                row.prev = tok  # the same tensor as the trend's: replaced, never written in place
                 row.age, row.sigma = age, sigma
         state.peak_cache_bytes = max(state.peak_cache_bytes, state.cache_bytes())
         if replaced is None:

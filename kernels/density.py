@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detail_cache import DetailCache
+from .detail_cache import DetailCache, check_detail_settings
 from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
 from .schedule_presets import FLEXDIT_STAGE_BOUNDS
@@ -58,17 +58,21 @@ def parse_stage_windows(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DensityConfig:
-    """Defaults set by measurement on the reference models (docs/evidence.md); FLEXDIT_LAYOUT is the paper's."""
-    stage_windows: tuple = (2, 2, 2, 2)   # window per noise stage, noisiest first
+    """Defaults set by measurement on the reference models (docs/density.md): after a full warm-up, two
+    pooled steps per full refresh step, 3x3 pooling in every block; FLEXDIT_LAYOUT is the paper's."""
+    stage_windows: tuple = (3, 3, 3, 3)   # window per noise stage, noisiest first
     stage_bounds: tuple = FLEXDIT_STAGE_BOUNDS
     bottom_dense: float = 0.0             # fraction of blocks at the bottom kept dense (at least 1 if > 0)
     top_dense: float = 0.0                # fraction of blocks at the top kept dense
     span_pattern: bool = False            # middle blocks: FlexDiT's [pooled x 4, dense x 2] spans
     proportional_attention: bool = True
     bias_free_attention: bool = False     # proportional attention through a value channel, not a mask
-    start_percent: float = 0.2
+    start_percent: float = 0.3
     end_percent: float = 1.0
-    detail_cache: bool = False            # pooled calls reuse the last full call's per-token detail
+    detail_cache: bool = True             # pooled calls correct the last full call's forecast (detail_cache.py)
+    refresh_every: int = 2                # with the detail cache: a full step after this many pooled steps
+    forecast: float = 0.5                 # with the detail cache: damping of the full calls' trend
+    detail_weight: float = 0.1            # with the detail cache: how much of its coarse difference a pooled call adds
 
     def validate(self) -> "DensityConfig":
         if len(self.stage_windows) != 4 or any(not (1 <= int(k) <= MAX_WINDOW) for k in self.stage_windows):
@@ -78,19 +82,23 @@ class DensityConfig:
         if len(b) != 3 or not (0.0 <= b[0] <= b[1] <= b[2] <= 1.0):
             raise ValueError(f"Token Density: stage bounds must be 3 increasing progress values, got {b}")
         check_fractions("Token Density", self, "bottom_dense", "top_dense", "start_percent", "end_percent")
+        check_detail_settings("Token Density", self)
         return self
 
 
 # The node's named settings; "balanced" is DensityConfig's defaults. Each is measured in docs/evidence.md.
 PRESETS = {
-    "quality": dict(detail_cache=True, start_percent=0.3),
+    "quality": dict(refresh_every=1),
     "balanced": {},
-    "fast": dict(stage_windows=(3, 3, 3, 3)),
+    "fast": dict(start_percent=0.2, detail_weight=0.2),
 }
 
-# FlexDiT's layout made training-free (this node's defaults before they were measured).
+# Pooling 2x2 at every step after a warm-up, no detail cache: the earlier defaults, a comparison row.
+EVERY_STEP_POOLED = dict(stage_windows=(2, 2, 2, 2), start_percent=0.2, detail_cache=False)
+
+# FlexDiT's layout made training-free: pooling from the first step, no detail cache.
 FLEXDIT_LAYOUT = dict(stage_windows=(2, 2, 2, 1), bottom_dense=0.07, top_dense=0.07, span_pattern=True,
-                      start_percent=0.0)
+                      start_percent=0.0, detail_cache=False)
 
 
 class DensitySchedule(MergingMethod):
@@ -101,7 +109,7 @@ class DensitySchedule(MergingMethod):
     def __init__(self, config: DensityConfig, schedule: TokenRatioSchedule | None = None):
         self.config = config.validate()
         self.schedule = schedule
-        self.detail_cache = DetailCache(max(config.stage_windows)) if config.detail_cache else None
+        self.detail_cache = DetailCache.of(config, max(config.stage_windows))
 
     def stage(self, progress: float) -> int:
         return sum(progress >= b for b in self.config.stage_bounds)

@@ -1,10 +1,12 @@
-"""Detail cache for the merging methods: merged calls take their per-token detail from the last full call.
+"""Detail cache for the merging methods: merged calls lean on the last full call.
 
-A merged block gives every member of a group the same update, so a merged call's predicted noise
-lacks per-token detail. That detail changes slowly along a trajectory, so it is reused:
-    noise = cached + LowPass(noise - cached)
-with `cached` the row's last call in which no block merged, and LowPass an average over windows
-of tokens, upsampled bilinearly (per frame for video). With no full call yet, nothing changes.
+A merged block gives every member of a group its group's update, so a merged call's own per-token part
+is wrong (every token keeps its input's), and even its coarse part is farther from the full prediction
+than the last full call carried along its trend. So a merged call only corrects that forecast:
+    noise = F + weight * LowPass(merged - F),   F = the last full call's noise along its trend
+(LowPass: an average over windows of tokens, bilinear back, per frame for video), and after
+`refresh_every` merged steps a full step refreshes F. Weight 1, no forecast and no refresh is the plain
+detail cache. Measurements behind the defaults: docs/sdtm.md.
 """
 from __future__ import annotations
 
@@ -13,18 +15,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .forecast import Trend
 from .runtime import call_rows
 
 
 @dataclass
 class DetailRunState:
-    """The cached noise per batch-row key for one sampling run; `clear()` frees it."""
+    """Per batch-row key the full calls' Trend, for one sampling run; `clear()` frees it."""
 
     rows: dict = field(default_factory=dict)
     peak_cache_bytes: int = 0
+    last_sigma: float | None = None
+    last_full: bool = True
+    merged_since_full: int = 0
 
     def clear(self):
         self.rows.clear()
+        self.last_sigma, self.last_full, self.merged_since_full = None, True, 0
 
 
 def low_pass(d: torch.Tensor, pool: int) -> torch.Tensor:
@@ -39,26 +46,62 @@ def low_pass(d: torch.Tensor, pool: int) -> torch.Tensor:
 
 
 class DetailCache:
-    def __init__(self, window: int):
-        self.window = int(window)
+    def __init__(self, window: int, weight: float = 1.0, refresh_every: int = 0, forecast: float = 0.0):
+        self.window, self.weight = int(window), float(weight)
+        self.refresh_every, self.forecast = int(refresh_every), float(forecast)
+
+    @classmethod
+    def of(cls, config, window: int) -> "DetailCache | None":
+        """The cache a merging method's config asks for (None when switched off)."""
+        if not config.detail_cache:
+            return None
+        return cls(window, config.detail_weight, config.refresh_every, config.forecast)
 
     def new_run_state(self) -> DetailRunState:
         return DetailRunState()
 
+    def begin_call(self, state: DetailRunState, call, x: torch.Tensor):
+        """Count merged steps since the last full one; ask for a full call when a refresh is due or a row has
+        nothing cached. Sigma rising starts a new run."""
+        sigma = float(call.sigma)
+        if state.last_sigma is not None and sigma > state.last_sigma + 1e-9:
+            state.clear()
+        if state.last_sigma is not None and sigma != state.last_sigma:  # a new step
+            state.merged_since_full = 0 if state.last_full else state.merged_since_full + 1
+        state.last_sigma = sigma
+        if self.refresh_every > 0:
+            call.full = (call.full or state.merged_since_full >= self.refresh_every
+                         or any(k not in state.rows for k in call_rows(call, x.shape[0])))
+
     def end_call(self, state: DetailRunState, call, noise: torch.Tensor):
-        """(noise with the cached detail, all-False computed mask) for a reduced call, else None."""
+        """(the forecast corrected by the merged call, all-False computed mask) for a reduced call, else None."""
         if noise.ndim not in (4, 5):
             return None
         keys = call_rows(call, noise.shape[0])
+        sigma = float(call.sigma)
+        state.last_full = not call.reduced
         if not call.reduced:
-            for i, key in enumerate(keys):
-                state.rows[key] = noise[i].detach().clone()
-            state.peak_cache_bytes = max(state.peak_cache_bytes,
-                                         sum(t.numel() * t.element_size() for t in state.rows.values()))
+            for key, row_noise in zip(keys, noise.detach().float().unbind(0)):
+                trend = state.rows.get(key)
+                if trend is None or trend.full.shape != row_noise.shape or trend.full.device != row_noise.device:
+                    trend = state.rows[key] = Trend()
+                trend.record(row_noise.clone(), sigma, self.forecast)
+            state.peak_cache_bytes = max(state.peak_cache_bytes, sum(
+                t.numel() * t.element_size() for r in state.rows.values() for t in (r.full, r.slope) if t is not None))
             return None
         cached = [state.rows.get(key) for key in keys]
-        if any(c is None or c.shape != noise.shape[1:] or c.device != noise.device for c in cached):
+        if any(c is None or c.full.shape != noise.shape[1:] or c.full.device != noise.device for c in cached):
             return None
-        ref = torch.stack(cached).to(noise.dtype)
-        blended = ref + low_pass(noise - ref, self.window * int(call.patch))
+        ref = torch.stack([c.carry(c.full, c.sigma, sigma, self.forecast) for c in cached]).to(noise.dtype)
+        blended = ref + self.weight * low_pass(noise - ref, self.window * int(call.patch)) if self.weight else ref
         return blended, torch.zeros((1,) * noise.ndim, dtype=torch.bool, device=noise.device)
+
+
+def check_detail_settings(label: str, config):
+    """A merging config's detail-cache settings: refresh_every >= 0, forecast and detail_weight in [0, 1]."""
+    if config.refresh_every < 0:
+        raise ValueError(f"{label}: refresh_every must be >= 0, got {config.refresh_every}")
+    for name in ("forecast", "detail_weight"):
+        value = getattr(config, name)
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"{label}: {name} must lie in [0, 1], got {value}")

@@ -57,6 +57,7 @@ class CallInfo:
     sigma: float = 0.0   # a change marks a new step
     rows: tuple = ()     # one key per batch row: (uuid, cond_or_uncond, row within its chunk)
     reduced: bool = False  # set when any block of this call ran on fewer tokens
+    full: bool = False     # set by a method's begin_call: this call runs on every token (a refresh step)
     num_blocks: int = 0
     patch: int = 1
     shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
@@ -251,8 +252,8 @@ class MergingMethod(TokenMethod):
         return plan.log_sizes() if self.weighted_attention() else None
 
     def run_block(self, block: BlockCall) -> dict:
-        plan = self.plan(block.image_tokens, block.call.grid, block.spec.index, block.family.num_blocks,
-                         block.call.progress)
+        plan = None if block.call.full else self.plan(block.image_tokens, block.call.grid, block.spec.index,
+                                                      block.family.num_blocks, block.call.progress)
         block.count(block.span.n_img if plan is None else plan.n_out)
         if plan is None:
             return block.original(block.args)
@@ -269,6 +270,9 @@ class MergingMethod(TokenMethod):
 
     def new_run_state(self):
         return self.detail_cache.new_run_state() if self.detail_cache is not None else None
+
+    def begin_call(self, state, call, x):
+        self.detail_cache.begin_call(state, call, x)
 
     def end_call(self, state, call, noise):
         return self.detail_cache.end_call(state, call, noise)

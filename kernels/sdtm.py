@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detail_cache import DetailCache
+from .detail_cache import DetailCache, check_detail_settings
 from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import (MergePlan, bipartite_merge_plan, bucket_ratio, max_merge_ratio, window_merge_plan,
@@ -21,21 +21,25 @@ from .token_ops import (MergePlan, bipartite_merge_plan, bucket_ratio, max_merge
 
 @dataclass(frozen=True)
 class SDTMConfig:
-    """Defaults set by measurement on the reference models (docs/evidence.md); the paper's stage layout
-    is switch_percent 0.4, start_percent 0."""
-    ratio: float = 0.6
-    deviation: float = 0.1
+    """Defaults set by measurement on the reference models (docs/sdtm.md): after a full warm-up, two merged
+    steps per full refresh step, whole 3x3 windows merged; the paper's stage layout is switch_percent 0.4,
+    start_percent 0, no detail cache."""
+    ratio: float = 0.84
+    deviation: float = 0.04
     switch_percent: float = 1.0
-    window: int = 2
+    window: int = 3
     skip_first_blocks: int = 0
     skip_last_blocks: int = 0
     dynamic_merge: bool = True
     ratio_adjust: bool = True
     prompt_reweight: bool = True
     bias_free_attention: bool = False  # prompt reweighting through a value channel, not a mask (attention.size_weighted_hook)
-    start_percent: float = 0.2
+    start_percent: float = 0.3
     end_percent: float = 1.0
-    detail_cache: bool = False
+    detail_cache: bool = True     # merged calls correct the last full call's forecast (detail_cache.py)
+    refresh_every: int = 2        # with the detail cache: a full step after this many merged steps (0: never)
+    forecast: float = 0.5         # with the detail cache: damping of the full calls' trend (0: held)
+    detail_weight: float = 0.1    # with the detail cache: how much of its coarse difference a merged call adds
     seed: int = 0
 
     def validate(self) -> "SDTMConfig":
@@ -54,15 +58,20 @@ class SDTMConfig:
         check_fractions("SDTM", self, "switch_percent", "start_percent", "end_percent")
         if self.skip_first_blocks < 0 or self.skip_last_blocks < 0:
             raise ValueError("SDTM: skipped block counts must be >= 0")
+        check_detail_settings("SDTM", self)
         return self
 
 
 # The node's named settings; "balanced" is SDTMConfig's defaults. Each is measured in docs/evidence.md.
 PRESETS = {
-    "quality": dict(detail_cache=True, start_percent=0.3),
+    "quality": dict(refresh_every=1),
     "balanced": {},
-    "fast": dict(ratio=0.7, deviation=0.05),
+    "fast": dict(start_percent=0.2, detail_weight=0.2),
 }
+
+
+# Merging at every step after a warm-up, 2x2 windows, no detail cache: the earlier defaults, a comparison row.
+EVERY_STEP_MERGED = dict(ratio=0.6, deviation=0.1, window=2, start_percent=0.2, detail_cache=False)
 
 
 class SDTM(MergingMethod):
@@ -72,7 +81,7 @@ class SDTM(MergingMethod):
         self.config = config.validate()
         self.schedule = schedule
         self._top = max_merge_ratio((config.window, config.window))
-        self.detail_cache = DetailCache(config.window) if config.detail_cache else None
+        self.detail_cache = DetailCache.of(config, config.window)
         self._reps = None  # (step key, every block's window representatives) of the last step
         # The ratio changes with progress (CRA's cosine, or a schedule's progress axis): merge counts are bucketed.
         self._moving_ratio = (schedule.varies_with_progress() if schedule is not None

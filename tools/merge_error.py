@@ -30,7 +30,8 @@ import argparse  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels.cat import CATConfig, along_trend  # noqa: E402
+from kernels.cat import CATConfig  # noqa: E402
+from kernels.forecast import along_trend  # noqa: E402
 from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.detail_cache import low_pass  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402

@@ -22,7 +22,7 @@ from kernels.calibration import (RATIO_OPTIONS, CalibrationCache, RedundancyProb
                                  constant_ratio_for_saving, merge_errors, remaining_weights)
 from kernels.token_ops import bipartite_merge_plan
 from kernels.schedule import TokenRatioSchedule
-from kernels.sdtm import SDTM, SDTMConfig
+from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 from tools import reference_dit as R
 
 CFG = R.DiTConfig(image_size=32, hidden=64, heads=2, axes_dim=(8, 12, 12), depth_double=2, depth_single=4)
@@ -164,7 +164,8 @@ def test_calibrated_schedule_meets_target_and_beats_constant(model, target):
     cal = _calibrate(model, target)
     # The schedule decides every step; the last block dense, as the calibration and the constant ratio
     # below assume.
-    sdtm = SDTMConfig(ratio=0.5, ratio_adjust=False, start_percent=0.0, skip_first_blocks=0, skip_last_blocks=1)
+    sdtm = SDTMConfig(**{**EVERY_STEP_MERGED, "ratio": 0.5, "ratio_adjust": False, "start_percent": 0.0,
+                         "skip_last_blocks": 1})
     base = R.sample(model, CLASSES, steps=STEPS, seed=0)
     base_flops = _block_flops(model, None)
     saved = 1 - _block_flops(model, R.method_options(SDTM(sdtm, cal.schedule), model)) / base_flops

@@ -67,7 +67,7 @@ def test_unpatched_compiles_each_block_kind_once(unpatched_graphs):
 
 
 def test_sdtm_compiles_once_per_bucket_not_once_per_step(one_torch_thread):
-    method = sdtm.SDTM(sdtm.SDTMConfig())
+    method = sdtm.SDTM(sdtm.SDTMConfig(**sdtm.EVERY_STEP_MERGED))
     counts = sdtm_counts(method, 256, 6)
     assert 2 <= len(counts) <= 5, counts  # the cosine ratio spans a few buckets of 1/20
     graphs = compiled_run(method)
@@ -76,10 +76,11 @@ def test_sdtm_compiles_once_per_bucket_not_once_per_step(one_torch_thread):
 
 def test_without_buckets_sdtm_would_recompile_at_every_step(one_torch_thread, monkeypatch):
     """The check above can fail: with a bucket per token, every merged step is a new shape."""
-    bucketed = len(sdtm_counts(sdtm.SDTM(sdtm.SDTMConfig()), 256, 6))
+    config = sdtm.SDTMConfig(**sdtm.EVERY_STEP_MERGED)
+    bucketed = len(sdtm_counts(sdtm.SDTM(config), 256, 6))
     monkeypatch.setattr(token_ops, "RATIO_BUCKETS", 10 ** 6)
-    graphs = compiled_run(sdtm.SDTM(sdtm.SDTMConfig()))
-    merged_steps = sum(p >= sdtm.SDTMConfig().start_percent for p in progresses())
+    graphs = compiled_run(sdtm.SDTM(config))
+    merged_steps = sum(p >= config.start_percent for p in progresses())
     assert graphs["double"] == merged_steps + 1 > bucketed, (graphs, bucketed)
 
 
@@ -107,7 +108,7 @@ def test_scheduled_ratios_take_their_counts_from_the_buckets():
     ps = [i / 97 for i in range(97)]
     kept = {cat.CATPruning(cat.CATConfig(), schedule=sched).n_keep(n_img, p, 6) for p in ps}
     assert kept <= grid and 1 < len(kept) <= token_ops.RATIO_BUCKETS, kept
-    m = sdtm.SDTM(sdtm.SDTMConfig(start_percent=0.0), schedule=sched)
+    m = sdtm.SDTM(sdtm.SDTMConfig(**{**sdtm.EVERY_STEP_MERGED, "start_percent": 0.0}), schedule=sched)
     removed = set()
     for p in ps:
         for b in range(6):
@@ -118,5 +119,6 @@ def test_scheduled_ratios_take_their_counts_from_the_buckets():
     assert not steady.varies_with_progress() and sched.varies_with_progress()
     assert cat.CATPruning(cat.CATConfig(), schedule=steady).ratio(0.5, 2) == pytest.approx(0.37)
     assert cat.CATPruning(cat.CATConfig(ratio=0.93)).ratio(0.5) == 0.93
-    fixed = sdtm.SDTM(sdtm.SDTMConfig(ratio=0.33, ratio_adjust=False, start_percent=0.0))
+    fixed = sdtm.SDTM(sdtm.SDTMConfig(**{**sdtm.EVERY_STEP_MERGED, "ratio": 0.33, "ratio_adjust": False,
+                                         "start_percent": 0.0}))
     assert n_img - fixed.plan(torch.randn(1, n_img, 8), (16, 16), 0, 6, 0.5).n_out == int(0.33 * n_img) // 3 * 3

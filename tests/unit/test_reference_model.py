@@ -24,7 +24,7 @@ import torch
 
 from kernels.families import block_flops
 from kernels.runtime import CALL_KEY, RUNS_KEY
-from kernels.sdtm import SDTM, SDTMConfig
+from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 from tools import demo
 from tools import reference_dit as R
 from tools.comfy_host import PACK_ROOT
@@ -184,19 +184,20 @@ def test_sdtm_inactive_is_bit_identical(model, baseline):
     assert st.merged_calls == 0 and st.tokens_computed == st.tokens_in > 0
 
 
-def test_sdtm_defaults_close_to_baseline(model, baseline):
-    to = R.method_options(SDTM(SDTMConfig()), model)
+def test_sdtm_merging_stays_close_to_baseline(model, baseline):
+    to = R.method_options(SDTM(SDTMConfig(**EVERY_STEP_MERGED)), model)
     out = _sample(model, to)
     assert not torch.equal(out, baseline) and torch.isfinite(out).all()
     p = R.psnr(out, baseline)
-    assert p > PSNR_BOUND_DB, f"SDTM defaults: PSNR {p:.2f} dB vs baseline"
+    assert p > PSNR_BOUND_DB, f"SDTM merging: PSNR {p:.2f} dB vs baseline"
     assert to[RUNS_KEY]["sdtm"].stats.merged_calls > 0
     # Merging less stays closer.
-    light = _sample(model, R.method_options(SDTM(SDTMConfig(ratio=0.2, deviation=0.1)), model))
+    light = _sample(model, R.method_options(SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "ratio": 0.2})), model))
     assert R.psnr(light, baseline) > p
     # Chained over an existing pass-through replace, the result is the same.
     passthrough = {s.key: (lambda a, e: e["original_block"](a)) for s in model.family().blocks}
-    chained = R.method_options(SDTM(SDTMConfig()), model, base={"patches_replace": {"dit": passthrough}})
+    chained = R.method_options(SDTM(SDTMConfig(**EVERY_STEP_MERGED)), model,
+                               base={"patches_replace": {"dit": passthrough}})
     assert torch.equal(_sample(model, chained), out)
 
 
@@ -221,7 +222,7 @@ def test_flops_drop_as_predicted(model):
         return fc.get_total_flops()
 
     base = count(None)
-    method = RecordingSDTM(SDTMConfig())
+    method = RecordingSDTM(SDTMConfig(**EVERY_STEP_MERGED))
     merged = count(R.method_options(method, model))
     n_img = (CFG.image_size // CFG.patch_size) ** 2
     # The analytic block cost explains the measured baseline (SDPA included).
@@ -336,7 +337,7 @@ def test_matches_comfyui_flux(host, model):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, 32, 32, generator=gen)
     ids = torch.tensor([0, 1, CFG.num_classes, CFG.num_classes])
-    from_first = SDTMConfig(start_percent=0.0)  # sigma 0.9 is at progress ~0.1
+    from_first = SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0})  # sigma 0.9 is at progress ~0.1
     for sigma, options in ((0.9, None), (0.9, R.method_options(SDTM(from_first), model)),
                            (0.3, R.method_options(SDTM(from_first), model))):
         with torch.inference_mode():

@@ -7,7 +7,7 @@ import torch
 from kernels import runtime
 from kernels.families import block_flops, flux_family, qwen_image_family
 from kernels.runtime import CALL_KEY, MergingMethod, Runtime, RunStats, TokenMethod, token_grid
-from kernels.sdtm import SDTM, SDTMConfig
+from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 
 FLUX = flux_family("Flux", 1, 1)
 
@@ -49,7 +49,8 @@ def test_one_run_counts_steps_and_frees_its_state():
 def test_block_replace_runs_the_method_and_chains_what_was_there():
     seen = []
     previous = lambda args, extra: seen.append("previous") or extra["original_block"](args)  # noqa: E731
-    rt = Runtime(SDTM(SDTMConfig(start_percent=0.0, ratio=0.5, deviation=0.0)), FLUX, 2, "k")
+    rt = Runtime(SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0, "ratio": 0.5, "deviation": 0.0})),
+                 FLUX, 2, "k")
     to = {}
     rt.start_run(to)
     replace = rt.block_replaces({("double_block", 0): previous})[("double_block", 0)]
@@ -64,7 +65,7 @@ def test_block_replace_runs_the_method_and_chains_what_was_there():
 
 def test_a_call_that_does_not_fit_runs_unreduced_with_one_warning(caplog):
     fam = qwen_image_family("QwenImage", 1)
-    rt = Runtime(SDTM(SDTMConfig(start_percent=0.0)), fam, 2, "k")
+    rt = Runtime(SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0})), fam, 2, "k")
     to = {}
     rt.start_run(to)
     replace = rt.block_replaces()[("double_block", 0)]

@@ -15,10 +15,20 @@ import torch
 from kernels.attention import ATTENTION_OVERRIDE_KEY, key_bias_hook, override_attention
 from kernels.families import BlockSpec, ImageSpan, flux_family, image_span, mmdit_family, qwen_image_family, run_block_merged
 from kernels.schedule import TokenRatioSchedule, block_depth
-from kernels.sdtm import SDTM, SDTMConfig
+from kernels.sdtm import EVERY_STEP_MERGED, PRESETS, SDTM, SDTMConfig
 from kernels.token_ops import plan_from_targets, window_layout
 
 # ---- SDTMConfig.validate -------------------------------------------------------------------
+
+
+def cfg(**kw) -> SDTMConfig:
+    """The merging mechanics these tests check, at every step with 2x2 windows (no detail cache)."""
+    return SDTMConfig(**{**EVERY_STEP_MERGED, **kw})
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_defaults_and_presets_validate(preset):
+    SDTM(SDTMConfig(**PRESETS[preset]))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -40,14 +50,14 @@ from kernels.token_ops import plan_from_targets, window_layout
 ])
 def test_config_validate_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SDTMConfig(**kwargs).validate()
+        cfg(**kwargs).validate()
     with pytest.raises(ValueError, match=match):
-        SDTM(SDTMConfig(**kwargs))  # the method validates on construction
+        SDTM(cfg(**kwargs))  # the method validates on construction
 
 
 def test_config_validate_window_zero_is_a_value_error():
     with pytest.raises(ValueError, match="window must be at least 2"):
-        SDTMConfig(window=0).validate()
+        cfg(window=0).validate()
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -60,8 +70,8 @@ def test_config_validate_window_zero_is_a_value_error():
     dict(switch_percent=0.0, start_percent=1.0, end_percent=1.0),
 ])
 def test_config_validate_accepts(kwargs):
-    cfg = SDTMConfig(**kwargs)
-    assert cfg.validate() is cfg
+    config = cfg(**kwargs)
+    assert config.validate() is config
 
 
 # ---- SDTM.ratio ----------------------------------------------------------------------------
@@ -71,7 +81,7 @@ def cra(ratio, dev, p):
 
 
 def test_ratio_follows_cosine_cra():
-    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.2, skip_first_blocks=1, skip_last_blocks=1, start_percent=0.0))
+    m = SDTM(cfg(ratio=0.5, deviation=0.2, skip_first_blocks=1, skip_last_blocks=1, start_percent=0.0))
     assert m.ratio(1, 4, 0.0) == pytest.approx(0.7)
     assert m.ratio(1, 4, 1.0 - 1e-9) == pytest.approx(0.3, abs=1e-6)
     assert m.ratio(2, 4, 0.5) == pytest.approx(0.3 + 0.4 * math.cos(math.pi / 4))
@@ -85,7 +95,7 @@ def test_ratio_follows_cosine_cra():
 
 
 def test_ratio_constant_without_cra():
-    m = SDTM(SDTMConfig(ratio=0.42, deviation=0.3, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0,
+    m = SDTM(cfg(ratio=0.42, deviation=0.3, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0,
                         start_percent=0.0))
     for p in (0.0, 0.1, 0.5, 0.9, 0.999):
         for block in range(5):
@@ -93,7 +103,7 @@ def test_ratio_constant_without_cra():
 
 
 def test_ratio_zero_outside_start_end_window():
-    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.0, start_percent=0.2, end_percent=0.6,
+    m = SDTM(cfg(ratio=0.5, deviation=0.0, start_percent=0.2, end_percent=0.6,
                         skip_first_blocks=0, skip_last_blocks=0))
     assert m.ratio(0, 3, 0.0) == 0.0
     assert m.ratio(0, 3, 0.199) == 0.0
@@ -101,22 +111,22 @@ def test_ratio_zero_outside_start_end_window():
     assert m.ratio(0, 3, 0.599) == pytest.approx(0.5)
     assert m.ratio(0, 3, 0.6) == 0.0                     # end is exclusive
     assert m.ratio(0, 3, 0.9) == 0.0
-    never = SDTM(SDTMConfig(start_percent=1.0))
+    never = SDTM(cfg(start_percent=1.0))
     assert all(never.ratio(b, 6, p / 20) == 0.0 for b in range(6) for p in range(21))
 
 
 def test_ratio_zero_for_skipped_blocks():
-    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.1, skip_first_blocks=2, skip_last_blocks=1))
+    m = SDTM(cfg(ratio=0.5, deviation=0.1, skip_first_blocks=2, skip_last_blocks=1))
     got = [m.ratio(b, 6, 0.3) > 0 for b in range(6)]
     assert got == [False, False, True, True, True, False]
     # everything skipped: never merges
-    m = SDTM(SDTMConfig(skip_first_blocks=3, skip_last_blocks=3))
+    m = SDTM(cfg(skip_first_blocks=3, skip_last_blocks=3))
     assert all(m.ratio(b, 4, 0.1) == 0.0 for b in range(4))
 
 
 def test_schedule_overrides_ratio_and_is_clamped():
     sched = TokenRatioSchedule(depth=[0.0, 1.0], progress=[0.0, 1.0], ratios=[[0.1, 0.2], [0.9, 0.4]])
-    m = SDTM(SDTMConfig(ratio=0.5, deviation=0.2, skip_first_blocks=0, skip_last_blocks=1, start_percent=0.0),
+    m = SDTM(cfg(ratio=0.5, deviation=0.2, skip_first_blocks=0, skip_last_blocks=1, start_percent=0.0),
              schedule=sched)
     nb = 5
     for block in range(nb - 1):
@@ -127,9 +137,9 @@ def test_schedule_overrides_ratio_and_is_clamped():
     assert m.ratio(2, nb, 1.0 - 1e-9) == pytest.approx(0.3)    # CRA would say 0.3 too; depth 0.5
     assert m.ratio(1, nb, 0.5) == pytest.approx(0.25 * 0.65 + 0.75 * 0.15)
     assert m.ratio(nb - 1, nb, 0.0) == 0.0                     # skipped blocks stay skipped
-    full = SDTM(SDTMConfig(skip_first_blocks=0, skip_last_blocks=0, start_percent=0.0), schedule=sched)
+    full = SDTM(cfg(skip_first_blocks=0, skip_last_blocks=0, start_percent=0.0), schedule=sched)
     assert full.ratio(nb - 1, nb, 0.0) == pytest.approx(0.75)  # 0.9 clamped to the 2x2 maximum
-    late = SDTM(SDTMConfig(start_percent=0.5, skip_first_blocks=0, skip_last_blocks=0), schedule=sched)
+    late = SDTM(cfg(start_percent=0.5, skip_first_blocks=0, skip_last_blocks=0), schedule=sched)
     assert late.ratio(2, nb, 0.2) == 0.0                       # start/end still apply
 
 
@@ -143,7 +153,7 @@ def _const_cfg(**kw):
     base = dict(ratio=0.5, ratio_adjust=False, skip_first_blocks=0, skip_last_blocks=0, switch_percent=0.4,
                 start_percent=0.0)
     base.update(kw)
-    return SDTMConfig(**base)
+    return cfg(**base)
 
 
 def test_stage_switch():

@@ -1,0 +1,48 @@
+"""Carrying a row's last full prediction forward along its recent trend (CAT and the detail cache).
+
+A token's predicted noise changes smoothly along a trajectory, so a first-order step beats holding it
+(first-order forecasting of cached features, as TaylorSeer, arXiv 2503.06923), damped. The run's first
+full step never starts a slope (at pure noise the model predicts roughly the mean image), and each full
+step checks the trend: while it predicted worse than holding (ancestral and SDE samplers add fresh noise
+every step), the row holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def along_trend(noise: torch.Tensor, from_sigma: float, sigma: float, slope: torch.Tensor,
+                damping: float) -> torch.Tensor:
+    """`noise` (predicted at `from_sigma`) moved to `sigma` along `slope` (d noise / d sigma), damped."""
+    return noise + (damping * (sigma - from_sigma)) * slope
+
+
+@dataclass
+class Trend:
+    """A row's full predictions: the last one, its sigma, and the slope between the last two."""
+
+    full: torch.Tensor | None = None
+    sigma: float | None = None
+    steps: int = 0                       # full steps seen
+    slope: torch.Tensor | None = None    # d noise / d sigma
+    ok: object = True                    # 0-d bool tensor (read on the device: no sync) or True
+
+    def record(self, noise: torch.Tensor, sigma: float, damping: float):
+        """A full step's prediction; a second call at the same sigma (cond and uncond apart) only replaces it."""
+        if self.sigma != sigma:
+            if self.slope is not None:  # would the trend have predicted this step better than holding?
+                guess = along_trend(self.full, self.sigma, sigma, self.slope, damping)
+                self.ok = (guess - noise).norm() < (self.full - noise).norm()
+            if self.steps >= 2:
+                self.slope = (noise - self.full) / (sigma - self.sigma)
+            self.steps += 1
+        self.full, self.sigma = noise, sigma
+
+    def carry(self, noise: torch.Tensor, from_sigma: float, sigma: float, damping: float) -> torch.Tensor:
+        """`noise` (predicted at `from_sigma`) carried to `sigma` while the trend holds, else held."""
+        if self.slope is None or self.ok is False or damping == 0.0:
+            return noise
+        moved = along_trend(noise, from_sigma, sigma, self.slope, damping)
+        return moved if self.ok is True else torch.where(self.ok, moved, noise)
