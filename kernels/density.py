@@ -86,6 +86,8 @@ PRESETS = {
     "balanced": {},
     "fast": dict(stage_windows=(3, 3, 3, 3)),
 }
+# Settings a connected TokenRatioSchedule replaces (DensitySchedule.window reads the schedule instead).
+SCHEDULE_REPLACES = ("stage_windows", "bottom_dense", "top_dense", "span_pattern")
 
 # FlexDiT's layout made training-free (this node's defaults before they were measured).
 FLEXDIT_LAYOUT = dict(stage_windows=(2, 2, 2, 1), bottom_dense=0.07, top_dense=0.07, span_pattern=True,

@@ -61,6 +61,8 @@ PRESETS = {
     "balanced": {},
     "fast": dict(ratio=0.7, deviation=0.05),
 }
+# Settings a connected TokenRatioSchedule replaces (SDTM.ratio reads the schedule instead).
+SCHEDULE_REPLACES = ("ratio", "deviation", "ratio_adjust")
 
 
 class SDTM(MergingMethod):
