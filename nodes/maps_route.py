@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from ..kernels.maps import KINDS
+from ..kernels.maps import KIND_HELP, KINDS, NOT_RECORDED
 
 ROUTE = "/token_reduction/maps"
 MAX_SNAPSHOTS = 16
@@ -65,7 +65,7 @@ def meta(map_id: str, entry: dict) -> dict:
     return {
         "id": map_id, "grid": list(store.grid), "steps": store.n_steps,
         "blocks": ["%s %d" % spec.key for spec in store.family.blocks],
-        "kinds": list(KINDS), "recorded": recorded,
+        "kinds": list(KINDS), "kind_help": KIND_HELP, "not_recorded": NOT_RECORDED, "recorded": recorded,
         "progress": [store.progress.get(s) for s in range(store.n_steps)],
         "image": entry["thumb"], "stats": entry["stats"], "refused": store.refused,
     }
@@ -116,7 +116,7 @@ async def handle_map(request):
     values = store.map(kind, step, block)
     if values is None:  # a valid question with an empty answer, not an error
         return web.json_response({"kind": kind, "step": step, "block": block, "grid": list(store.grid),
-                                  "values": None, "reason": "nothing was recorded for this kind, step and block"})
+                                  "values": None, "reason": NOT_RECORDED[kind]})
     v = values.float()
     return web.json_response({"kind": kind, "step": step, "block": block, "grid": list(store.grid),
                               "min": float(v.min()), "max": float(v.max()),

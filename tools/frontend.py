@@ -224,6 +224,7 @@ def open_page(url: str, chromium_path: str):
         port = int(port_file.read_text().split()[0])
         targets = http_json(f"http://127.0.0.1:{port}/json/list")
         cdp = CDP(next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"))
+        cdp.url = url
         for domain in ("Runtime", "Log", "Page"):
             cdp.call(f"{domain}.enable")
         cdp.call("Emulation.setDeviceMetricsOverride",

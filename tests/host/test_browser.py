@@ -258,7 +258,7 @@ BUILD_TINY_GRAPH = """(() => {
     const sched = mk("TokenRatioSchedule", 620, 420);
     set(neg, "seed", 1); set(lat, "width", 128); set(lat, "height", 128);
     set(ks, "steps", 3); set(ks, "cfg", 2.0); set(ks, "seed", 3);
-    set(rec, "attention_steps", "all"); set(rec, "attention_blocks", "all");
+    set(rec, "attention_steps", "first, last"); set(rec, "attention_blocks", "all");
     set(ov, "kind", "attention_text"); set(ov, "blocks", "all");
     loader.connect(0, sdtm, 0); sdtm.connect(0, rec, 0); rec.connect(0, ks, 0);
     pos.connect(0, ks, 1); neg.connect(0, ks, 2); lat.connect(0, ks, 3);
@@ -267,38 +267,137 @@ BUILD_TINY_GRAPH = """(() => {
     return [ov.id, sched.id];
 })()"""
 
+# JS: the node's rectangle on screen (title bar included) and whether element `e` lies inside it.
+INSIDE_NODE = """((n, e) => {
+    const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect(), t = LiteGraph.NODE_TITLE_HEIGHT;
+    const node = {left: c.left + (n.pos[0] + ds.offset[0]) * ds.scale, top: c.top + (n.pos[1] - t + ds.offset[1]) * ds.scale};
+    node.right = node.left + n.size[0] * ds.scale; node.bottom = node.top + (n.size[1] + t) * ds.scale;
+    const r = e.getBoundingClientRect();
+    return {inside: r.width > 0 && r.height > 0 && r.left >= node.left - 1 && r.right <= node.right + 1
+                    && r.top >= node.top - 1 && r.bottom <= node.bottom + 1,
+            node, element: {left: r.left, top: r.top, right: r.right, bottom: r.bottom}};
+})"""
+NODE = "app.graph._nodes.find(n => n.type === '%s')"
 
-def test_viewer_draws_after_a_run_and_schedule_graph_draws(page, comfy_server):
+
+def show(page, node_type: str):
+    page.eval(f"(() => {{ app.canvas.centerOnNode?.({NODE % node_type}); app.graph.setDirtyCanvas(true, true); "
+              "return true; })()")
+    time.sleep(0.6)  # a few frames: the frontend moves DOM widgets with the canvas
+
+
+def test_viewer_and_schedule_graph_after_a_run(page, comfy_server):
     page.eval(BUILD_TINY_GRAPH)
-    page.wait_for("document.querySelector('.token-ratio-schedule-graph canvas')?.dataset.drawn === 'schedule'", 30,
-                  "the ratio schedule graph")
+    graph = NODE % "TokenRatioSchedule" + ".tokenScheduleGraph"
+    page.wait_for(f"{graph}.canvas.dataset.drawn === 'schedule'", 30, "the ratio schedule graph")
     page.eval("app.queuePrompt(0, 1).then(() => true)")
-    viewer = "app.graph._nodes.find(n => n.type === 'TokenMapOverlay').tokenMapViewer"
+    viewer = NODE % "TokenMapOverlay" + ".tokenMapViewer"
     try:
-        page.wait_for(f"{viewer}.canvas.dataset.drawn === 'map'", 120,
-                      "the token-map viewer to draw a map after the run")
+        page.wait_for(f"{viewer}.canvas.dataset.drawn === 'map'", 120, "the token-map viewer to draw a map after the run")
     except AssertionError as e:
         page.screenshot(OUT / "viewer_timeout.png")
         raise AssertionError(f"{e}; viewer status: {page.eval(viewer + '.status.textContent')!r}; errors: "
                              f"{page.new_errors()}; server log:\n{comfy_server['log'].read_text()[-3000:]}")
-    # Switch the kind and move the sliders: the viewer fetches and draws again.
     state = page.eval("""(async () => {
-        const v = app.graph._nodes.find(n => n.type === 'TokenMapOverlay').tokenMapViewer;
-        v.kind.value = 'merge_size'; await v.fetchMap();
-        const a = v.canvas.dataset.drawn, s1 = v.status.textContent;
-        v.block.input.value = '1'; await v.fetchMap();
-        return {a, s1, s2: v.status.textContent, drawn: v.canvas.dataset.drawn, w: v.canvas.width,
-                stats: v.stats.textContent, steps: v.meta.steps, blocks: v.meta.blocks.length};
-    })()""")
-    assert state["drawn"] == "map" and state["w"] > 0, state
+        const n = %s, v = n.tokenMapViewer, kind = n.widgets.find(w => w.name === 'kind');
+        const opacity = n.widgets.find(w => w.name === 'opacity');
+        const out = {steps: v.meta.steps, blocks: v.meta.blocks.length, attentionSteps: [...v.steps],
+                     first: {status: v.status.textContent, legend: [v.legendMin.textContent, v.legendMax.textContent]}};
+        // The node's kind widget drives the viewer, and the viewer's menu sets the widget.
+        kind.value = 'merge_size'; kind.callback(kind.value); await v.fetchMap();
+        out.linkedKind = v.kind.value;
+        v.kind.value = 'computed'; v.kind.dispatchEvent(new Event('change')); await v.fetchMap();
+        out.widgetKind = kind.value;
+        opacity.value = 0.3; opacity.callback(0.3);
+        out.linkedOpacity = v.opacity.input.value;
+        v.opacity.input.value = '0.8'; v.opacity.input.dispatchEvent(new Event('input'));
+        out.widgetOpacity = opacity.value;
+        // merge_size at the first step (before start_percent, nothing merged): a flat map, drawn as such.
+        kind.value = 'merge_size'; kind.callback(kind.value); await v.fetchMap();
+        v.step.input.value = '0'; v.pickBlocks(); await v.fetchMap();
+        out.flat = {drawn: v.canvas.dataset.drawn, status: v.status.textContent, legend: v.legendText.textContent};
+        v.step.input.value = String(v.steps.length - 1); v.pickBlocks(); await v.fetchMap();
+        out.merged = {drawn: v.canvas.dataset.drawn, status: v.status.textContent,
+                      legend: [v.legendMin.textContent, v.legendMax.textContent], stats: v.stats.textContent};
+        // A kind with nothing recorded says why.
+        v.meta.recorded.computed = []; kind.value = 'computed'; kind.callback(kind.value); await v.fetchMap();
+        out.none = {drawn: v.canvas.dataset.drawn, status: v.status.textContent};
+        kind.value = 'merge_size'; kind.callback(kind.value); await v.fetchMap();
+        return out;
+    })()""" % (NODE % "TokenMapOverlay"))
     assert state["steps"] == 3 and state["blocks"] == 4
-    assert "merge_size, step" in state["s2"] and "block double_block 1" in state["s2"], state
-    assert "tokens saved" in state["stats"]
-    page.eval("(() => { const n = app.graph._nodes.find(n => n.type === 'TokenMapOverlay'); "
-              "app.canvas.centerOnNode?.(n); app.graph.setDirtyCanvas(true, true); return true; })()")
-    time.sleep(0.5)
+    assert state["attentionSteps"] == [0, 2], "the sliders skip steps with nothing recorded"
+    assert state["first"]["status"].startswith("attention_text, step ") and all(state["first"]["legend"]), state
+    assert state["linkedKind"] == "merge_size" and state["widgetKind"] == "computed", state
+    assert state["linkedOpacity"] == "0.3" and state["widgetOpacity"] == 0.8, state
+    assert state["flat"]["drawn"] == "flat" and "flat, every token 1.00" in state["flat"]["status"], state
+    assert state["flat"]["legend"].startswith("flat map, every token 1.00"), state
+    assert state["merged"]["drawn"] == "map" and "merge_size, step 3" in state["merged"]["status"], state
+    assert all(state["merged"]["legend"]) and "tokens saved" in state["merged"]["stats"], state
+    assert state["none"]["drawn"] == "empty" and "No computed map in this run: the Token Map Recorder" in \
+        state["none"]["status"], state
+
+    show(page, "TokenMapOverlay")
+    inside = page.eval(f"{INSIDE_NODE}({NODE % 'TokenMapOverlay'}, {viewer}.root)")
+    assert inside["inside"], inside
+    lines = page.eval(f"""(() => {{ const v = {viewer}, s = v.status.getBoundingClientRect(),
+        t = v.stats.getBoundingClientRect(); return {{statusBottom: s.bottom, statsTop: t.top, h: s.height}}; }})()""")
+    assert lines["statusBottom"] <= lines["statsTop"] + 0.5 and lines["h"] < 20, lines  # one line, above the stats
     page.screenshot(OUT / "viewer_after_run.png")
     page.screenshot(OUT / "viewer_widget.png", viewer + ".root")
+
+    show(page, "TokenRatioSchedule")
+    inside = page.eval(f"{INSIDE_NODE}({NODE % 'TokenRatioSchedule'}, {graph}.root)")
+    assert inside["inside"], inside
+    ignored = page.eval(f"{NODE % 'TokenRatioSchedule'}.widgets.filter(w => w.tokenReductionIgnored).map(w => w.name)")
+    assert set(ignored) == {"switch_percent", "flops_saving", "width", "height", "calibration_steps"}, ignored
+    page.screenshot(OUT / "schedule_graph.png", f"{graph}.root")
+    # A model connected: the node calibrates; its graph says so and the preset and curves look ignored.
+    page.eval(f"(() => {{ {NODE % 'TinyFluxLoader'}.connect(0, {NODE % 'TokenRatioSchedule'}, 0); return true; }})()")
+    page.wait_for(f"{graph}.canvas.dataset.drawn === 'calibrate'", 30, "the graph to say it will calibrate")
+    ignored = page.eval(f"{NODE % 'TokenRatioSchedule'}.widgets.filter(w => w.tokenReductionIgnored).map(w => w.name)")
+    assert set(ignored) == {"preset", "ratio", "end_scale", "switch_percent", "progress_curve", "depth_curve"}, ignored
+    show(page, "TokenRatioSchedule")
+    page.screenshot(OUT / "schedule_calibrate.png")
+    assert unexplained(page.new_errors()) == []
+
+
+def test_patch_node_presets_show_their_values_greyed(page):
+    """A patch node's expert widgets hold the running preset's values (from /token_reduction/presets) and
+    look ignored; picking a preset fills them; editing one switches to custom; a connected schedule greys
+    what it replaces."""
+    table = frontend.http_json(page.url + "/token_reduction/presets")
+    entry = table["SDTMPatchModel"]
+    state = page.eval("""(() => {
+        app.graph.clear();
+        const n = LiteGraph.createNode('SDTMPatchModel'); n.pos = [100, 100]; app.graph.add(n);
+        const w = name => n.widgets.find(x => x.name === name), preset = w('preset');
+        const snap = () => ({preset: preset.value, showAdvanced: !!n.showAdvanced,
+            values: Object.fromEntries(n.widgets.map(x => [x.name, x.value])),
+            ignored: Object.fromEntries(n.widgets.map(x => [x.name, x.tokenReductionIgnored || null])),
+            advanced: n.widgets.filter(x => x.advanced).map(x => x.name),
+            visible: n.widgets.filter(x => n.isWidgetVisible ? n.isWidgetVisible(x) : true).map(x => x.name)});
+        const out = {created: snap()};
+        preset.value = 'fast'; preset.callback('fast'); out.fast = snap();
+        const ratio = w('ratio'); ratio.value = 0.5; ratio.callback(0.5); out.edited = snap();
+        preset.value = 'quality'; preset.callback('quality'); out.quality = snap();
+        const s = LiteGraph.createNode('TokenRatioSchedule'); s.pos = [500, 100]; app.graph.add(s);
+        s.connect(0, n, 1); out.scheduled = snap();
+        return out;
+    })()""")
+    expert = entry["expert"]
+    created = state["created"]
+    assert created["preset"] == "balanced" and created["advanced"] == expert, created
+    assert created["visible"] == ["preset"], "expert widgets wait behind Show Advanced"
+    assert all(created["ignored"][k] == "set by preset balanced" for k in expert), created
+    assert {k: state["fast"]["values"][k] for k in expert} == entry["presets"]["fast"], state["fast"]
+    edited = state["edited"]
+    assert edited["preset"] == "custom" and edited["values"]["ratio"] == 0.5 and edited["showAdvanced"], edited
+    assert not any(edited["ignored"].values()), edited
+    assert {k: state["quality"]["values"][k] for k in expert} == entry["presets"]["quality"]
+    scheduled = state["scheduled"]["ignored"]
+    assert {k for k, v in scheduled.items() if v == "replaced by the connected schedule"} == \
+        set(entry["schedule_replaces"]), scheduled
     assert unexplained(page.new_errors()) == []
 
 
