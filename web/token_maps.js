@@ -105,16 +105,6 @@ function setIgnored(w, why) {
   w.tokenReductionIgnored = why || null;
 }
 
-// The frontend copies an input's `advanced` flag into widget.options, but hides only widgets whose own
-// `advanced` is set: set it, so that the node's "Show Advanced" / "Hide Advanced" menu item works.
-function markAdvanced(node) {
-  let any = false;
-  for (const w of node.widgets || []) {
-    if (w.options?.advanced && w.advanced === undefined) { w.advanced = true; any = true; }
-  }
-  return any;
-}
-
 function fitHeight(node, minWidth = 0) {
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], minWidth, min[0]), Math.max(node.size[1], min[1])]);
@@ -131,26 +121,14 @@ class PresetControl {
     this.filling = false;
     this.preset = widget(node, "preset");
     this.expert = entry.expert.map((n) => widget(node, n)).filter(Boolean);
-    afterChange(this.preset, () => {
-      if (this.preset.value === entry.custom) this.showExpert();
-      this.update();
-    });
+    afterChange(this.preset, () => this.update());
     for (const w of this.expert) {
       afterChange(w, () => {
         // Editing an expert widget means the user wants their own settings: the preset becomes custom.
-        if (!this.filling && this.preset.value !== entry.custom) {
-          this.preset.value = entry.custom;
-          this.showExpert();
-        }
+        if (!this.filling && this.preset.value !== entry.custom) this.preset.value = entry.custom;
         this.update();
       });
     }
-  }
-
-  showExpert() {
-    if (this.node.showAdvanced) return;
-    this.node.showAdvanced = true;
-    fitHeight(this.node);
   }
 
   update() {
@@ -562,7 +540,6 @@ app.registerExtension({
     const entry = (await presets())[nodeData.name];
     if (entry) {
       hook(nodeType, "onNodeCreated", function () {
-        if (markAdvanced(this)) this.setSize([this.size[0], this.computeSize()[1]]);
         this.tokenReductionPresets = new PresetControl(this, entry);
         this.tokenReductionPresets.update();
       });
