@@ -183,9 +183,10 @@ class CDP:
                   ".forEach(b => b.click()); true")
         time.sleep(0.3)
 
-    def screenshot(self, path: Path, selector_js: str | None = None, fmt: str = "png") -> bytes:
-        """Full page, or the element `selector_js` evaluates to; open dialogs are closed first."""
-        self.close_dialogs()
+    def screenshot(self, path: Path, selector_js: str | None = None, fmt: str = "png", close_dialogs=True) -> bytes:
+        """Full page, or the element `selector_js` evaluates to; open dialogs are closed first (by default)."""
+        if close_dialogs:
+            self.close_dialogs()
         params = {"format": fmt}
         if selector_js:
             r = self.eval(f"(() => {{ const r = ({selector_js}).getBoundingClientRect(); "

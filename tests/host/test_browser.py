@@ -24,6 +24,7 @@ import pytest
 
 from tools import frontend
 from tools.comfy_host import PACK_ROOT, workflow_needs_newer_host
+from tools.thumbnails import SIZE as THUMBNAIL_SIZE
 
 OUT = PACK_ROOT / "out" / "browser"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
@@ -88,9 +89,6 @@ NODE_CLASS_MAPPINGS = {{"TinyFluxLoader": TinyFluxLoader, "TinyConditioning": Ti
 
 @pytest.fixture(scope="module")
 def comfy_server(host):
-    chromium = frontend.chromium()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium chromium-driver)")
     try:
         import comfyui_frontend_package  # noqa: F401
     except ImportError:
@@ -98,15 +96,18 @@ def comfy_server(host):
     tiny = TINY_NODES.format(comfy_host=str(PACK_ROOT / "tools" / "comfy_host.py"))
     try:
         with frontend.comfy_server(host.find_comfyui()[0], {"tiny_test_nodes": tiny}) as server:
-            yield dict(server, chromium=chromium)
+            yield server
     except frontend.StartError as e:
         pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
 def page(comfy_server):
+    chromium = frontend.chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium chromium-driver)")
     try:
-        with frontend.open_page(comfy_server["url"], comfy_server["chromium"]) as cdp:
+        with frontend.open_page(comfy_server["url"], chromium) as cdp:
             # What the stock frontend logs while it starts in a fresh user directory: each must be named
             # host noise (a 404 for user.css and the like, its own settings code), nothing of the pack's.
             start = cdp.new_errors()
@@ -404,6 +405,58 @@ def test_patch_node_presets_show_their_values_greyed(page):
     scheduled = state["scheduled"]["ignored"]
     assert {k for k, v in scheduled.items() if v == "replaced by the connected schedule"} == \
         set(entry["schedule_replaces"]), scheduled
+    assert unexplained(page.new_errors()) == []
+
+
+def test_template_browser_lists_every_workflow_with_its_thumbnail(comfy_server):
+    """The real server: GET /workflow_templates names every workflow of the pack, and the frontend's
+    template browser can fetch each one and its <stem>.jpg picture."""
+    listed = frontend.http_json(comfy_server["url"] + "/workflow_templates")
+    assert sorted(listed.get(frontend.PACK_DIR_NAME, [])) == sorted(p.stem for p in WORKFLOWS), listed
+    base = f"{comfy_server['url']}/api/workflow_templates/{frontend.PACK_DIR_NAME}/"
+    for path in WORKFLOWS:
+        with urllib.request.urlopen(base + urllib.parse.quote(path.name), timeout=10) as r:
+            assert json.loads(r.read()) == json.loads(path.read_text()), path.name
+        with urllib.request.urlopen(base + urllib.parse.quote(path.stem) + ".jpg", timeout=10) as r:
+            assert r.headers.get_content_type() == "image/jpeg" and r.read() == path.with_suffix(".jpg").read_bytes()
+
+
+def test_template_browser_shows_the_pack_cards(page):
+    """Templates -> Extensions -> the pack: one card per workflow, each with its picture loaded."""
+    page.eval("(async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); return true; })()")
+    page.wait_for("[...document.querySelectorAll('.p-dialog *')].some(e => e.children.length === 0 && "
+                  f"e.textContent.trim() === '{frontend.PACK_DIR_NAME}')", 30, "the pack in the template browser")
+    page.eval("""(() => { const e = [...document.querySelectorAll('.p-dialog *')].find(e => e.children.length === 0
+        && e.textContent.trim() === '%s'); (e.closest('[role=button], button, a, li, [role=option]') || e).click();
+        return true; })()""" % frontend.PACK_DIR_NAME)
+    # The cards render, and load their pictures, as they scroll into view: scroll through the list, a
+    # step per poll, and note each card seen with its picture loaded.
+    scan = """(() => { const stems = %s, seen = (window.__trSeen ??= new Set());
+        const leaves = [...document.querySelectorAll('.p-dialog *')].filter(e => e.children.length === 0
+            && stems.includes(e.textContent.trim()));
+        for (const t of leaves) {
+            let c = t; while (c && !c.querySelector('img')) c = c.parentElement;
+            const imgs = c ? c.querySelectorAll('img') : [];
+            if (imgs.length === 1 && imgs[0].complete && imgs[0].naturalWidth === %d) seen.add(t.textContent.trim());
+        }
+        let box = leaves[0]?.parentElement;
+        while (box && !(box.scrollHeight > box.clientHeight + 4 && /auto|scroll/.test(getComputedStyle(box).overflowY)))
+            box = box.parentElement;
+        // Down half a view per poll; at the bottom wait for more cards while some are missing, then start over.
+        const bottom = box && box.scrollTop >= box.scrollHeight - box.clientHeight - 2;
+        if (box && !bottom) box.scrollTop += box.clientHeight / 2;
+        else if (box && leaves.length === stems.length) box.scrollTop = 0;
+        return seen.size === stems.length; })()""" % (json.dumps([p.stem for p in WORKFLOWS]), THUMBNAIL_SIZE[0])
+    page.wait_for("(() => { const e = [...document.querySelectorAll('.p-dialog img')]; return e.some(i => i.complete "
+                  f"&& i.naturalWidth === {THUMBNAIL_SIZE[0]}); }})()", 30, "the first card pictures")
+    time.sleep(1)
+    page.screenshot(OUT / "templates_dialog.png", close_dialogs=False)
+    try:
+        page.wait_for(scan, 90, "every card with its picture")
+    except AssertionError:
+        page.screenshot(OUT / "templates_dialog_timeout.png", close_dialogs=False)
+        raise AssertionError(f"cards seen with their picture: {page.eval('[...window.__trSeen]')}") from None
+    page.close_dialogs()
     assert unexplained(page.new_errors()) == []
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from kernels.registry import SUPPORTED, TESTED_COMFYUI
 from tools.comfy_host import PACK_ROOT, parse_requirement, workflow_needs_newer_host
+from tools.thumbnails import COMMENT, SIZE, jpeg_comment, workflow_digest
 
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 IDS = [p.name for p in WORKFLOWS]
@@ -183,6 +184,20 @@ def test_required_comfyui_is_a_tested_version(path):
         tested = [tuple(int(x) for x in v.split(".")) for v in TESTED_COMFYUI]
         assert min(tested) < version <= max(tested), f"{path.name}: {extra['requires_comfyui']} vs {TESTED_COMFYUI}"
         assert extra.get("requires_comfyui_reason"), f"{path.name}: say why it needs {extra['requires_comfyui']}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_thumbnail_is_current(path):
+    """The template browser shows <stem>.jpg as the workflow's picture: a small JPEG that tools/thumbnails.py
+    took of this very file (its comment holds the file's sha256)."""
+    jpg = path.with_suffix(".jpg")
+    assert jpg.is_file(), f"no {jpg.name}: run tools/thumbnails.py"
+    data = jpg.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < 64 * 1024, f"{jpg.name} is not a small JPEG"
+    assert jpeg_comment(data) == COMMENT + workflow_digest(path), f"{jpg.name} shows an older {path.name}: run " \
+        f"tools/thumbnails.py {path.stem}"
+    sof = re.search(rb"\xff[\xc0\xc2]..\x08(..)(..)", data, re.S)
+    assert sof and (int.from_bytes(sof[2], "big"), int.from_bytes(sof[1], "big")) == SIZE, jpg.name
 
 
 def test_every_supported_family_has_its_workflow():
