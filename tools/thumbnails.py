@@ -2,9 +2,9 @@
 
 The template browser (Templates -> Extensions -> the pack's folder) shows `<stem>.jpg`, next to
 `<stem>.json`, as the picture of that workflow's card. Each thumbnail is a screenshot of the workflow
-in the real frontend (tools/frontend.py: ComfyUI on 127.0.0.1 and headless Chromium) as it opens, at the
-workflow's own zoom in a 1600x1000 window, with the frontend's panels hidden, cropped to the graph; it is
-saved as a small JPEG
+in the real frontend (tools/frontend.py: ComfyUI on 127.0.0.1 and headless Chromium), the whole graph
+fitted into a 1600x1000 window with the frontend's panels hidden, cropped to the graph; it is saved as a
+small JPEG
 whose comment holds the sha256 of the workflow file it shows (tests/host/test_templates.py checks that
 each is current).
 
@@ -68,11 +68,12 @@ GRAPH_BOUNDS = """(() => {
 
 
 def shoot(page, path: Path):
-    """(screenshot PNG bytes, the graph's screen bounds) of the workflow as it opens."""
+    """(screenshot PNG bytes, the graph's screen bounds) of the whole workflow."""
     wf = json.loads(path.read_text())
     frontend.load_workflow(page, wf)
     page.close_dialogs()
-    page.eval("(() => { app.graph.setDirtyCanvas(true, true); return true; })()")
+    page.eval("(async () => { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); "
+              "app.graph.setDirtyCanvas(true, true); return true; })()")
     time.sleep(1.0)  # a few frames: DOM widgets follow the canvas
     return page.screenshot(ROOT / "out" / "thumbnails" / f"{path.stem}.png"), page.eval(GRAPH_BOUNDS)
 

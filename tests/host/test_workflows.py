@@ -104,6 +104,9 @@ def test_ui_format(path):
 TITLE_BAR = 30       # LiteGraph.NODE_TITLE_HEIGHT in both pinned frontends (1.27.10 and 1.32.9)
 VIEW = (1600, 1000)  # the canvas the notes must start in, at the workflow's own zoom (extra.ds)
 NOTE_TITLE_SHOWN = 200  # this much of a note's title bar (canvas units) must be in view too
+# Both pinned frontends draw nodes without text below 8 px / 14 px text = 0.57 zoom (their default level of
+# detail): a workflow opens at a zoom where its text is drawn.
+MIN_ZOOM = 0.6
 NOTES = FRONTEND_ONLY
 # The loader types that name model files, and the models/ folder each reads.
 LOADER_DIRS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
@@ -135,10 +138,11 @@ def test_nodes_do_not_overlap(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
-def test_note_starts_in_view(path):
+def test_opens_readable_with_the_note_in_view(path):
     wf = load(path)
     ds = wf["extra"].get("ds", {"scale": 1.0, "offset": [0, 0]})
     scale, (ox, oy) = ds["scale"], ds["offset"]
+    assert scale >= MIN_ZOOM, f"{path.name} opens at zoom {scale}, where the frontend draws no text"
     notes = [n for n in wf["nodes"] if n["type"] in NOTES]
     assert notes, f"{path.name} has no note"
     for n in notes:
