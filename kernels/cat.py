@@ -72,6 +72,8 @@ PRESETS = {
     "balanced": {},
     "fast": FAST_SETTING,
 }
+# Settings a connected TokenRatioSchedule replaces (CATPruning.ratio reads the schedule instead).
+SCHEDULE_REPLACES = ("ratio",)
 
 
 # ---- selection (pure functions) -----------------------------------------------------------------

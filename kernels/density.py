@@ -92,6 +92,8 @@ PRESETS = {
     "balanced": {},
     "fast": dict(start_percent=0.2, detail_weight=0.2),
 }
+# Settings a connected TokenRatioSchedule replaces (DensitySchedule.window reads the schedule instead).
+SCHEDULE_REPLACES = ("stage_windows", "bottom_dense", "top_dense", "span_pattern")
 
 # Pooling 2x2 at every step after a warm-up, no detail cache: the earlier defaults, a comparison row.
 EVERY_STEP_POOLED = dict(stage_windows=(2, 2, 2, 2), start_percent=0.2, detail_cache=False)

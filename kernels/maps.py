@@ -32,6 +32,12 @@ KIND_HELP = {
     "merge_groups": "merge groups, one colour each; unmerged tokens stay clear",
     "computed": "share of its own computation each token got: 1 alone, 1/size merged, 0 pruned or cached",
 }
+_REDUNDANCY_WHERE = ("the Token Map Recorder keeps redundancy maps only at its steps and blocks, and only where a "
+                     "method reported which tokens it merged, pruned or cached")
+_ATTENTION_WHERE = "attention is recorded only at the Token Map Recorder's attention_steps and attention_blocks"
+# Why a step and block may hold no map of a kind (the viewer says it).
+NOT_RECORDED = {"attention_text": _ATTENTION_WHERE, "attention_image": _ATTENTION_WHERE,
+                "merge_size": _REDUNDANCY_WHERE, "merge_groups": _REDUNDANCY_WHERE, "computed": _REDUNDANCY_WHERE}
 
 log = logging.getLogger("token_reduction")
 

@@ -68,6 +68,8 @@ PRESETS = {
     "balanced": {},
     "fast": dict(start_percent=0.2, detail_weight=0.2),
 }
+# Settings a connected TokenRatioSchedule replaces (SDTM.ratio reads the schedule instead).
+SCHEDULE_REPLACES = ("ratio", "deviation", "ratio_adjust")
 
 
 # Merging at every step after a warm-up, 2x2 windows, no detail cache: the earlier defaults, a comparison row.

@@ -9,6 +9,9 @@ from .schedule_node import TokenRatioSchedule
 from .sdtm_node import SDTMPatchModel
 
 
+PATCH_NODES = (SDTMPatchModel, TokenDensityPatchModel, CATPruningPatchModel)  # MODEL in, patched MODEL out
+
+
 class TokenReductionExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [SDTMPatchModel, TokenRatioSchedule, TokenDensityPatchModel, CATPruningPatchModel,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..kernels.cat import CACHE_DTYPES, PRESETS, CATConfig, CATPruning
+from ..kernels.cat import CACHE_DTYPES, PRESETS, SCHEDULE_REPLACES, CATConfig, CATPruning
 from .patching import CATEGORY, FAMILIES_SHORT, advanced, model_input, patch_model, preset_config, preset_input
 from .types import TokenRatioScheduleType
 
@@ -11,6 +11,9 @@ DEFAULTS = CATConfig()
 
 
 class CATPruningPatchModel(io.ComfyNode):
+    PRESETS = PRESETS
+    SCHEDULE_REPLACES = SCHEDULE_REPLACES
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         d = DEFAULTS

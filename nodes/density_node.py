@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..kernels.density import PRESETS, DensityConfig, DensitySchedule, parse_stage_windows
+from ..kernels.density import PRESETS, SCHEDULE_REPLACES, DensityConfig, DensitySchedule, parse_stage_windows
 from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_input, model_input, patch_model, preset_config,
-                       preset_input)
+                       preset_input, widget_value)
 from .types import TokenRatioScheduleType
 
 DEFAULTS = DensityConfig()
 
 
 class TokenDensityPatchModel(io.ComfyNode):
+    PRESETS = PRESETS
+    SCHEDULE_REPLACES = SCHEDULE_REPLACES
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         d = DEFAULTS
@@ -27,7 +30,7 @@ class TokenDensityPatchModel(io.ComfyNode):
                 model_input(),
                 preset_input(PRESETS, "How much to pool"),
                 advanced(io.String.Input(
-                    "stage_windows", default=", ".join(str(k) for k in d.stage_windows),
+                    "stage_windows", default=widget_value(d.stage_windows),
                     tooltip="Pooling window per noise stage, noisiest first: 4 entries in 1-4 (2 = 2x2 tokens "
                             "averaged, 1 = every token), e.g. \"2, 2, 2, 1\" as FlexDiT.")),
                 advanced(io.Float.Input(

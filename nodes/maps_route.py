@@ -8,6 +8,9 @@ ones get a 4xx answer with a short JSON reason.
   GET /token_reduction/maps/{id}/map?kind=&step=&block= -> one map as a flat list of floats
   GET /token_reduction/schedule?preset=&ratio=&...       -> a ratio schedule sampled on a grid, for the
                                                            graph on the Token Ratio Schedule node
+  GET /token_reduction/presets                          -> per patch node: its expert widgets, each
+                                                           preset's values for them, and the widgets a
+                                                           connected schedule replaces
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from ..kernels.maps import KINDS
+from ..kernels.maps import KIND_HELP, KINDS, NOT_RECORDED
 
 ROUTE = "/token_reduction/maps"
 MAX_SNAPSHOTS = 16
@@ -62,7 +65,7 @@ def meta(map_id: str, entry: dict) -> dict:
     return {
         "id": map_id, "grid": list(store.grid), "steps": store.n_steps,
         "blocks": ["%s %d" % spec.key for spec in store.family.blocks],
-        "kinds": list(KINDS), "recorded": recorded,
+        "kinds": list(KINDS), "kind_help": KIND_HELP, "not_recorded": NOT_RECORDED, "recorded": recorded,
         "progress": [store.progress.get(s) for s in range(store.n_steps)],
         "image": entry["thumb"], "stats": entry["stats"], "refused": store.refused,
     }
@@ -113,7 +116,7 @@ async def handle_map(request):
     values = store.map(kind, step, block)
     if values is None:  # a valid question with an empty answer, not an error
         return web.json_response({"kind": kind, "step": step, "block": block, "grid": list(store.grid),
-                                  "values": None, "reason": "nothing was recorded for this kind, step and block"})
+                                  "values": None, "reason": NOT_RECORDED[kind]})
     v = values.float()
     return web.json_response({"kind": kind, "step": step, "block": block, "grid": list(store.grid),
                               "min": float(v.min()), "max": float(v.max()),
@@ -128,16 +131,20 @@ _FLOAT = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,20})?$")
 
 
 async def handle_schedule(request):
-    """The schedule the Token Ratio Schedule node would build from these widget values, on a grid."""
+    """The schedule the Token Ratio Schedule node would build from these widget values, on a grid, and the
+    widgets that do not shape it. With calibrate=1 (a model is connected) the node calibrates instead."""
     from aiohttp import web
     from ..kernels.schedule_presets import PRESETS, build_schedule
+    from .schedule_node import unused_widgets
     q = request.query
-    allowed = {"preset", *_SCHEDULE_FLOATS, *_SCHEDULE_TEXTS}
+    allowed = {"preset", "calibrate", *_SCHEDULE_FLOATS, *_SCHEDULE_TEXTS}
     if set(q) - allowed or len(q) != len(set(q)):
         return _bad(400, "unexpected or repeated query parameters")
     preset = q.get("preset", "constant")
     if preset not in PRESETS:
         return _bad(400, f"preset must be one of {', '.join(PRESETS)}")
+    if q.get("calibrate", "0") not in ("0", "1"):
+        return _bad(400, "calibrate must be 0 or 1")
     values = {}
     for name, (lo, hi) in _SCHEDULE_FLOATS.items():
         text = q.get(name, "")
@@ -147,6 +154,10 @@ async def handle_schedule(request):
     texts = {name: q.get(name, "") for name in _SCHEDULE_TEXTS}
     if any(len(t) > 4000 for t in texts.values()):
         return _bad(400, "curve or JSON text too long (4000 characters at most)")
+    calibrate = q.get("calibrate") == "1" and not texts["schedule_json"].strip()
+    unused = unused_widgets(preset, texts["progress_curve"], texts["depth_curve"], texts["schedule_json"], calibrate)
+    if calibrate:
+        return web.json_response({"name": "calibrated", "calibrate": True, "unused": unused})
     try:
         schedule = build_schedule(preset, values["ratio"], values["end_scale"], values["switch_percent"],
                                   texts["progress_curve"], texts["depth_curve"], texts["schedule_json"])
@@ -154,7 +165,21 @@ async def handle_schedule(request):
         return _bad(400, str(e)[:300])
     axis = [i / (SCHEDULE_GRID - 1) for i in range(SCHEDULE_GRID)]
     ratios = [[round(schedule.ratio(d, p), 5) for p in axis] for d in axis]
-    return web.json_response({"name": schedule.name, "depth": axis, "progress": axis, "ratios": ratios})
+    return web.json_response({"name": schedule.name, "calibrate": False, "unused": unused, "depth": axis,
+                              "progress": axis, "ratios": ratios})
+
+
+PRESETS_ROUTE = "/token_reduction/presets"
+
+
+async def handle_presets(request):
+    """The patch nodes' presets as widget values, so the frontend can show what a preset runs."""
+    from aiohttp import web
+    from . import PATCH_NODES
+    from .patching import preset_widgets
+    if set(request.query):
+        return _bad(400, "this endpoint takes no query parameters")
+    return web.json_response({cls.define_schema().node_id: preset_widgets(cls) for cls in PATCH_NODES})
 
 
 _registered = False
@@ -170,5 +195,6 @@ def register_routes() -> bool:
     instance.routes.get(ROUTE + "/{map_id}")(handle_meta)
     instance.routes.get(ROUTE + "/{map_id}/map")(handle_map)
     instance.routes.get(SCHEDULE_ROUTE)(handle_schedule)
+    instance.routes.get(PRESETS_ROUTE)(handle_presets)
     _registered = True
     return True

@@ -62,6 +62,23 @@ def preset_input(presets: dict, what: str):
                                   "use the advanced settings below instead.")
 
 
+def widget_value(value):
+    """A config value as its node widget holds it (a tuple of pooling windows as "2, 2, 2, 1")."""
+    return ", ".join(str(v) for v in value) if isinstance(value, tuple) else value
+
+
+def preset_widgets(node_cls) -> dict:
+    """What the frontend needs to show a patch node's preset: its expert widgets (the advanced inputs),
+    each preset's values for them (from the node's own config(), so the kernel's PRESETS stay their one
+    home) and the widgets a connected schedule replaces."""
+    expert = [inp.id for inp in node_cls.define_schema().inputs if inp.extra_dict.get("advanced")]
+    values = {}
+    for name in node_cls.PRESETS:
+        config = node_cls.config(name)
+        values[name] = {k: widget_value(getattr(config, k)) for k in expert}
+    return {"custom": CUSTOM, "expert": expert, "presets": values, "schedule_replaces": list(node_cls.SCHEDULE_REPLACES)}
+
+
 def preset_config(config_cls, presets: dict, preset: str, settings: dict):
     """The config a node runs: the named preset, or the node's own settings when the preset is custom."""
     if preset == CUSTOM:

@@ -98,6 +98,32 @@ class TokenRatioSchedule(io.ComfyNode):
         return io.NodeOutput(schedule, render(schedule, num_blocks=num_blocks), schedule.to_json(indent=2))
 
 
+SHAPE_WIDGETS = ("preset", "ratio", "end_scale", "switch_percent", "progress_curve", "depth_curve")
+CALIBRATION_WIDGETS = ("flops_saving", "width", "height", "calibration_steps")
+
+
+def unused_widgets(preset: str, progress_curve: str = "", depth_curve: str = "", schedule_json: str = "",
+                   calibrating: bool = False) -> list[str]:
+    """The widgets that do not shape the schedule execute() would make now (the frontend greys them):
+    a saved schedule_json wins outright; a connected model calibrates instead of the preset and curves;
+    otherwise build_schedule's own precedence, and the calibration settings are unused."""
+    if schedule_json.strip():
+        return [*SHAPE_WIDGETS, *CALIBRATION_WIDGETS]
+    if calibrating:
+        return list(SHAPE_WIDGETS)
+    unused = list(CALIBRATION_WIDGETS)
+    if progress_curve.strip():
+        unused += ["ratio", "end_scale", "switch_percent"]
+        if depth_curve.strip():
+            unused.append("preset")
+    else:
+        if preset == "constant":
+            unused.append("end_scale")
+        if preset != "structure_then_detail":
+            unused.append("switch_percent")
+    return unused
+
+
 def calibrate_model(model, positive, flops_saving: float, width: int, height: int, steps: int):
     """(calibrated schedule, number of blocks), from one unpatched euler pass at cfg 1; cached."""
     import torch

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..kernels.sdtm import PRESETS, SDTM, SDTMConfig
+from ..kernels.sdtm import PRESETS, SCHEDULE_REPLACES, SDTM, SDTMConfig
 from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_input, model_input, patch_model, preset_config,
                        preset_input)
 from .types import TokenRatioScheduleType
@@ -12,6 +12,9 @@ DEFAULTS = SDTMConfig()
 
 
 class SDTMPatchModel(io.ComfyNode):
+    PRESETS = PRESETS
+    SCHEDULE_REPLACES = SCHEDULE_REPLACES
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         d = DEFAULTS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +72,39 @@ def import_host(cpu: bool = True) -> str | None:
         return _host_error
     _host_ready = True
     return None
+
+
+def comfyui_version() -> tuple[int, ...] | None:
+    """The found checkout's version (comfyui_version.py), e.g. (0, 3, 75); None when unknown."""
+    path, _ = find_comfyui()
+    try:
+        text = (path / "comfyui_version.py").read_text() if path else ""
+    except OSError:
+        return None
+    m = re.search(r'__version__\s*=\s*"([0-9.]+)"', text)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def parse_requirement(spec: str) -> tuple[int, ...]:
+    """The version of a ">=X.Y.Z" requirement (the only form the pack's workflows use)."""
+    m = re.fullmatch(r">=([0-9]+(?:\.[0-9]+)*)", spec)
+    if not m:
+        raise ValueError(f"requires_comfyui must read \">=X.Y.Z\", got {spec!r}")
+    return tuple(int(x) for x in m.group(1).split("."))
+
+
+def workflow_needs_newer_host(wf: dict) -> str | None:
+    """Why the found host cannot run this example workflow (its extra.requires_comfyui is newer than the
+    host), or None. The same reason is the skip reason of every test of that workflow on that host."""
+    spec = wf.get("extra", {}).get("requires_comfyui")
+    if not spec:
+        return None
+    version = comfyui_version()
+    if version is not None and version >= parse_requirement(spec):
+        return None
+    have = ".".join(map(str, version)) if version else "of unknown version"
+    return (f"needs ComfyUI {spec} ({wf['extra'].get('requires_comfyui_reason', 'see the workflow')}); "
+            f"this host is {have}")
 
 
 def load_pack():

@@ -261,7 +261,8 @@ def test_route_serves_issued_ids_and_rejects_bad_requests(host, nodes, maps_mods
     # Attention is recorded at the first, middle and last step only: step 1 has none (an empty answer).
     status, body = call(route.handle_map, f"{route.ROUTE}/{map_id}/map?kind=attention_text&step=1&block=0",
                         {"map_id": map_id})
-    assert status == 200 and body["values"] is None and "nothing was recorded" in body["reason"]
+    assert status == 200 and body["values"] is None and "attention_steps" in body["reason"]  # and says why
+    assert meta["not_recorded"]["attention_text"] == body["reason"] and set(meta["kind_help"]) == set(meta["kinds"])
     bad = [
         (route.handle_meta, "../../etc/passwd", {}),
         (route.handle_meta, "0123456789abcdef", {}),                    # well-formed, never issued

@@ -1,22 +1,32 @@
 """The example workflows in workflows/ load in ComfyUI's frontend and validate against the host.
 
 - Core (no host): every file is JSON in the frontend's UI format (what "Save" writes and
-  drag-and-drop reads), with links that agree with the nodes' input and output slots.
+  drag-and-drop reads), with links that agree with the nodes' input and output slots; no two node
+  rectangles (title bar included) overlap and the note starts in view; the note is titled with what
+  the pack does there (its methods, the family) and names a preset to try and every model file; every
+  model file has a download hint.
 - Host: every node type is registered (ComfyUI's built-in nodes, comfy_extras included, plus this
-  pack's nodes), every link carries the type its source declares and its target accepts, and the
-  widgets_values of each node fit the node's widget inputs, in order.
+  pack's nodes), every link carries the type its source declares and its target accepts, the
+  widgets_values of each node fit the node's widget inputs, in order, and a patch node running a
+  named preset holds that preset's values. A workflow whose extra.requires_comfyui is newer than the
+  host skips there, with that reason (tools.comfy_host.workflow_needs_newer_host).
 """
 from __future__ import annotations
 
 import asyncio
+import importlib
+import itertools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from tools.comfy_host import PACK_ROOT
+from kernels.registry import SUPPORTED, TESTED_COMFYUI
+from tools.comfy_host import PACK_ROOT, parse_requirement, workflow_needs_newer_host
+from tools.thumbnails import COMMENT, SIZE, jpeg_comment, workflow_digest
 
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 IDS = [p.name for p in WORKFLOWS]
@@ -87,6 +97,115 @@ def test_ui_format(path):
         for slot, out in enumerate(n["outputs"]):
             for lid in out.get("links") or []:
                 assert links[lid][1:3] == [n["id"], slot], f"{path.name}: output {n['id']}:{slot}"
+
+
+# ---- core: what a person sees ---------------------------------------------------------------------
+
+TITLE_BAR = 30       # LiteGraph.NODE_TITLE_HEIGHT in both pinned frontends (1.27.10 and 1.32.9)
+VIEW = (1600, 1000)  # the canvas the notes must start in, at the workflow's own zoom (extra.ds)
+NOTE_TITLE_SHOWN = 200  # this much of a note's title bar (canvas units) must be in view too
+# Both pinned frontends draw nodes without text below 8 px / 14 px text = 0.57 zoom (their default level of
+# detail): a workflow opens at a zoom where its text is drawn.
+MIN_ZOOM = 0.6
+NOTES = FRONTEND_ONLY
+# The loader types that name model files, and the models/ folder each reads.
+LOADER_DIRS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
+               "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints"}
+# What a note's title must name for each pack node in the workflow.
+METHOD_WORDS = {"SDTMPatchModel": "SDTM", "CATPruningPatchModel": "CAT", "TokenDensityPatchModel": "Density",
+                "TokenRatioSchedule": "Token Ratio Schedule", "TokenMapRecorder": "Token Map Recorder",
+                "TokenMapOverlay": "Overlay"}
+# The family each registry entry's example workflow is for, as its note's title must name it.
+FAMILY_OF = {e.workflow: re.split(r" \(| / ", e.label)[0] for e in SUPPORTED}
+
+
+def rectangles(wf: dict) -> dict:
+    """{node id: (left, top, right, bottom)} as drawn, the title bar above pos included."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in wf["nodes"]}
+
+
+def model_files(node: dict) -> list:
+    return [v for v in node.get("widgets_values", []) if isinstance(v, str) and v.lower().endswith(MODEL_FILE_SUFFIXES)]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_nodes_do_not_overlap(path):
+    boxes = rectangles(load(path))
+    for (a, ra), (b, rb) in itertools.combinations(boxes.items(), 2):
+        apart = ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1]
+        assert apart, f"{path.name}: nodes {a} {ra} and {b} {rb} overlap"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_opens_readable_with_the_note_in_view(path):
+    wf = load(path)
+    ds = wf["extra"].get("ds", {"scale": 1.0, "offset": [0, 0]})
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    assert scale >= MIN_ZOOM, f"{path.name} opens at zoom {scale}, where the frontend draws no text"
+    notes = [n for n in wf["nodes"] if n["type"] in NOTES]
+    assert notes, f"{path.name} has no note"
+    for n in notes:
+        left, top = (n["pos"][0] + ox) * scale, (n["pos"][1] - TITLE_BAR + oy) * scale
+        right, bottom = left + NOTE_TITLE_SHOWN * scale, top + TITLE_BAR * scale
+        assert 0 <= left and right <= VIEW[0] and 0 <= top and bottom <= VIEW[1], (
+            f"{path.name}: note {n['id']} starts at ({left:.0f}, {top:.0f}) on a {VIEW[0]}x{VIEW[1]} canvas")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_note_says_what_the_pack_does_here(path):
+    wf = load(path)
+    notes = [n for n in wf["nodes"] if n["type"] in NOTES]
+    assert len(notes) == 1, f"{path.name}: one note, titled, says what the pack does here"
+    title, text = notes[0].get("title", ""), notes[0]["widgets_values"][0]
+    used = {n["type"] for n in wf["nodes"]}
+    for t in sorted(used & set(METHOD_WORDS)):
+        assert METHOD_WORDS[t] in title, f"{path.name}: note title {title!r} does not name {METHOD_WORDS[t]}"
+    if path.name in FAMILY_OF:
+        assert FAMILY_OF[path.name] in title, f"{path.name}: note title {title!r} does not name {FAMILY_OF[path.name]}"
+    assert "preset" in text, f"{path.name}: the note names no preset to try"
+    for n in wf["nodes"]:
+        for f in model_files(n):
+            assert f in text, f"{path.name}: the note does not list the model file {f}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_every_model_file_has_a_download_hint(path):
+    for n in load(path)["nodes"]:
+        files = model_files(n)
+        hints = {m["name"]: m for m in n["properties"].get("models", [])}
+        assert sorted(hints) == sorted(files), f"{path.name}: node {n['id']} hints {sorted(hints)} for {files}"
+        for m in hints.values():
+            assert m["directory"] == LOADER_DIRS[n["type"]], f"{path.name}: {m['name']} goes to {m['directory']}"
+            assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"]), m
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_required_comfyui_is_a_tested_version(path):
+    extra = load(path)["extra"]
+    if "requires_comfyui" in extra:
+        version = parse_requirement(extra["requires_comfyui"])
+        tested = [tuple(int(x) for x in v.split(".")) for v in TESTED_COMFYUI]
+        assert min(tested) < version <= max(tested), f"{path.name}: {extra['requires_comfyui']} vs {TESTED_COMFYUI}"
+        assert extra.get("requires_comfyui_reason"), f"{path.name}: say why it needs {extra['requires_comfyui']}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_thumbnail_is_current(path):
+    """The template browser shows <stem>.jpg as the workflow's picture: a small JPEG that tools/thumbnails.py
+    took of this very file (its comment holds the file's sha256)."""
+    jpg = path.with_suffix(".jpg")
+    assert jpg.is_file(), f"no {jpg.name}: run tools/thumbnails.py"
+    data = jpg.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < 64 * 1024, f"{jpg.name} is not a small JPEG"
+    assert jpeg_comment(data) == COMMENT + workflow_digest(path), f"{jpg.name} shows an older {path.name}: run " \
+        f"tools/thumbnails.py {path.stem}"
+    sof = re.search(rb"\xff[\xc0\xc2]..\x08(..)(..)", data, re.S)
+    assert sof and (int.from_bytes(sof[2], "big"), int.from_bytes(sof[1], "big")) == SIZE, jpg.name
+
+
+def test_every_supported_family_has_its_workflow():
+    assert {e.workflow for e in SUPPORTED} <= {p.name for p in WORKFLOWS}
 
 
 # ---- host: node types, link types, widget values -----------------------------------------------
@@ -164,6 +283,9 @@ PATCH_NODES = ("SDTMPatchModel", "TokenDensityPatchModel", "CATPruningPatchModel
 def test_workflow_against_host(host, registry, path):
     mapping, pack_types, failed_extras = registry
     wf = load(path)
+    why = workflow_needs_newer_host(wf)
+    if why:
+        pytest.skip(f"{path.name} {why}")
     nodes = {n["id"]: n for n in wf["nodes"]}
     used = {n["type"] for n in wf["nodes"]}
     missing = sorted(used - set(mapping) - FRONTEND_ONLY)
@@ -211,6 +333,12 @@ def test_workflow_against_host(host, registry, path):
         # Values the widgets accept one by one can still be rejected together at execution.
         if n["type"] in PATCH_NODES:
             check_patch_node(host.pack_nodes()[n["type"]], dict(zip(widgets, values)), where)
+            # A named preset runs its own values, and the frontend shows them: the file holds them too.
+            patching = importlib.import_module(host.PACK_NAME + ".nodes.patching")
+            preset = values[widgets.index("preset")]
+            runs = patching.preset_widgets(host.pack_nodes()[n["type"]])["presets"].get(preset)
+            if runs is not None:
+                assert {k: dict(zip(widgets, values))[k] for k in runs} == runs, f"{where}: preset {preset}"
 
     for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
         declared = list(mapping[nodes[src]["type"]].RETURN_TYPES)[src_slot]
