@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.density import PRESETS, SCHEDULE_REPLACES, DensityConfig, DensitySchedule, parse_stage_windows
-from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_input, model_input, patch_model, preset_config,
+from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_inputs, model_input, patch_model, preset_config,
                        preset_input, widget_value)
 from .types import TokenRatioScheduleType
 
@@ -53,7 +53,7 @@ class TokenDensityPatchModel(io.ComfyNode):
                 advanced(io.Float.Input(
                     "end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
                     tooltip="Progress at which pooling stops.")),
-                advanced(detail_cache_input(d.detail_cache, "pooled")),
+                *detail_cache_inputs(d, "pooled"),
                 TokenRatioScheduleType.Input(
                     "schedule", optional=True,
                     tooltip="Ratios from the Token Ratio Schedule node decide every block and step (each ratio "

@@ -37,19 +37,28 @@ def model_input():
     return io.Model.Input("model", tooltip=f"The diffusion model to accelerate: {SUPPORTED_TEXT}.")
 
 
-def detail_cache_input(default: bool, verb: str):
-    """The `detail_cache` input of the merging nodes (SDTM, density); `verb` is "merged" or "pooled"."""
-    return io.Boolean.Input("detail_cache", default=default,
-                            tooltip=f"{verb.capitalize()} steps take each token's fine detail from the model's last "
-                                    f"full-density call (the steps before start_percent) and only the coarse "
-                                    f"picture from the {verb} call. Needs start_percent > 0.")
+def detail_cache_inputs(d, verb: str) -> list:
+    """The detail-cache inputs of the merging nodes (SDTM, density), advanced; `verb` is "merged" or "pooled"."""
+    return [advanced(io.Boolean.Input(
+                "detail_cache", default=d.detail_cache,
+                tooltip=f"A {verb} step only corrects the last full step's prediction carried along its trend (off: "
+                        f"each {verb} step stands alone, and per-token noise shows).")),
+            advanced(io.Int.Input(
+                "refresh_every", default=d.refresh_every, min=0, max=100,
+                tooltip=f"With the detail cache: one full step after this many {verb} steps (0 = never).")),
+            advanced(io.Float.Input(
+                "forecast", default=d.forecast, min=0.0, max=1.0, step=0.05,
+                tooltip="With the detail cache: how far the last full prediction follows its recent trend (0 = held).")),
+            advanced(io.Float.Input(
+                "detail_weight", default=d.detail_weight, min=0.0, max=1.0, step=0.05,
+                tooltip=f"With the detail cache: how much of its own coarse difference a {verb} step adds."))]
 
 
 CUSTOM = "custom"
 
 
 def advanced(inp):
-    """Mark an expert input: the frontend hides it until the node's "Show Advanced" is on."""
+    """Mark an expert input (the web extension shows it greyed while a preset decides its value)."""
     inp.extra_dict["advanced"] = True
     return inp
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.sdtm import PRESETS, SCHEDULE_REPLACES, SDTM, SDTMConfig
-from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_input, model_input, patch_model, preset_config,
-                       preset_input)
+from ..kernels.schedule_presets import MAX_RATIO
+from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_inputs, model_input, patch_model,
+                       preset_config, preset_input)
 from .types import TokenRatioScheduleType
 
 DEFAULTS = SDTMConfig()
@@ -30,12 +31,12 @@ class SDTMPatchModel(io.ComfyNode):
                 model_input(),
                 preset_input(PRESETS, "How much to merge"),
                 advanced(io.Float.Input(
-                    "ratio", default=d.ratio, min=0.0, max=0.75, step=0.01,
+                    "ratio", default=d.ratio, min=0.0, max=MAX_RATIO, step=0.01,
                     tooltip="Mean fraction of image tokens merged away in each merged block. Higher is faster.")),
                 advanced(io.Float.Input(
                     "deviation", default=d.deviation, min=0.0, max=0.5, step=0.01,
                     tooltip="The ratio runs from ratio + deviation at the first step to ratio - deviation at the "
-                            "last; both ends must stay within 0-0.75.")),
+                            "last; both ends must stay below what the window allows (8/9 for 3x3).")),
                 advanced(io.Float.Input(
                     "switch_percent", default=d.switch_percent, min=0.0, max=1.0, step=0.01,
                     tooltip="Progress where whole-window merging (structure) hands over to per-token matching "
@@ -67,7 +68,7 @@ class SDTMPatchModel(io.ComfyNode):
                 advanced(io.Float.Input(
                     "end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
                     tooltip="Progress at which merging stops.")),
-                advanced(detail_cache_input(d.detail_cache, "merged")),
+                *detail_cache_inputs(d, "merged"),
                 TokenRatioScheduleType.Input(
                     "schedule", optional=True,
                     tooltip="Per-layer, per-progress ratios from the Token Ratio Schedule node; replaces ratio "

@@ -38,10 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import importlib  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +49,9 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.runtime import RUNS_KEY  # noqa: E402
+from kernels import cat as cat_kernel  # noqa: E402
+from kernels import density as density_kernel  # noqa: E402
+from kernels import sdtm as sdtm_kernel  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import benchmark as B  # noqa: E402
 from tools import cli  # noqa: E402
@@ -58,32 +59,29 @@ from tools.report import Report, peak_memory, sync  # noqa: E402
 from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
-AGGRESSIVE = SDTMConfig(ratio=0.7, deviation=0.05)
-# Gentler SDTM setting for distilled 4-8 step models, where every step is a large part of the schedule
-# (README, "Few-step sampling"): merging from 30% of progress.
-FEW_STEP_SDTM = SDTMConfig(start_percent=0.3)
-# CAT ablations: a pruned step computing 1% of the tokens, so nearly every token serves its cached
-# (forecast) noise until the next full step (the difference to the defaults is what recomputing 5% per
-# step buys); and forecast 0, the paper's plain reuse of the cached noise (what the forecast buys).
-REUSE_ONLY_CAT = dict(ratio=0.99)
+# Comparison settings beside the node presets (the presets themselves come from kernels.*.PRESETS).
+# CAT ablations: forecast 0 (the paper's plain reuse of the cached noise: what the forecast buys) and a
+# pruned step computing 1% of the tokens (what recomputing a few tokens per step buys over pure reuse).
 PLAIN_REUSE_CAT = dict(forecast=0.0)
-# The paper's stage layout (the pack's defaults before they were measured here): merging from the first
-# step, structure stage until 40% of progress, first and last block at full density.
-PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, switch_percent=0.4, start_percent=0.0, skip_first_blocks=1,
-                          skip_last_blocks=1)
-# Density schedule, aggressive: 3x3 pooling in every block after the dense first 20% (about 3.3x fewer
-# FLOPs than unpatched on the reference model, where the defaults' 2x2 give 2.7x).
-DENSITY_AGGRESSIVE = dict(stage_windows=(3, 3, 3, 3))
-# Calibrated schedules: the schedule node's default target, and an aggressive one near its maximum (0.6).
+REUSE_ONLY_CAT = dict(ratio=0.99)
+# The paper's stage layout: merging from the first step, structure stage until 40% of progress, first and
+# last block at full density, no detail cache.
+PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, window=2, switch_percent=0.4, start_percent=0.0,
+                          skip_first_blocks=1, skip_last_blocks=1, detail_cache=False)
+# What the merged calls add: the defaults with their contribution switched off (weight 0).
+MERGED_CALLS_OFF = dict(detail_weight=0.0)
+# Calibrated schedules drive every step's merging: the schedule node's default target and an aggressive one.
 CALIBRATED_SAVINGS = (0.4, 0.55)
 NAIVE_RATIO = 0.5
 STEP_FRACTIONS = (0.6, 0.5)
 
 
 def naive_config(ratio: float) -> SDTMConfig:
-    """ToMe-style merge: bipartite matching at one fixed ratio in every block, no DTM / CRA / PR."""
-    return SDTMConfig(ratio=ratio, deviation=0.0, dynamic_merge=False, ratio_adjust=False, prompt_reweight=False,
-                      skip_first_blocks=0, skip_last_blocks=0, start_percent=0.0)
+    """ToMe-style merge: bipartite matching at one fixed ratio in every block of every step, no DTM / CRA /
+    PR, no detail cache."""
+    return SDTMConfig(ratio=ratio, deviation=0.0, window=2, dynamic_merge=False, ratio_adjust=False,
+                      prompt_reweight=False, skip_first_blocks=0, skip_last_blocks=0, start_percent=0.0,
+                      detail_cache=False)
 
 
 # ---- the row registry ---------------------------------------------------------------------------------
@@ -105,16 +103,6 @@ def sdtm_row(name: str, config: SDTMConfig, baseline: bool = False, schedule=Non
     return Row(name, lambda model: R.method_options(SDTM(config, schedule), model, "sdtm"), baseline=baseline)
 
 
-def optional_row(name: str, module: str, build: Callable) -> Row:
-    """A row for a method in `module`: `build(mod, model)` returns transformer_options.
-    A missing module gives a "not available" row that says why."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        return Row(name, missing=f"not available: {module} cannot be imported ({e})")
-    return Row(name, lambda model: build(mod, model))
-
-
 def calibrated_schedule(model, s: "Settings", saving: float = 0.4):
     """kernels.calibration on the reference model, as the schedule node does it (one unpatched probe
     pass; classes 0-3, noise seed 100, not an evaluation seed), for the sampler settings `s`; cached."""
@@ -131,59 +119,51 @@ def calibrated_schedule(model, s: "Settings", saving: float = 0.4):
 _CALIBRATED: dict = {}
 
 
+def method_row(name: str, make: Callable, key: str = "") -> Row:
+    """A row for the method `make(model)` returns, on the reference model; `key` names a node preset."""
+    return Row(name, lambda model: R.method_options(make(model), model, "method"), key=key)
+
+
+NODES = ((sdtm_kernel, "SDTM", "sdtm", lambda c: SDTM(SDTMConfig(**c))),
+         (density_kernel, "density schedule", "density", lambda c: density_kernel.DensitySchedule(
+             density_kernel.DensityConfig(**c))),
+         (cat_kernel, "CAT", "cat", lambda c: cat_kernel.CATPruning(cat_kernel.CATConfig(**c))))
+
+
+def preset_rows() -> list[Row]:
+    """Every node preset, keyed for the docs ("sdtm:balanced" is the node's defaults)."""
+    return [method_row(f"{label} {preset}" + (" (defaults)" if preset == "balanced" else ""),
+                       lambda model, make=make, c=overrides: make(c), key=f"{key}:{preset}")
+            for kernel, label, key, make in NODES for preset, overrides in kernel.PRESETS.items()]
+
+
 def reference_rows(s: "Settings | None" = None) -> list[Row]:
     s = s or Settings()
+    sdtm = NODES[0][3]
+    density = NODES[1][3]
+    cat = NODES[2][3]
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
     rows += [Row(f"fewer steps ({int(100 * f)}%), second-order sampler (AB2)", steps=f, sampler="ab2",
                  baseline=True) for f in STEP_FRACTIONS]
-    rows += [sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block)", naive_config(NAIVE_RATIO),
-                      baseline=True),
-             sdtm_row("SDTM defaults", SDTMConfig()),
-             sdtm_row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", AGGRESSIVE),
-             sdtm_row("SDTM + detail cache (opt-in)", SDTMConfig(detail_cache=True)),
-             sdtm_row("SDTM, few-step preset (start_percent 0.3)", FEW_STEP_SDTM),
-             sdtm_row("SDTM, paper's stage layout (ratio 0.5, deviation 0.2, from step 1, switch 0.4, skip 1/1)",
-                      PAPER_LAYOUT)]
-    # Methods that plug in through reference_dit.method_options: one entry each.
-    def cat_row(name: str, settings: Callable = lambda mod: {}) -> Row:
-        return optional_row(name, "kernels.cat", lambda mod, model: R.method_options(
-            mod.CATPruning(mod.CATConfig(**settings(mod))), model, "cat"))
-    rows += [cat_row("CAT pruning (defaults)"),
-             cat_row("CAT pruning, faster preset (full_percent 0.18)", lambda mod: mod.FAST_SETTING),
-             cat_row("CAT pruning, ablation: ratio 0.99 (cache reuse between full steps only)",
-                     lambda mod: REUSE_ONLY_CAT),
-             cat_row("CAT pruning, ablation: forecast 0 (cached noise held, as the paper)",
-                     lambda mod: PLAIN_REUSE_CAT),
-             cat_row("CAT pruning, paper's setting (ratio 0.7, full_percent 0.28, no refresh, no forecast)",
-                     lambda mod: mod.PAPER_SETTING),
-             cat_row("CAT pruning, fp8 key/value cache (cache_dtype fp8)", lambda mod: dict(cache_dtype="fp8"))]
-    rows.append(optional_row("density schedule (defaults)", "kernels.density",
-                             lambda mod, model: R.method_options(mod.DensitySchedule(mod.DensityConfig()), model,
-                                                                 "density")))
-    rows.append(optional_row("density schedule, aggressive (3x3 windows)", "kernels.density",
-                             lambda mod, model: R.method_options(
-                                 mod.DensitySchedule(mod.DensityConfig(**DENSITY_AGGRESSIVE)), model, "density")))
-    rows.append(optional_row("density schedule + detail cache (opt-in)", "kernels.density",
-                             lambda mod, model: R.method_options(
-                                 mod.DensitySchedule(mod.DensityConfig(detail_cache=True)), model, "density")))
-    rows.append(optional_row("density schedule, FlexDiT layout (dense bottom/top blocks and spans, from step 1)",
-                             "kernels.density",
-                             lambda mod, model: R.method_options(
-                                 mod.DensitySchedule(mod.DensityConfig(**mod.FLEXDIT_LAYOUT)), model, "density")))
+    rows.append(sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block of every step)",
+                         naive_config(NAIVE_RATIO), baseline=True))
+    rows += preset_rows()
+    rows += [method_row("SDTM, merged calls ignored (detail_weight 0)", lambda m: sdtm(MERGED_CALLS_OFF)),
+             method_row("SDTM, every step merged (the earlier defaults)", lambda m: sdtm(sdtm_kernel.EVERY_STEP_MERGED)),
+             sdtm_row("SDTM, paper's stage layout (from step 1, switch 0.4, skip 1/1, no detail cache)", PAPER_LAYOUT),
+             method_row("density schedule, every step pooled (the earlier defaults)",
+                        lambda m: density(density_kernel.EVERY_STEP_POOLED)),
+             method_row("density schedule, FlexDiT layout (dense bottom/top blocks and spans, from step 1)",
+                        lambda m: density(density_kernel.FLEXDIT_LAYOUT)),
+             method_row("CAT, forecast 0 (cached noise held, as the paper)", lambda m: cat(PLAIN_REUSE_CAT)),
+             method_row("CAT, ratio 0.99 (reuse between full steps only)", lambda m: cat(REUSE_ONLY_CAT)),
+             method_row("CAT, paper's setting (ratio 0.7, no refresh, no forecast)",
+                        lambda m: cat(cat_kernel.PAPER_SETTING))]
+    every_step = SDTMConfig(**{**sdtm_kernel.EVERY_STEP_MERGED, "start_percent": 0.0})
     for saving in CALIBRATED_SAVINGS:
-        rows.append(optional_row(
-            f"SDTM + calibrated ratio schedule ({100 * saving:.0f}% of block FLOPs saved"
-            + (", aggressive)" if saving != CALIBRATED_SAVINGS[0] else ")"), "kernels.calibration",
-            lambda mod, model, saving=saving: R.method_options(
-                SDTM(SDTMConfig(start_percent=0.0), schedule=calibrated_schedule(model, s, saving)),
-                model, "sdtm")))
-    # The same schedule type drives the density schedule (a ratio picks the nearest pooling window).
-    rows.append(optional_row(
-        f"density schedule + calibrated ratio schedule ({100 * CALIBRATED_SAVINGS[0]:.0f}% of block FLOPs saved)",
-        "kernels.density", lambda mod, model: R.method_options(
-            mod.DensitySchedule(mod.DensityConfig(start_percent=0.0),
-                                schedule=calibrated_schedule(model, s, CALIBRATED_SAVINGS[0])), model, "density")))
+        rows.append(method_row(f"SDTM every step + calibrated ratio schedule ({100 * saving:.0f}% of block FLOPs "
+                               "saved)", lambda m, saving=saving: SDTM(every_step, calibrated_schedule(m, s, saving))))
     return rows
 
 
@@ -533,7 +513,6 @@ def report_kid_equal_flops(rep: Report, curves: list[Curve], table: list[dict], 
 def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
     """Rows for a tiny host model; build(patcher) returns a patched ModelPatcher (None: unpatched)."""
     from tools import comfy_host as H
-    from kernels.cat import FAST_SETTING
 
     try:
         from comfy_extras import nodes_easycache as EC
@@ -546,47 +525,41 @@ def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
         return lambda m: H.run_node(cache_cls, model=m, reuse_threshold=threshold, start_percent=0.15,
                                     end_percent=0.95, verbose=False)[0]
 
-    def inputs(node_id: str, **overrides) -> dict:
-        """The pack node's schema defaults (optional inputs left out), with `overrides`."""
-        return {**{i.id: i.default for i in H.pack_nodes()[node_id].define_schema().inputs
-                   if i.id != "model" and not getattr(i, "optional", False)}, **overrides}
-
     def pack_node(node_id: str, **overrides):
-        return lambda m: H.run_node(H.pack_nodes()[node_id], model=m, **inputs(node_id, **overrides))[0]
+        return lambda m: H.run_node(H.pack_nodes()[node_id], model=m,
+                                    **H.node_inputs(H.pack_nodes()[node_id], **overrides))[0]
 
     def node(cfg: SDTMConfig, **extra):
-        return pack_node("SDTMPatchModel", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"},
-                         **extra)
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "bias_free_attention")}
+        return pack_node("SDTMPatchModel", **settings, **extra)
 
     def calibrated(saving: float):
         """The SDTM node driven by the Token Ratio Schedule node calibrated on the model itself, wired as a
-        user would: the sampler's steps, image size and prompt; SDTM's start_percent 0 so that the schedule
+        user would: the sampler's steps, image size and prompt; merging at every step, so that the schedule
         decides every step."""
         def build(m):
             schedule = H.run_node(H.pack_nodes()["TokenRatioSchedule"], model=m, positive=H.conditioning()[0],
-                                  **inputs("TokenRatioSchedule", flops_saving=saving, width=px, height=px,
-                                           calibration_steps=steps))[0]
-            return node(SDTMConfig(start_percent=0.0), schedule=schedule)(m)
+                                  **H.node_inputs(H.pack_nodes()["TokenRatioSchedule"], flops_saving=saving,
+                                                  width=px, height=px, calibration_steps=steps))[0]
+            return node(SDTMConfig(**{**sdtm_kernel.EVERY_STEP_MERGED, "start_percent": 0.0}), schedule=schedule)(m)
         return build
 
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
-    rows += [Row(f"naive merge (ratio {NAIVE_RATIO}, every block)", node(naive_config(NAIVE_RATIO)), baseline=True),
-             Row("SDTM defaults (node)", node(SDTMConfig())),
-             Row(f"SDTM aggressive (ratio {AGGRESSIVE.ratio}, deviation {AGGRESSIVE.deviation})", node(AGGRESSIVE)),
-             Row("CAT defaults (node)", pack_node("CATPruningPatchModel")),
-             Row("CAT faster preset (full_percent 0.18)", pack_node("CATPruningPatchModel", **FAST_SETTING)),
-             Row("density schedule defaults (node)", pack_node("TokenDensityPatchModel")),
-             Row("density schedule, aggressive (3x3 windows)",
-                 pack_node("TokenDensityPatchModel",
-                           stage_windows=", ".join(map(str, DENSITY_AGGRESSIVE["stage_windows"]))))]
-    rows += [Row(f"SDTM + calibrated schedule ({100 * saving:.0f}% of block FLOPs saved, node)", calibrated(saving))
-             for saving in CALIBRATED_SAVINGS]
+    rows.append(Row(f"naive merge (ratio {NAIVE_RATIO}, every block of every step)", node(naive_config(NAIVE_RATIO)),
+                    baseline=True))
+    for kernel, label, _, _ in NODES:
+        node_id = {"SDTM": "SDTMPatchModel", "density schedule": "TokenDensityPatchModel",
+                   "CAT": "CATPruningPatchModel"}[label]
+        rows += [Row(f"{label} {preset} (node)", pack_node(node_id, preset=preset)) for preset in kernel.PRESETS]
+    rows += [Row(f"SDTM every step + calibrated schedule ({100 * saving:.0f}% of block FLOPs saved, node)",
+                 calibrated(saving)) for saving in CALIBRATED_SAVINGS]
     for label, thr in (("default, threshold 0.2", 0.2), ("stronger, threshold 0.5", 0.5)):
         name = f"ComfyUI {cache_name} ({label})"
         rows.append(Row(name, cache(thr), baseline=True) if cache_cls else Row(name, missing=ec_err))
-    name = f"stack: SDTM defaults + {cache_name} 0.2"
-    rows.append(Row(name, (lambda m: cache(0.2)(node(SDTMConfig())(m)))) if cache_cls else Row(name, missing=ec_err))
+    name = f"stack: SDTM balanced + {cache_name} 0.2"
+    rows.append(Row(name, (lambda m: cache(0.2)(pack_node("SDTMPatchModel", preset="balanced")(m))))
+                if cache_cls else Row(name, missing=ec_err))
     return rows
 
 

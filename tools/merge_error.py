@@ -32,17 +32,18 @@ import torch  # noqa: E402
 
 from kernels.cat import CATConfig  # noqa: E402
 from kernels.forecast import along_trend  # noqa: E402
-from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
+from kernels.density import EVERY_STEP_POOLED, DensityConfig, DensitySchedule  # noqa: E402
 from kernels.detail_cache import low_pass  # noqa: E402
-from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig  # noqa: E402
 from tools import cli  # noqa: E402
 from tools import compare as C  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 from tools.report import Report  # noqa: E402
 
 CFG = 3.0
-MERGED = {"SDTM": lambda: SDTM(SDTMConfig(start_percent=0.0)),
-          "density": lambda: DensitySchedule(DensityConfig(start_percent=0.0))}
+# A merged call on its own (every step merged, no detail cache), the thing this tool measures.
+MERGED = {"SDTM": lambda: SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0})),
+          "density": lambda: DensitySchedule(DensityConfig(**{**EVERY_STEP_POOLED, "start_percent": 0.0}))}
 # End-to-end layouts: steps computed in full (fractions of the run, rounded to step indices).
 LAYOUTS = ((0.0, 0.1), (0.0, 0.1, 0.4, 0.7))
 
