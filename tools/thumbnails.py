@@ -5,12 +5,13 @@ The template browser (Templates -> Extensions -> the pack's folder) shows `<stem
 in the real frontend (tools/frontend.py: ComfyUI on 127.0.0.1 and headless Chromium), the whole graph
 fitted into a 1600x1000 window with the frontend's panels hidden, cropped to the graph; it is saved as a
 small JPEG
-whose comment holds the sha256 of the workflow file it shows (tests/host/test_templates.py checks that
+whose comment holds the sha256 of the workflow file it shows (tests/host/test_workflows.py checks that
 each is current).
 
     COMFYUI_PATH=~/ComfyUI <host venv>/bin/python tools/thumbnails.py [stem ...]
 
-Run it with the newest supported host: it loads every workflow.
+Run it with the newest supported host: it loads every workflow. It first saves the node sizes the frontend
+draws back into each workflow (nodes grow when an input is added), so the files and pictures agree.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools import comfy_host, frontend  # noqa: E402
+from tools import comfy_host, frontend, workflows  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
 SIZE = (640, 400)    # the thumbnail, from the 1600x1000 window
@@ -65,6 +66,18 @@ GRAPH_BOUNDS = """(() => {
     }
     return b;
 })()"""
+
+
+def fit_drawn_sizes(page, path: Path) -> bool:
+    """Save the node sizes the frontend draws (a node grows to fit its widgets) back into the workflow,
+    moving the nodes below a grown one down (tools/workflows.fit_sizes). True when the file changed."""
+    wf = json.loads(path.read_text())
+    frontend.load_workflow(page, wf)
+    drawn = {n["id"]: n["size"] for n in page.eval("app.graph._nodes.map(n => ({id: n.id, size: [...n.size]}))")}
+    if not workflows.fit_sizes(wf, drawn):
+        return False
+    path.write_text(json.dumps(wf, indent=2) + "\n")
+    return True
 
 
 def shoot(page, path: Path):
@@ -116,6 +129,8 @@ def main(argv=None) -> int:
                   % json.dumps(SETTINGS))
         time.sleep(0.5)
         for path in paths:
+            if fit_drawn_sizes(page, path):
+                print(f"{path.relative_to(ROOT)}: node sizes now as drawn")
             png, bounds = shoot(page, path)
             picture = Image.open(io.BytesIO(png)).convert("RGB")
             picture = picture.crop(frame(bounds, *picture.size)).resize(SIZE, Image.LANCZOS)

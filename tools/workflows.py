@@ -31,6 +31,25 @@ def synced(node_cls, patching, values: list, old_names: list[str] | None) -> lis
     return [named.get(w.id, stored.get(w.id, w.default)) for w in widgets]
 
 
+def fit_sizes(wf: dict, drawn: dict) -> bool:
+    """Give each node the size the frontend draws it at (`drawn`: {node id: [w, h]}, tools/thumbnails.py reads
+    it); a node that grew pushes the nodes below it in its column down by as much, so none comes to overlap.
+    True when anything changed."""
+    changed = False
+    for node in sorted(wf["nodes"], key=lambda n: n["pos"][1]):
+        size = [round(v) for v in drawn.get(node["id"], node["size"])]
+        grow = size[1] - node["size"][1]
+        if size == list(node["size"]):
+            continue
+        left, right, bottom = node["pos"][0], node["pos"][0] + max(size[0], node["size"][0]), node["pos"][1] + node["size"][1]
+        for other in wf["nodes"]:
+            in_column = other["pos"][0] < right and left < other["pos"][0] + other["size"][0]
+            if other is not node and in_column and other["pos"][1] >= bottom and grow > 0:
+                other["pos"] = [other["pos"][0], other["pos"][1] + grow]
+        node["size"], changed = size, True
+    return changed
+
+
 OLD_ORDER = {  # widget names of workflows saved before an input was added, by value count
     ("SDTMPatchModel", 13): ["preset", "ratio", "deviation", "switch_percent", "window", "skip_first_blocks",
                              "skip_last_blocks", "dynamic_merge", "ratio_adjust", "prompt_reweight", "start_percent",

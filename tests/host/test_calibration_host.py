@@ -53,7 +53,7 @@ def test_calibration_meets_the_flops_target(host, nodes, family):
     assert_same_snapshot(before, snapshot(model))  # calibration patches a clone only
     assert "calibrated" in sched.name and heatmap.shape[0] == 1 and '"ratios"' in text
     sdtm = nodes["SDTMPatchModel"]
-    sdefaults = host.node_inputs(sdtm)
+    sdefaults = host.every_step_inputs(sdtm)
     # The schedule decides every step (README: calibrated schedules); the last block dense, as the
     # calibration and constant_ratio_for_saving below assume.
     sdefaults.update(start_percent=0.0, skip_first_blocks=0, skip_last_blocks=1)

@@ -11,7 +11,8 @@ from test_host_sdtm import count_flops, rel_l2
 
 FAMILIES = ["flux", "wan"]
 SDTM = dict(preset="custom", ratio=0.5, deviation=0.2, switch_percent=0.4, window=2, skip_first_blocks=0, skip_last_blocks=0,
-            dynamic_merge=True, ratio_adjust=True, prompt_reweight=True, start_percent=0.0, end_percent=1.0)
+            dynamic_merge=True, ratio_adjust=True, prompt_reweight=True, start_percent=0.0, end_percent=1.0,
+            detail_cache=False)  # merging at every step: what stacking and precision must not break
 
 
 def _model(host, family, dtype=None):

@@ -45,7 +45,7 @@ FROM_FIRST_STEP = dict(start_percent=0.0, skip_first_blocks=1, skip_last_blocks=
 
 def sdtm(host, nodes, model, **overrides):
     (out,) = host.run_node(nodes["SDTMPatchModel"], model=model,
-                           **host.node_inputs(nodes["SDTMPatchModel"], **overrides))
+                           **host.every_step_inputs(nodes["SDTMPatchModel"], **overrides))
     return out
 
 

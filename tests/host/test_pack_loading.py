@@ -87,7 +87,8 @@ def test_registered_node_schema_and_v1_info(comfy_nodes, loaded):
                  "start_percent", "end_percent"):
         assert name in required, name
     assert required["model"][0] == "MODEL"
-    assert required["ratio"][1]["min"] == 0.0 and required["ratio"][1]["max"] == 0.75
+    # the largest ratio any window allows (4x4: 15 of 16 merged); the config checks it against the chosen window
+    assert required["ratio"][1]["min"] == 0.0 and required["ratio"][1]["max"] == 1 - 1 / 16
     assert "schedule" in info.get("optional", {})
     assert list(cls.RETURN_TYPES) == ["MODEL"]
 
