@@ -57,7 +57,7 @@ def test_the_node_shows_what_the_run_did(host, monkeypatch):
 
 METHODS = {"SDTMPatchModel": "SDTM", "TokenDensityPatchModel": "DensitySchedule", "CATPruningPatchModel": "CATPruning"}
 # A valid other value for each widget a schedule replaces (a new one must be added here); booleans flip.
-OTHER_VALUE = {"ratio": 0.3, "deviation": 0.05, "stage_windows": "4, 3, 2, 2", "bottom_dense": 0.3, "top_dense": 0.3}
+OTHER_VALUE = {"ratio": 0.3, "deviation": 0.02, "stage_windows": "4, 3, 2, 2", "bottom_dense": 0.3, "top_dense": 0.3}
 
 
 def _decisions(method, node_id):
