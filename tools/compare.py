@@ -70,6 +70,9 @@ PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, window=2, switch_percent=0.4
                           skip_first_blocks=1, skip_last_blocks=1, detail_cache=False)
 # What the merged calls add: the defaults with their contribution switched off (weight 0).
 MERGED_CALLS_OFF = dict(detail_weight=0.0)
+# The rows that show where the presets' fidelity comes from; tools/docs.py quotes them in the README.
+MERGED_CALLS_IGNORED = "SDTM, merged calls ignored (detail_weight 0)"
+REUSE_ONLY = "CAT, ratio 0.99 (reuse between full steps only)"
 # Calibrated schedules drive every step's merging: the schedule node's default target and an aggressive one.
 CALIBRATED_SAVINGS = (0.4, 0.55)
 NAIVE_RATIO = 0.5
@@ -149,7 +152,7 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
     rows.append(sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block of every step)",
                          naive_config(NAIVE_RATIO), baseline=True))
     rows += preset_rows()
-    rows += [method_row("SDTM, merged calls ignored (detail_weight 0)", lambda m: sdtm(MERGED_CALLS_OFF)),
+    rows += [method_row(MERGED_CALLS_IGNORED, lambda m: sdtm(MERGED_CALLS_OFF)),
              method_row("SDTM, every step merged (the earlier defaults)", lambda m: sdtm(sdtm_kernel.EVERY_STEP_MERGED)),
              sdtm_row("SDTM, paper's stage layout (from step 1, switch 0.4, skip 1/1, no detail cache)", PAPER_LAYOUT),
              method_row("density schedule, every step pooled (the earlier defaults)",
@@ -157,7 +160,7 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
              method_row("density schedule, FlexDiT layout (dense bottom/top blocks and spans, from step 1)",
                         lambda m: density(density_kernel.FLEXDIT_LAYOUT)),
              method_row("CAT, forecast 0 (cached noise held, as the paper)", lambda m: cat(PLAIN_REUSE_CAT)),
-             method_row("CAT, ratio 0.99 (reuse between full steps only)", lambda m: cat(REUSE_ONLY_CAT)),
+             method_row(REUSE_ONLY, lambda m: cat(REUSE_ONLY_CAT)),
              method_row("CAT, paper's setting (ratio 0.7, no refresh, no forecast)",
                         lambda m: cat(cat_kernel.PAPER_SETTING))]
     every_step = SDTMConfig(**{**sdtm_kernel.EVERY_STEP_MERGED, "start_percent": 0.0})

@@ -86,6 +86,12 @@ def choose() -> str:
               "the better choice); token artifacts: 1 as unpatched, above 1 per-token noise."]
     if better:
         lines.append(f"Where fewer steps is the better choice on this model: {', '.join(sorted(better))}.")
+    named = {r["name"]: r for r in ev["rows"]}
+    from tools.compare import MERGED_CALLS_IGNORED, REUSE_ONLY
+    ablations = [(name, named[name]) for name in (MERGED_CALLS_IGNORED, REUSE_ONLY) if name in named]
+    if ablations:
+        lines += ["", "What the merging and the token choice add, on the same run:"]
+        lines += [f"- {name}: {r['flops']:.2f} of the work, {r['psnr']:.1f} dB" for name, r in ablations]
     return "\n".join(lines)
 
 

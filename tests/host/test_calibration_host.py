@@ -54,8 +54,8 @@ def test_calibration_meets_the_flops_target(host, nodes, family):
     assert "calibrated" in sched.name and heatmap.shape[0] == 1 and '"ratios"' in text
     sdtm = nodes["SDTMPatchModel"]
     sdefaults = host.every_step_inputs(sdtm)
-    # The schedule decides every step (README: calibrated schedules); the last block dense, as the
-    # calibration and constant_ratio_for_saving below assume.
+    # The schedule decides every step (docs/schedule.md); the last block dense, as the calibration and
+    # constant_ratio_for_saving below assume.
     sdefaults.update(start_percent=0.0, skip_first_blocks=0, skip_last_blocks=1)
     (patched,) = host.run_node(sdtm, model=model, schedule=sched, **sdefaults)
     kw = dict(height=PX, width=PX, steps=STEPS)

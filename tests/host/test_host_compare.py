@@ -1,6 +1,6 @@
 """Host test: every row of tools/compare.py's tiny-ComfyUI table builds and samples.
 
-The table (README, "Evidence", (b)) is a command, not a test; this checks that each of its rows
+The host section of tools/compare.py is a command, not a test; this checks that each of its rows
 patches the host's own tiny Flux and SD3 models through the real nodes (or says why it cannot), that
 the input model is left as it was, and that every patched row moves the output (the unpatched row
 does not).
