@@ -732,11 +732,12 @@ def summary(args, s: Settings, ref: dict) -> dict:
             continue
         rows.append({"name": r.row.name, "key": r.row.key, "baseline": r.row.baseline, "flops": r.flops / base.flops,
                      "psnr": None if math.isinf(r.psnr) else r.psnr, "artifacts": r.artifact[0]})
-    fewer_steps = CURVE_NAMES["steps"]
-    vs_steps = {e["name"]: (None if e["psnr_curves"][fewer_steps] is None else e["psnr"] - e["psnr_curves"][fewer_steps][0])
+    def versus(curve):  # {row name: its PSNR minus the curve's at its FLOPs, on the sweep images}
+        return {e["name"]: None if e["psnr_curves"][curve] is None else e["psnr"] - e["psnr_curves"][curve][0]
                 for e in ref["equal_flops"]}
+    euler, ab2 = versus(CURVE_NAMES["steps"]), versus(CURVE_NAMES["steps-ab2"])
     for row in rows:
-        row["vs_fewer_steps"] = vs_steps.get(row["name"])
+        row["vs_fewer_steps"], row["vs_fewer_steps_ab2"] = euler.get(row["name"]), ab2.get(row["name"])
     return {"model": args.model, "steps": s.steps, "samples": s.samples, "sweep_samples": s.sweep_samples,
             "source": ref["source"], "rows": rows}
 

@@ -198,9 +198,17 @@ def run(args) -> dict:
     clean = [r for r in methods if r.artifacts <= 1.25] or methods
     best = max(clean, key=lambda r: r.psnr)
     fewer = rows[-1]
-    verdict = ("beats" if best.psnr > fewer.psnr else "does not beat")
-    recommendation = (f"{best.name} keeps closest to unpatched at {best.flops:.2f}X FLOPS and {verdict} "
-                      f"{fewer.name.lower()} ({fewer.psnr:.1f} DB at {fewer.flops:.2f}X)")
+    close = [r for r in clean if best.psnr - r.psnr <= 1.0]  # within 1 dB: no method to single out
+    against = f"{fewer.name.lower()} ({fewer.psnr:.1f} DB AT {fewer.flops:.2f}X)"
+    if len(close) > 1:
+        names = ", ".join(r.name for r in close[:-1]) + " AND " + close[-1].name
+        verdict = "ALL BEAT" if all(r.psnr > fewer.psnr for r in close) else "NOT ALL BEAT"
+        recommendation = (f"{names} STAY WITHIN {best.psnr - min(r.psnr for r in close):.1f} DB OF EACH OTHER "
+                          f"AT {min(r.flops for r in close):.2f}-{max(r.flops for r in close):.2f}X FLOPS, "
+                          f"{verdict} {against}")
+    else:
+        verdict = "BEATS" if best.psnr > fewer.psnr else "DOES NOT BEAT"
+        recommendation = f"{best.name} KEEPS CLOSEST TO UNPATCHED AT {best.flops:.2f}X FLOPS AND {verdict} {against}"
     headline = (f"REFERENCE DIT {cfg.image_size} PX, {args.steps} STEPS, CFG {args.cfg:g}, SEED {args.seed}")
     titles = [procedural.CLASS_NAMES[c].upper() for c in args.classes]
     scale = args.scale or max(1, 128 // cfg.image_size)
