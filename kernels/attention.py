@@ -1,7 +1,7 @@
-"""One way for every method to hook the host's attention: ComfyUI's `optimized_attention_override`.
+"""Every method hooks the host's attention one way: ComfyUI's `optimized_attention_override`.
 
-The host calls override(func, q, k, v, heads, mask=..., skip_reshape=..., ...); Qwen-Image passes
-the mask positionally (args[4]). Overrides chain: a hook runs before any override already there.
+The host calls override(func, q, k, v, heads, mask=..., skip_reshape=..., ...) (Qwen-Image passes the
+mask as args[4]). A hook runs before any override already there.
 """
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
 
 
 def override_attention(transformer_options: dict, hook: Callable, first_call_only: bool = False) -> dict:
-    """Copy of transformer_options whose attention calls pass `hook(ordinal, args, kwargs) -> (args, kwargs)`
-    (or (args, kwargs, post): the call's output is then post(output)).
-
-    With `first_call_only` only a block's first attention call is hooked (Wan: self-attention, then
-    cross-attention to the text).
-    """
+    """Copy of transformer_options whose attention calls go through `hook(ordinal, args, kwargs)`, which
+    returns (args, kwargs) or (args, kwargs, post) to map the output. `first_call_only`: hook only a
+    block's first attention (Wan: self-attention, then cross-attention)."""
     previous = transformer_options.get(ATTENTION_OVERRIDE_KEY)
     calls = [0]
 
@@ -45,8 +42,8 @@ def seq_dim(kwargs: dict) -> int:
 
 
 def image_key_start(n_keys: int, offset: int, n_img: int) -> int | None:
-    """Where `n_img` image keys start: at `offset` in joint attention, at 0 in image-only attention
-    (SD3.5's second attention); None for any other call."""
+    """Start of the `n_img` image keys: `offset` in joint attention, 0 in image-only attention (SD3.5's
+    second one), else None."""
     if n_keys >= offset + n_img:
         return offset
     return 0 if n_keys == n_img else None
@@ -73,12 +70,8 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def key_bias_hook(key_bias: torch.Tensor, offset: int, n_merged: int, shared=None) -> Callable:
-    """Adds `key_bias` (B, n_merged), or (B, 1, 1, n_merged), to the merged image keys' attention logits
-    (proportional attention).
-
-    `shared` (runtime.CallShared): the padded bias is built once per model call while `key_bias` and the
-    host's mask are the same objects (every block of a density call).
-    """
+    """Proportional attention: adds `key_bias` (B, n_merged) or (B, 1, 1, n_merged) to the merged keys'
+    logits; with `shared` (runtime.CallShared) the padded mask is built once per call."""
     def hook(ordinal, args, kwargs):
         q, k = args[0], args[1]
         n_keys = k.shape[seq_dim(kwargs)]
@@ -102,15 +95,11 @@ def key_bias_hook(key_bias: torch.Tensor, offset: int, n_merged: int, shared=Non
 
 
 def size_weighted_hook(sizes: torch.Tensor, offset: int, n_merged: int, shared=None) -> Callable:
-    """Proportional attention without an additive mask: the same result as key_bias_hook(log sizes), so that
-    the host's attention keeps its fastest kernel (an arbitrary float mask rules flash attention out).
+    """key_bias_hook(log sizes) without a mask, so the host keeps its flash kernel (a float mask rules it out).
 
-    A key of group size s counts s times: out = sum_j s_j e^(q.k_j) v_j / sum_j s_j e^(q.k_j), computed as
-    attention(q, k, [s v, s]) followed by a division by the last channel. The head dim grows by one channel,
-    padded to a multiple of 8 (flash wants equal q/k/v head dims that are); q and k get zero channels and q
-    is scaled by sqrt(padded / original) so that the host's default 1/sqrt(head dim) scale is unchanged.
-    `sizes` (B, n_merged); `shared` (runtime.CallShared): the per-key weights are built once per call.
-    A host mask passes through unchanged.
+    out = sum_j s_j e^(q.k_j) v_j / sum_j s_j e^(q.k_j) = attention(q, k, [s v, s]) / its last channel.
+    Head dims are padded to a multiple of 8 (flash wants equal ones) and q is scaled by sqrt(padded / d)
+    to keep the host's 1/sqrt(head dim). `sizes` (B, n_merged); a host mask passes through.
     """
     def hook(ordinal, args, kwargs):
         q, k, v = args[0], args[1], args[2]
@@ -123,7 +112,7 @@ def size_weighted_hook(sizes: torch.Tensor, offset: int, n_merged: int, shared=N
         d = q.shape[-1] if seq == 2 else q.shape[-1] // heads
         padded = -(-(d + 1) // 8) * 8
 
-        def key_weights():  # (B, n_keys) with the token axis where v has it, heads and channels of size 1
+        def key_weights():  # (B, n_keys), laid out to broadcast against v
             w = F.pad(sizes.to(v.dtype), (start, n_keys - start - n_merged), value=1.0)
             return w.view(w.shape[0], 1, n_keys, 1) if seq == 2 else w.view(w.shape[0], n_keys, 1, 1)
 
@@ -140,7 +129,7 @@ def size_weighted_hook(sizes: torch.Tensor, offset: int, n_merged: int, shared=N
         if seq != 2:
             q2, k2 = q2.flatten(-2), k2.flatten(-2)
             v2 = v2.flatten(-2) if flat_v else v2
-        split_heads = not kwargs.get("skip_output_reshape")  # the host returns (B, L, H * padded), else (B, H, L, padded)
+        split_heads = not kwargs.get("skip_output_reshape")  # output (B, L, H * padded), else (B, H, L, padded)
 
         def post(out):
             o = out.unflatten(-1, (heads, padded)) if split_heads else out

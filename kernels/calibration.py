@@ -1,14 +1,10 @@
 """Calibrate a TokenRatioSchedule to a model: measure redundancy, allocate compression to a FLOPs target.
 
-1. Measure. A probe rides the ordinary block hooks of an unpatched sampling pass (its plan() is
-   always None). Consecutive blocks' inputs give each block's update D per token; for every ratio
-   option r, SDTM's own matching picks which tokens would merge, and E(r) = |D - Unmerge(Merge D)|^2
-   relative to the residual stream at the top of the model in that step.
-2. Allocate. Each (block, step) cell takes a ratio from RATIO_OPTIONS; a greedy pass along each
-   cell's lower convex hull takes the least error per FLOP saved until the target is met. A step's
-   errors weigh (1 - progress)^2: an error made early is carried through every later step.
-The last block's update is invisible to the probe (nothing follows it), so it stays dense.
-Measurements behind these choices: docs/schedule.md.
+1. Measure: a probe on an unpatched pass takes each block's update D from consecutive block inputs;
+   per ratio option, SDTM's matching gives E(r) = |D - Unmerge(Merge D)|^2, relative to the stream.
+2. Allocate: a greedy pass along each (block, step) cell's lower convex hull takes the least error per
+   FLOP saved until the target is met; a step's errors weigh (1 - progress)^2 (later steps inherit them).
+The last block's update is invisible to the probe, so it stays dense. Why these choices: docs/schedule.md.
 """
 from __future__ import annotations
 
@@ -28,11 +24,8 @@ MLP_RATIO = 4.0
 
 
 def merge_errors(x: torch.Tensor, delta: torch.Tensor, grid, options, seed: int = 0) -> list[float]:
-    """Error |D - Unmerge(Merge D)|^2 of merging with each ratio in `options`, summed over the batch.
-
-    The merge plans are SDTM's own grid-aware bipartite matching (2x2 windows) on the
-    block input x: merged tokens would receive their group's mean update.
-    """
+    """|D - Unmerge(Merge D)|^2 per ratio in `options`, summed over the batch, with SDTM's bipartite
+    matching (2x2 windows) on the block input x."""
     n = x.shape[1]
     window = (1,) * (len(grid) - 2) + (2, 2)
     out = []
@@ -110,14 +103,13 @@ def allocate(probe: RedundancyProbe, num_blocks: int, n_txt: int, target_saving:
     total = full * num_blocks * len(progresses)
     saved_at = [full - block_flops(n - int(r * n) + n_txt, c, mlp_ratio) for r in opts]
     cells = [key for key in probe.errors if key[0] >= protect_first]
-    # Errors relative to the stream at the top of the model (the largest |x|^2 of the step): an update
-    # error added to the residual stream reaches the output at that scale.
+    # Errors relative to the step's largest |x|^2: an update error reaches the output at that scale.
     top = {}
     for (b, p), e in probe.energy.items():
         top[p] = max(top.get(p, 0.0), e)
     rel = {key: [e / max(top[key[1]], 1e-30) * _weight(weights, key[1]) for e in probe.errors[key]]
            for key in probe.errors}
-    # Convex hull per cell, so that greedy steps are taken in order of rising marginal cost.
+    # Lower convex hull per cell: greedy steps come in order of rising marginal cost.
     level = {key: 0 for key in probe.errors}
     heap = []
 

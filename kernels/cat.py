@@ -1,10 +1,8 @@
 """CAT Pruning: cluster-aware cached token pruning (arXiv 2502.00433), host-independent.
 
-After the first steps, a pruned step computes only the image tokens whose predicted noise changed
-most (cluster by cluster) plus the least recently computed ones; the others keep their cached keys,
-values and noise, the noise moved along its trend between the last two full steps (a forecast the
-paper does not have). A full refresh step follows every `refresh_every` pruned steps. How it works,
-its measured defaults and its departures from the paper's code: docs/cat.md.
+A pruned step computes only the image tokens whose noise changed most (cluster by cluster) plus the
+least recently computed ones; the others keep their cached keys, values and noise, the noise carried
+along its trend (forecast.py; the paper holds it). Departures from the paper: docs/cat.md.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from .token_ops import RATIO_BUCKETS, bucket_ratio, take_rows, zeros_like_shape
 
 TOP_CLUSTER_QUOTA = (3, 2, 1)  # quota multipliers of the three highest-scoring clusters
 BASE_QUOTA = 0.05              # base per-cluster quota, as a fraction of the kept tokens
-POSITION_WEIGHT_NOISE = 0.05   # clustering feature = 0.05 x noise + position
+POSITION_WEIGHT_NOISE = 0.05   # clustering feature = POSITION_WEIGHT_NOISE x noise + position
 KMEANS_ITERS = 10
 
 
@@ -35,16 +33,16 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @dataclass(frozen=True)
 class CATConfig:
-    ratio: float = 0.95         # fraction of image tokens pruned (not computed) per pruned step (paper: 0.7)
-    full_percent: float = 0.28  # progress before which every step runs in full (8 of 28 steps, the paper's t0)
+    ratio: float = 0.95         # fraction of image tokens not computed per pruned step
+    full_percent: float = 0.28  # progress before which every step runs in full (the paper's t0)
     refresh_every: int = 2      # a full step after this many pruned steps (0: never, as the paper)
     clusters: int = 20
     balance: float = 0.75       # fraction of kept tokens chosen as the least recently computed
-    forecast: float = 0.5       # damping of the first-order forecast of cached noise (0: plain reuse, the paper)
+    forecast: float = 0.5       # damping of the cached noise's trend (0: held, as the paper)
     start_percent: float = 0.0
     end_percent: float = 1.0
     seed: int = 0
-    cache_dtype: str = "model"  # cached keys/values: "model" (the model's dtype) or "fp8" (float8 + per-token scale)
+    cache_dtype: str = "model"  # cached keys/values: CACHE_DTYPES (quantize_fp8)
 
     def validate(self) -> "CATConfig":
         if not (0.0 <= self.ratio < 1.0):
@@ -62,17 +60,17 @@ class CATConfig:
 
 
 
-# The paper's schedule (t0 = 8 of 28 steps, no refresh, no forecast), a comparison row in the evidence.
+# The paper's setting, a comparison row in the evidence.
 PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0, forecast=0.0)
-# The faster preset: the layout steps run in full for less of the progress.
+# The faster preset: fewer full steps while the layout forms.
 FAST_SETTING = dict(full_percent=0.18)
-# The node's named settings; "balanced" is CATConfig's defaults. Each is measured in docs/evidence.md.
+# The node's presets ("balanced": the defaults), measured in docs/evidence.md.
 PRESETS = {
     "quality": dict(refresh_every=1),
     "balanced": {},
     "fast": FAST_SETTING,
 }
-# Settings a connected TokenRatioSchedule replaces (CATPruning.ratio reads the schedule instead).
+# Settings a connected TokenRatioSchedule replaces.
 SCHEDULE_REPLACES = ("ratio",)
 
 
@@ -90,16 +88,13 @@ def position_features(grid, dim: int, device=None) -> torch.Tensor:
 
 
 def kmeans_labels(noise: torch.Tensor, grid, k: int, seed: int = 0, iters: int = KMEANS_ITERS) -> torch.Tensor:
-    """Cluster label (N,) per token: Lloyd's k-means on 0.05 x noise + position, seeded init."""
+    """Cluster label (N,) per token: seeded Lloyd's k-means on weighted noise + position."""
     return kmeans_labels_batched(noise.unsqueeze(0), grid, k, seed, iters)[0]
 
 
 def kmeans_labels_batched(noise: torch.Tensor, grid, k: int, seed: int = 0, iters: int = KMEANS_ITERS) -> torch.Tensor:
-    """kmeans_labels for every row of noise (B, N, D) at once: (B, N).
-
-    Always `iters` Lloyd steps: a converged labelling is a fixed point (same labels, same centres), so
-    this equals stopping at convergence without asking the device whether it has converged.
-    """
+    """kmeans_labels for every row of noise (B, N, D): (B, N). Always `iters` steps: a converged labelling
+    is a fixed point, so this equals stopping at convergence without a device sync."""
     b, n, d = noise.shape
     if k >= n:
         return torch.arange(n, device=noise.device).expand(b, n)
@@ -123,8 +118,7 @@ def cluster_counts(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def cluster_scores(delta: torch.Tensor, labels: torch.Tensor, k: int, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """(k,) norm of each cluster's element-wise max |delta|; empty clusters score -1. Batched: delta
-    (B, N, D), labels (B, N) and counts (B, k) (cluster_counts, computed once per run) give (B, k)."""
+    """(k,) norm of each cluster's element-wise max |delta|, -1 when empty; batched inputs give (B, k)."""
     if delta.ndim == 2:
         return cluster_scores(delta.unsqueeze(0), labels.unsqueeze(0), k,
                               None if counts is None else counts.unsqueeze(0))[0]
@@ -144,12 +138,8 @@ def _rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
 
 def select_tokens(delta: torch.Tensor, labels: torch.Tensor, age: torch.Tensor, n_keep: int, balance: float,
                   first: bool) -> torch.Tensor:
-    """Indices (n_keep,) of the image tokens to compute, ascending and distinct.
-
-    delta: (N, D) noise change since the reference step; labels: (N,) clusters; age: (N,) steps
-    since each token was last computed; `first`: the first pruned step of the run. One row of
-    select_tokens_batched (which reads the cluster count from the caller instead of the labels).
-    """
+    """Image tokens to compute (n_keep,), ascending, from delta (N, D) (noise change since the reference
+    step) and age (N,) (steps since last computed); one row of select_tokens_batched."""
     k = int(labels.max()) + 1 if labels.numel() else 1
     return select_tokens_batched(delta.unsqueeze(0), labels.unsqueeze(0), age.unsqueeze(0), n_keep, balance, first,
                                  cluster_counts(labels.unsqueeze(0), k))[0]
@@ -177,14 +167,12 @@ def _quota_multipliers(k: int, device) -> torch.Tensor:
 
 def select_tokens_batched(delta: torch.Tensor, labels: torch.Tensor, age: torch.Tensor, n_keep: int,
                           balance: float, first, counts: torch.Tensor) -> torch.Tensor:
-    """select_tokens for every row at once, without a device sync: (B, n_keep) ascending indices.
+    """select_tokens for every row without a device sync: (B, n_keep) ascending indices.
 
-    delta (B, N, D), labels (B, N), age (B, N), counts (B, k) tokens per cluster; `first` a bool, or
-    one per row. The noise share goes cluster by cluster in score order: the cluster's quota of
-    most-changed tokens, then (after the first pruned step, not in the top cluster) half a quota of
-    its least recently computed ones, the first n_noise distinct tokens of that sequence (then, if
-    the clusters run out, the most-changed of the rest). The balance share is the least recently
-    computed of the others. Ties go to the lower token index.
+    `first`: a bool or one per row. The noise share goes cluster by cluster in score order: the
+    cluster's quota of most-changed tokens, then (after the first pruned step, below the top cluster)
+    half a quota of its stalest, then the most-changed of the rest. The balance share is the stalest of
+    the others. Ties go to the lower token index.
     """
     b, n = labels.shape
     k = counts.shape[1]
@@ -231,9 +219,8 @@ def staleness_bound(n: int, n_keep: int, balance: float) -> int:
 
 
 def patchify(noise: torch.Tensor, grid, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, C*p*p) on the token grid (the model pads the latent the same way).
-    Video / 5-D latents (B, C, T, H, W), time patched by 1 (Wan, Qwen-Image): tokens in (t, h, w)
-    raster order, as those models flatten them."""
+    """(B, C, H, W) -> (B, N, C*p*p) on the token grid, padded as the model pads; (B, C, T, H, W) gives
+    tokens in (t, h, w) raster order, time patched by 1."""
     if noise.ndim == 5:
         b, c, t, h, w = noise.shape
         frames = patchify(noise.transpose(1, 2).reshape(b * t, c, h, w), grid[-2:], patch)
@@ -331,8 +318,7 @@ class CATPruning(TokenMethod):
         return CATRunState()
 
     def ratio(self, progress: float, num_blocks: int = 1) -> float:
-        """Fraction pruned at `progress` (a schedule is averaged over the model's block depths, and bucketed
-        as token_ops.bucket_ratio when it changes with progress)."""
+        """Fraction pruned at `progress`; a schedule is averaged over depth (and bucketed if it moves)."""
         if self.schedule is None:
             return self.config.ratio
         vals = [self.schedule.ratio(block_depth(i, num_blocks), progress) for i in range(num_blocks)]
@@ -379,8 +365,7 @@ class CATPruning(TokenMethod):
                 or (c.refresh_every > 0 and pruned_since_full >= c.refresh_every))
 
     def step_plan(self, progresses, n_img: int, num_blocks: int = 1) -> list:
-        """Image tokens computed per step (n_img for a full step) for a schedule's progress values,
-        as begin_call decides them in a run (the first active step has no history: full)."""
+        """Image tokens computed per step for these progress values, as begin_call would decide them."""
         out, pruned_since_full, history = [], 0, False
         for p in progresses:
             if not self.is_active(p):
@@ -418,9 +403,8 @@ class CATPruning(TokenMethod):
         return row.trend.carry(row.prev, row.sigma, sigma, self.config.forecast)
 
     def end_call(self, state: CATRunState, call, noise: torch.Tensor):
-        """Record this call's predicted noise (B, C, H, W). Returns (noise with non-computed tokens
-        replaced by their cached noise, forecast to this sigma; pixel mask of computed tokens) or None
-        when all were computed."""
+        """Record this call's noise (B, C, H, W). Returns (noise with the others' cached noise carried to
+        this sigma, computed pixel mask), or None when all were computed."""
         plan = state.call
         state.call = None
         if plan is None:
@@ -481,13 +465,9 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
                      kv_store: dict, shared=None, pieces=None, fp8: bool = False) -> dict:
     """Run a block on a subset of image tokens, with cached keys/values for the others.
 
-    selection None: every token runs and the image keys/values of each attention call are stored in
-    `kv_store` ({attention call ordinal: {"k", "v", "start"}}). selection (B, k): only those image
-    tokens run as queries (text and reference tokens always run); their fresh keys/values go into the
-    cache, and attention sees every image token's key and value. Other tokens leave the block unchanged.
-    `shared` (runtime.CallShared): the selection's gather indices and rotary gather, built once per call
-    (the selection is the same for every block); `pieces`: split_tokens(args["img"]) when the caller has it;
-    `fp8`: the store keeps keys/values as float8 with a scale per token (and head), half the bytes of bf16.
+    selection None: every token runs and refills `kv_store` ({call ordinal: {"k", "v", "start"}}).
+    selection (B, k): only those image tokens (and every text token) run, against every image key;
+    the others leave the block unchanged. `fp8`: the store holds float8 keys/values.
     """
     x = args["img"]
     a = span.img_start
@@ -526,7 +506,7 @@ def run_block_pruned(args: dict, original_block, span, family, selection: torch.
 
 
 def _expanded(shared, selection: torch.Tensor, dim: int, shape: tuple) -> torch.Tensor:
-    """The selection (B, k) as a scatter index of `shape` (k along `dim`); built once per call and shape."""
+    """The selection (B, k) as a scatter index of `shape`, k along `dim`; once per call and shape."""
     def make():
         view = [selection.shape[0]] + [1] * (len(shape) - 1)
         view[dim] = selection.shape[1]
@@ -536,8 +516,8 @@ def _expanded(shared, selection: torch.Tensor, dim: int, shape: tuple) -> torch.
 
 
 def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 bits as uint8, float32 scale (..., 1)): t / scale fits float8_e4m3fn, one scale per last-axis
-    vector (a token's key or value in one head). The bits are stored as uint8: scatter has no float8 kernel."""
+    """(float8_e4m3fn bits as uint8, float32 scale per last-axis vector). uint8 because scatter has no
+    float8 kernel."""
     scale = t.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
     return (t.float() / scale).to(FP8).view(torch.uint8), scale
 
@@ -547,8 +527,7 @@ def dequantize_fp8(bits: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tens
 
 
 def _store_kv(kv_store: dict, captured: list, fp8: bool = False):
-    """Keep the image keys/values a full block's attention calls handed over (copied into the entry of
-    the last full step when its layout is the same)."""
+    """Store a full block's captured image keys/values, in place when the layout is unchanged."""
     for ordinal, start, kk, vv in captured:
         new = {"start": start}
         for name, t in (("k", kk), ("v", vv)):
@@ -571,15 +550,9 @@ def _store_kv(kv_store: dict, captured: list, fp8: bool = False):
 
 def _cached_kv_hook(kv_store: dict, offset: int, n_img: int, selection, shared=None, captured: list | None = None,
                     fp8: bool = False):
-    """Attention hook that hands over (selection None) or completes (selection) the image keys/values.
-
-    Joint attention sees [text, image(, reference)] keys, the image at `offset`; image-only attention
-    (SD3.5's second attention) sees the image alone. Calls are told apart by their order in the block.
-    A full block's keys/values go to `captured` ((ordinal, start, k, v) views), stored by the caller after
-    the block: the hook runs inside the block (inside a compiled graph, when the host compiles blocks),
-    which then neither writes nor branches on the store. With `fp8` the store holds float8 bits and scales;
-    the selected tokens attend with their fresh keys/values, exact, and the store keeps them quantised.
-    """
+    """Attention hook that captures (selection None) or completes (selection) the image keys/values,
+    per call ordinal. The caller stores `captured` after the block, so a compiled block never writes or
+    branches on the store. Selected tokens attend with their exact fresh keys/values."""
     def hook(ordinal, args, kwargs):
         q, k, v = args[0], args[1], args[2]
         seq = seq_dim(kwargs)

@@ -1,9 +1,7 @@
 """Token density schedule: FlexDiT (arXiv 2412.06028) made training-free, host-independent.
 
-In chosen blocks and steps the image tokens are average-pooled into k x k windows, the block runs on
-the pooled tokens plus the full text, and the update returns to every token: X + Up(F(Pool X) - Pool X).
-Pooling is a MergePlan whose groups are the grid's windows, so it runs like SDTM (MergingMethod).
-Where to pool follows FlexDiT's schedules, or a connected TokenRatioSchedule; docs/density.md.
+In chosen blocks and steps the image tokens are average-pooled in k x k windows (a MergePlan, run like
+SDTM) and the update returns to every token: X + Up(F(Pool X) - Pool X). docs/density.md.
 """
 from __future__ import annotations
 
@@ -58,21 +56,20 @@ def parse_stage_windows(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DensityConfig:
-    """Defaults set by measurement on the reference models (docs/density.md): after a full warm-up, two
-    pooled steps per full refresh step, 3x3 pooling in every block; FLEXDIT_LAYOUT is the paper's."""
+    """Defaults chosen by measurement (docs/density.md); FLEXDIT_LAYOUT is the paper's layout."""
     stage_windows: tuple = (3, 3, 3, 3)   # window per noise stage, noisiest first
     stage_bounds: tuple = FLEXDIT_STAGE_BOUNDS
     bottom_dense: float = 0.0             # fraction of blocks at the bottom kept dense (at least 1 if > 0)
     top_dense: float = 0.0                # fraction of blocks at the top kept dense
     span_pattern: bool = False            # middle blocks: FlexDiT's [pooled x 4, dense x 2] spans
     proportional_attention: bool = True
-    bias_free_attention: bool = False     # proportional attention through a value channel, not a mask
+    bias_free_attention: bool = False     # attention.size_weighted_hook instead of a mask
     start_percent: float = 0.3
     end_percent: float = 1.0
-    detail_cache: bool = True             # pooled calls correct the last full call's forecast (detail_cache.py)
-    refresh_every: int = 2                # with the detail cache: a full step after this many pooled steps
-    forecast: float = 0.5                 # with the detail cache: damping of the full calls' trend
-    detail_weight: float = 0.1            # with the detail cache: how much of its coarse difference a pooled call adds
+    detail_cache: bool = True             # this and the next three: kernels/detail_cache.py
+    refresh_every: int = 2
+    forecast: float = 0.5
+    detail_weight: float = 0.1
 
     def validate(self) -> "DensityConfig":
         if len(self.stage_windows) != 4 or any(not (1 <= int(k) <= MAX_WINDOW) for k in self.stage_windows):
@@ -86,16 +83,16 @@ class DensityConfig:
         return self
 
 
-# The node's named settings; "balanced" is DensityConfig's defaults. Each is measured in docs/evidence.md.
+# The node's presets ("balanced": the defaults), measured in docs/evidence.md.
 PRESETS = {
     "quality": dict(refresh_every=1),
     "balanced": {},
     "fast": dict(start_percent=0.2, detail_weight=0.2),
 }
-# Settings a connected TokenRatioSchedule replaces (DensitySchedule.window reads the schedule instead).
+# Settings a connected TokenRatioSchedule replaces.
 SCHEDULE_REPLACES = ("stage_windows", "bottom_dense", "top_dense", "span_pattern")
 
-# Pooling 2x2 at every step after a warm-up, no detail cache: the earlier defaults, a comparison row.
+# Pooling 2x2 at every step after a warm-up, no detail cache: a comparison row.
 EVERY_STEP_POOLED = dict(stage_windows=(2, 2, 2, 2), start_percent=0.2, detail_cache=False)
 
 # FlexDiT's layout made training-free: pooling from the first step, no detail cache.
@@ -147,13 +144,8 @@ class DensitySchedule(MergingMethod):
 
 @functools.lru_cache(maxsize=64)
 def pool_plan(grid: tuple, k: int, device) -> MergePlan:
-    """MergePlan (batch 1) that pools the last two grid axes in k x k windows, raster order.
-
-    Windows at the right and bottom edges are partial when k does not divide the
-    grid. Each window keeps the position (rotary id) of its member nearest the
-    window centre (the centre for odd k, the top-left of the centre for even k).
-    Leading axes (frames) are not pooled.
-    """
+    """MergePlan (batch 1) pooling the last two grid axes in k x k windows (partial at the edges; frames are
+    not pooled). A window keeps the position of its member nearest the centre (top-left of it for even k)."""
     grid = tuple(int(g) for g in grid)
     h, w = grid[-2], grid[-1]
     frames = 1
@@ -180,6 +172,5 @@ def pool_plan(grid: tuple, k: int, device) -> MergePlan:
 
 @functools.lru_cache(maxsize=64)
 def batched_pool_plan(grid: tuple, k: int, device, batch: int) -> MergePlan:
-    """pool_plan for `batch` rows: the same plan object for every block and step (its gather indices and
-    attention bias are built once)."""
+    """pool_plan for `batch` rows; one object for every block and step, so its derived views are built once."""
     return pool_plan(grid, k, device).expand(batch)

@@ -1,12 +1,9 @@
-"""Detail cache for the merging methods: merged calls lean on the last full call.
+"""Detail cache for the merging methods (SDTM, density): merged calls lean on the last full call.
 
-A merged block gives every member of a group its group's update, so a merged call's own per-token part
-is wrong (every token keeps its input's), and even its coarse part is farther from the full prediction
-than the last full call carried along its trend. So a merged call only corrects that forecast:
-    noise = F + weight * LowPass(merged - F),   F = the last full call's noise along its trend
-(LowPass: an average over windows of tokens, bilinear back, per frame for video), and after
-`refresh_every` merged steps a full step refreshes F. Weight 1, no forecast and no refresh is the plain
-detail cache. Measurements behind the defaults: docs/sdtm.md.
+A merged call's per-token detail is wrong (a group shares one update), and even its coarse part is
+farther off than F, the last full call's noise carried along its trend (forecast.Trend, damped by
+`forecast`). So it only corrects F: noise = F + detail_weight * LowPass(merged - F), and a full step
+follows every `refresh_every` merged steps. Why these defaults: docs/sdtm.md.
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ from .runtime import call_rows
 
 @dataclass
 class DetailRunState:
-    """Per batch-row key the full calls' Trend, for one sampling run; `clear()` frees it."""
+    """Per batch-row key, the full calls' Trend for one sampling run; `clear()` frees it."""
 
     rows: dict = field(default_factory=dict)
     peak_cache_bytes: int = 0
@@ -61,8 +58,7 @@ class DetailCache:
         return DetailRunState()
 
     def begin_call(self, state: DetailRunState, call, x: torch.Tensor):
-        """Count merged steps since the last full one; ask for a full call when a refresh is due or a row has
-        nothing cached. Sigma rising starts a new run."""
+        """Ask for a full call when a refresh is due or a row has nothing cached; rising sigma is a new run."""
         sigma = float(call.sigma)
         if state.last_sigma is not None and sigma > state.last_sigma + 1e-9:
             state.clear()
@@ -74,7 +70,7 @@ class DetailCache:
                          or any(k not in state.rows for k in call_rows(call, x.shape[0])))
 
     def end_call(self, state: DetailRunState, call, noise: torch.Tensor):
-        """(the forecast corrected by the merged call, all-False computed mask) for a reduced call, else None."""
+        """(corrected forecast, all-False computed mask) for a reduced call; records full calls, returns None."""
         if noise.ndim not in (4, 5):
             return None
         keys = call_rows(call, noise.shape[0])
@@ -98,7 +94,7 @@ class DetailCache:
 
 
 def check_detail_settings(label: str, config):
-    """A merging config's detail-cache settings: refresh_every >= 0, forecast and detail_weight in [0, 1]."""
+    """refresh_every >= 0; forecast and detail_weight in [0, 1]."""
     if config.refresh_every < 0:
         raise ValueError(f"{label}: refresh_every must be >= 0, got {config.refresh_every}")
     for name in ("forecast", "detail_weight"):

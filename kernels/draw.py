@@ -1,7 +1,5 @@
-"""Drawing primitives in plain torch (no PIL, no matplotlib): a viridis colour map and a 3x5 pixel
-font. Shared by the token-map overlays (maps_render.py) and the schedule heat map (schedule_plot.py).
-Images are (H, W, 3) float tensors in [0, 1].
-"""
+"""Drawing in plain torch (no PIL, no matplotlib): a viridis colour map and a 3x5 pixel font, on
+(H, W, 3) float images in [0, 1]."""
 from __future__ import annotations
 
 import torch
@@ -60,8 +58,7 @@ def text_mask(text: str, scale: int = 2) -> torch.Tensor:
 
 
 def paste(canvas: torch.Tensor, mask: torch.Tensor, y: int, x: int, colour=(1.0, 1.0, 1.0)):
-    """Blend `colour` into canvas (H, W, 3) through mask (h, w) with its top-left corner at (y, x);
-    clipped at every edge."""
+    """Blend `colour` into canvas through mask (h, w) placed at (y, x), clipped at the edges."""
     y0, x0 = max(y, 0), max(x, 0)
     mask = mask[y0 - y:, x0 - x:]
     h = min(mask.shape[0], canvas.shape[0] - y0)

@@ -1,10 +1,7 @@
 """Model families: where the image tokens sit in each family's block arguments, host-free.
 
-ComfyUI's `patches_replace["dit"]` hands a block replacement an `args` dict (`img`, `txt`, `vec`,
-`pe`, masks, `transformer_options`) and the `original_block`. A Family says which slice of
-`args["img"]` holds the generated latent's image tokens (text and reference-image tokens are never
-reduced) and how the rotary table and masks line up with them; `image_span` checks a call's
-tensors against that description.
+A Family says which slice of a block's args["img"] holds the latent's image tokens (text and reference
+tokens are never reduced) and how pe and masks line up; `image_span` checks a call against it.
 """
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ class BlockSpec:
     key: tuple                     # patches_replace key, e.g. ("double_block", 3)
     index: int                     # depth index over all patched blocks
     text_in_img: bool              # single-stream block: args["img"] = cat(txt, img)
-    img_at_end: bool = False       # reference tokens come first: the latent's tokens are the last n_img
-                                   # (before the family's padding, if any)
+    img_at_end: bool = False       # reference tokens first: the latent's are the last n_img (before padding)
     cross_attention: bool = False  # args["txt"] is attended by cross-attention, not joined with the image
     text_first: bool = True        # joint sequence is [text, image]; False: [image, text] (HunyuanVideo)
 
@@ -34,11 +30,10 @@ class Family:
     blocks: tuple[BlockSpec, ...]
     has_rope: bool                 # pe carries one rotary entry per token of the attention sequence
     pe_token_dim: int = 2          # token axis of pe: Flux (B, 1, L, ...) -> 2; Wan, Qwen (B, L, 1, ...) -> 1
-    pe_has_text: bool = True       # pe covers cat(txt, img) (joint attention), not the image alone
-    key_mask_arg: str | None = None  # args key of a per-key attention mask over the joint sequence
-    layer_list: str | None = None  # no patches_replace hook: the host glue patches the forward of each
-                                   # layer in this diffusion-model ModuleList (ModelPatcher object patch)
-    pad_multiple: int | None = None  # image tokens padded at their end to a multiple of this (Z-Image)
+    pe_has_text: bool = True       # pe covers cat(txt, img), not the image alone
+    key_mask_arg: str | None = None  # args key of a per-key mask over the joint sequence
+    layer_list: str | None = None  # no patches_replace hook: the glue patches these layers' forward
+    pad_multiple: int | None = None  # image tokens padded to a multiple of this (Z-Image)
 
     @property
     def num_blocks(self) -> int:
@@ -58,32 +53,28 @@ def mmdit_family(name: str, n_joint: int) -> Family:
 
 
 def wan_family(name: str, n_blocks: int) -> Family:
-    """Wan 2.1 / 2.2: self-attention over [reference?, video tokens] with 3-D rope (pe: (1, L, 1, ...),
-    image only), text by cross-attention. Reference-latent tokens (ref_conv) come first."""
+    """Wan 2.1 / 2.2: self-attention over [reference?, video] with image-only 3-D rope, text by cross-attention."""
     blocks = tuple(BlockSpec(("double_block", i), i, False, img_at_end=True, cross_attention=True)
                    for i in range(n_blocks))
     return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False)
 
 
 def qwen_image_family(name: str, n_blocks: int) -> Family:
-    """Qwen-Image (and -Edit): dual-stream blocks, joint attention over cat(txt, img, reference);
-    pe (B, L_txt + L_img, 1, ...)."""
+    """Qwen-Image (and -Edit): dual-stream blocks, joint attention over cat(txt, img, reference)."""
     return Family(name, tuple(BlockSpec(("double_block", i), i, False) for i in range(n_blocks)),
                   has_rope=True, pe_token_dim=1)
 
 
 def hunyuan_video_family(name: str, n_double: int, n_single: int) -> Family:
-    """HunyuanVideo (and HunyuanImage 2.1): Flux-like blocks, but the joint sequence is
-    [reference?, image, text] and a per-key text mask travels as args["attention_mask"]."""
+    """HunyuanVideo (and HunyuanImage 2.1): Flux-like, but [reference?, image, text] with a text key mask."""
     blocks = [BlockSpec(("double_block", i), i, False, img_at_end=True, text_first=False) for i in range(n_double)]
     blocks += [BlockSpec(("single_block", i), n_double + i, True, text_first=False) for i in range(n_single)]
     return Family(name, tuple(blocks), has_rope=True, key_mask_arg="attention_mask")
 
 
 def nextdit_family(name: str, n_layers: int, pad_multiple: int | None = None) -> Family:
-    """Lumina 2 / Z-Image (NextDiT): each layer sees one joint sequence [caption, image] (args["img"]),
-    rope (B, L, 1, ...) over all of it and a key mask over it (args["x_mask"]). Z-Image pads the caption
-    and the image each to a multiple of `pad_multiple`: [caption, pad, image, pad]."""
+    """Lumina 2 / Z-Image (NextDiT): one joint sequence [caption, image] in args["img"] with a key mask
+    (x_mask); Z-Image pads each part to `pad_multiple`: [caption, pad, image, pad]."""
     blocks = tuple(BlockSpec(("layer", i), i, False, img_at_end=True) for i in range(n_layers))
     return Family(name, blocks, has_rope=True, pe_token_dim=1, key_mask_arg="x_mask", layer_list="layers",
                   pad_multiple=pad_multiple)
@@ -96,9 +87,9 @@ class ImageSpan:
     img_start: int   # offset of the first image token in args["img"]
     n_img: int
     n_txt: int       # text tokens before the image in the joint attention sequence
-    cross_attention: bool = False  # text comes by a later cross-attention: only the first attention is joint
-    n_txt_after: int = 0  # text tokens after args["img"] in the joint attention sequence (image-first families)
-    text_first: bool = True  # False: the text follows the image in the joint sequence (HunyuanVideo)
+    cross_attention: bool = False  # only the first attention is over the image (text by cross-attention)
+    n_txt_after: int = 0  # text tokens after args["img"] in the joint sequence
+    text_first: bool = True
     pe_dim: int | None = None  # token axis of args["pe"], found from its shape
 
     @property
@@ -108,8 +99,8 @@ class ImageSpan:
 
 
 def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, family: Family) -> ImageSpan | str | None:
-    """Locate the image tokens. None: a call the method leaves alone by design (masked rows, per-range
-    modulation, too few tokens); a string: the call does not match the family's description (why)."""
+    """Locate the image tokens. None: a call left alone by design; a string: why the call does not
+    match the family."""
     img = args["img"]
     if img.ndim != 3:
         return f"img has {img.ndim} dims, expected (batch, tokens, channels)"
@@ -149,8 +140,7 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, famil
 
 
 def split_tokens(x: torch.Tensor, start: int, n: int, dim: int = 1) -> tuple:
-    """(before, part, after) of x along its token axis `dim`, views from one split; x itself is the
-    part, with nothing around it, when the part is all of x."""
+    """(before, part, after) views of x along `dim`; (None, x, None) when the part is all of x."""
     if start == 0 and n == x.shape[dim]:
         return None, x, None
     return tuple(x.split([start, n, x.shape[dim] - start - n], dim=dim))
@@ -164,11 +154,7 @@ def join_tokens(before, part, after, dim: int = 1) -> torch.Tensor:
 
 def with_image_pe(pe: torch.Tensor, span: ImageSpan, family: Family, batch: int, take: Callable,
                   shared=None) -> torch.Tensor:
-    """`pe` with its image part (along span.pe_dim) replaced by take(image part).
-
-    The image part is handed over as stored (batch 1 for a batch-shared table); the parts around it
-    are split and batch-expanded once per model call when `shared` (runtime.CallShared) is given.
-    """
+    """`pe` with its image part (as stored: batch 1 when shared) replaced by take(image part)."""
     d = span.pe_dim
     p0 = (span.n_txt if family.pe_has_text else 0) + span.img_start
 
@@ -193,12 +179,8 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
                      key_weights: torch.Tensor | None = None) -> dict:
     """Run a block on merged image tokens and restore full density: X + Unmerge(F(Merge X) - Merge X).
 
-    Each group is the mean of its members at its representative's rotary position; every member
-    keeps its own input plus the group's update. `key_bias` (B, M) is added to the merged keys'
-    attention logits; `key_weights` (B, M) gives the same attention as key_bias = log(key_weights)
-    without a mask (attention.size_weighted_hook). `shared` (runtime.CallShared) lets the blocks of one
-    model call share what depends only on the plan (density: rotary gather, attention bias);
-    `pieces`: split_tokens(args["img"]) when the caller has it.
+    A group takes its representative's rotary position. Proportional attention: `key_bias` (B, M) as a
+    mask, or `key_weights` (B, M) without one (attention.size_weighted_hook).
     """
     x = args["img"]
     a = span.img_start
@@ -206,7 +188,7 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
     merged = plan.merge(main)
     new_args = dict(args)
     joined = join_tokens(before, merged, after)
-    # Hosts update the block input in place (ComfyUI's Flux: img += ...); merged is needed after the block.
+    # Hosts update the block input in place (Flux: img += ...); merged is needed after the block.
     new_args["img"] = merged.clone() if joined is merged else joined
     if span.pe_dim is not None:
         pe = args["pe"]
@@ -241,8 +223,7 @@ def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span
 
 
 def block_flops(n_tokens: float, width: int, mlp_ratio: float = 4.0, n_keys: float | None = None) -> float:
-    """Matmul FLOPs of one transformer block on one sequence (Flux double/single, SD3 joint alike):
-    2 (4 + 2 mlp_ratio) C^2 per token for the linear layers, 4 C per query-key pair for attention.
-    `n_keys` (default n_tokens): keys each query attends to (CAT's pruned queries see every key)."""
+    """Matmul FLOPs of one block on one sequence: 2 (4 + 2 mlp_ratio) C^2 per token, 4 C per query-key pair.
+    `n_keys` (default n_tokens): keys per query (CAT's pruned queries see every key)."""
     n_keys = n_tokens if n_keys is None else n_keys
     return 2.0 * (4.0 + 2.0 * mlp_ratio) * width * width * n_tokens + 4.0 * width * n_tokens * n_keys

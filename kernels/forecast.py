@@ -1,10 +1,8 @@
-"""Carrying a row's last full prediction forward along its recent trend (CAT and the detail cache).
+"""Carrying a row's last full prediction along its recent trend (CAT and the detail cache).
 
-A token's predicted noise changes smoothly along a trajectory, so a first-order step beats holding it
-(first-order forecasting of cached features, as TaylorSeer, arXiv 2503.06923), damped. The run's first
-full step never starts a slope (at pure noise the model predicts roughly the mean image), and each full
-step checks the trend: while it predicted worse than holding (ancestral and SDE samplers add fresh noise
-every step), the row holds.
+Predicted noise changes smoothly, so a damped first-order step beats holding it (as TaylorSeer,
+arXiv 2503.06923). The first full step starts no slope (at pure noise the prediction is roughly the
+mean image), and a row holds while its trend predicts worse than holding (e.g. SDE samplers).
 """
 from __future__ import annotations
 
@@ -21,18 +19,18 @@ def along_trend(noise: torch.Tensor, from_sigma: float, sigma: float, slope: tor
 
 @dataclass
 class Trend:
-    """A row's full predictions: the last one, its sigma, and the slope between the last two."""
+    """A row's last full prediction, its sigma, and the slope between the last two."""
 
     full: torch.Tensor | None = None
     sigma: float | None = None
     steps: int = 0                       # full steps seen
     slope: torch.Tensor | None = None    # d noise / d sigma
-    ok: object = True                    # 0-d bool tensor (read on the device: no sync) or True
+    ok: object = True                    # True, or a 0-d bool tensor (kept on the device: no sync)
 
     def record(self, noise: torch.Tensor, sigma: float, damping: float):
-        """A full step's prediction; a second call at the same sigma (cond and uncond apart) only replaces it."""
+        """Record a full step; another call at the same sigma (cond, uncond apart) only replaces it."""
         if self.sigma != sigma:
-            if self.slope is not None:  # would the trend have predicted this step better than holding?
+            if self.slope is not None:  # did the trend beat holding at this step?
                 guess = along_trend(self.full, self.sigma, sigma, self.slope, damping)
                 self.ok = (guess - noise).norm() < (self.full - noise).norm()
             if self.steps >= 2:

@@ -1,13 +1,8 @@
 """Token maps: per-step, per-block records of what each image token went through, host-independent.
 
-Redundancy maps say which tokens a method merged (group index from its MergePlan) or did not compute
-(a per-token "computed" mask); attention maps say how much attention each image token receives from
-the text queries and from a strided sample of image queries. Recording never changes what the model
-computes: methods report plans and masks to the runtime's observer (an ActiveCall while a recorder
-watches a model call), and the attention probe works on detached copies beside the real attention.
-Maps stay on the tokens' device while sampling and move to the CPU when the run ends; `estimate_bytes`
-states the worst case (group map int16/int32, computed map uint8, attention 2 x float16 per token)
-and a run above the store's budget records nothing.
+Redundancy maps (merge groups, computed masks) come from the runtime's observer (an ActiveCall);
+attention maps from a probe on detached copies, so recording never changes the computation. A run whose
+worst case (`estimate_bytes`) exceeds the budget records nothing.
 """
 from __future__ import annotations
 
@@ -52,11 +47,8 @@ def group_bytes(n_tokens: int) -> int:
 # ---- step / block selections ------------------------------------------------------------------
 
 def parse_selection(text: str, n: int | None) -> list[int] | None:
-    """Indices named by a selection such as "all", "none", "first, middle, last", "0, 5..9, -1".
-
-    `n` is the number of items; with n None only the syntax is checked (returns None). Negative
-    numbers count from the end, "a..b" is inclusive. Indices outside [0, n) raise ValueError.
-    """
+    """Sorted indices of `n` items named by e.g. "all", "none", "first, middle, last", "0, 5..9, -1"
+    (negative from the end, ranges inclusive); n None checks the syntax only and returns None."""
     text = (text or "").strip().lower()
     if not text:
         raise ValueError("empty selection: use 'all', 'none' or indices such as '0, 5..9, -1'")
@@ -215,8 +207,7 @@ class TokenMapStore:
         groups = self.maps.get(("group", step, block))
         computed = self.maps.get(("computed", step, block))
         if groups is None and computed is None:
-            # No per-token record: the block ran at full density, or a method reduced it
-            # without reporting which tokens (then there is no map to show).
+            # No per-token record: a full-density block, or a reduction nobody reported.
             if count is None or count.n_computed < count.n_img:
                 return None
             return torch.zeros(self.n_tokens) if kind == "merge_groups" else torch.ones(self.n_tokens)
@@ -235,7 +226,7 @@ class TokenMapStore:
 
 
 def estimate_bytes(n_tokens: int, red_steps: int, red_blocks: int, attn_steps: int, attn_blocks: int) -> int:
-    """Worst-case bytes of one run's maps (see the module docstring for the format)."""
+    """Worst-case bytes of one run's maps: group map int16/int32, computed mask uint8, 2 float16 attention maps."""
     per_red = n_tokens * (group_bytes(n_tokens) + MASK_BYTES)
     return red_steps * red_blocks * per_red + attn_steps * attn_blocks * n_tokens * ATTN_BYTES
 
@@ -374,16 +365,14 @@ def _probe(call, block, offset, span, full_len, args, kwargs) -> bool:
     else:
         return False  # another attention of the block (e.g. SD3.5's image-only one), or unknown
     mask = get_mask(args, kwargs)
-    # Queries may be fewer than keys: CAT runs only the selected image tokens as queries against
-    # every key. The image queries are whatever image rows q holds.
+    # CAT runs only its selected image tokens as queries against every key.
     n_q_img = qh.shape[1] - (L - n_keys)
     if n_q_img <= 0 or qh.shape[1] < offset:
         return False
     img_q = offset + _strided(n_q_img, call.store.config.queries, q.device)
     with torch.no_grad():
         maps = {"attention_image": _received(qh, kh, img_q, mask, call.row, offset, n_keys)}
-        # Text queries: before the image (Flux, SD3, Qwen-Image), after it (HunyuanVideo), or none
-        # (cross-attention families: Wan's reference tokens precede the image but are not text).
+        # Text queries come before the image, after it (HunyuanVideo), or not at all (cross-attention).
         n_after = qh.shape[1] - (offset + n_q_img)
         text_q = None
         if span.cross_attention:

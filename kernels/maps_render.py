@@ -1,8 +1,4 @@
-"""Draw token maps over images with plain torch: group colours, a legend strip, the overlay.
-
-Images are ComfyUI IMAGE tensors, (H, W, 3) float in [0, 1]. Nothing here needs PIL or
-matplotlib; the output is an IMAGE tensor again.
-"""
+"""Token maps over ComfyUI images (H, W, 3) in plain torch: group colours, a legend strip, the overlay."""
 from __future__ import annotations
 
 import torch
@@ -41,12 +37,8 @@ def legend(width: int, title: str, lo: str, hi: str, discrete: bool) -> torch.Te
 
 def overlay(image: torch.Tensor, values: torch.Tensor, title: str, opacity: float, kind: str,
             vmax: float | None = None) -> torch.Tensor:
-    """Blend a token map (h, w) over an image (H, W, 3) and append a legend strip below it.
-
-    Continuous kinds are scaled to [0, vmax] (default: the map's max; video frames pass the clip's
-    so that every frame shares one scale); "merge_groups" draws one colour per
-    group and leaves unmerged tokens (id 0) clear.
-    """
+    """Blend a token map (h, w) over an image (H, W, 3), legend strip below. Continuous kinds scale to
+    [0, vmax] (default the map's max); "merge_groups" colours each group and leaves id 0 clear."""
     H, W, _ = image.shape
     v = values.float().cpu()
     discrete = kind == "merge_groups"

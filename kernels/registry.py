@@ -1,8 +1,7 @@
 """Which host diffusion models the pack can patch: one entry per family, host-free.
 
-Each entry names the host's classes by import path (matched on the model's own class, or anywhere in
-its MRO when `subclasses`) and says how to describe an instance as a Family. The supported list, the
-README's support matrix and every refusal message are generated from here.
+Entries name the host's classes by import path and describe an instance as a Family. The supported
+list, the README's support matrix and every refusal message come from here.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """The method interface and the one call lifecycle, host-free.
 
-A method (SDTM, density, CAT, the calibration probe) implements `TokenMethod`. `Runtime` binds it
-to a model family and drives it: per sampling run (`start_run` / `end_run`), per model call
-(`begin_call` / `end_call`) and per block (`block_replaces`, ComfyUI's `patches_replace["dit"]`
-protocol). The ComfyUI glue (nodes/patching.py), the reference DiT (tools/reference_dit.py) and the
-benchmark all go through it. Observers (the token-map recorder) hear of plans and computed-token
-masks through `report_plan` / `report_computed`; methods never import them.
+`Runtime` drives a `TokenMethod` on a model family per sampling run, model call and block (ComfyUI's
+`patches_replace["dit"]` protocol); the ComfyUI glue, the reference DiT and the benchmark all use it.
+Observers (the token-map recorder) hear of plans and masks through `report_plan` / `report_computed`.
 """
 from __future__ import annotations
 
@@ -28,16 +25,15 @@ log = logging.getLogger("token_reduction")
 
 
 class CallShared:
-    """Values every block of one model call can share (a plan, its rotary gather, an attention bias, CAT's
-    gather indices): built by the first block that asks, reused while their inputs are the same objects.
-    One lives in each CallInfo, so nothing outlives its call."""
+    """Values the blocks of one model call share (rotary gathers, attention biases, gather indices): built
+    by the first block that asks, reused while their sources are the same objects; dies with its call."""
 
     def __init__(self):
         self._values: dict = {}
 
     def get(self, key, sources: tuple, make: Callable):
-        if torch.compiler.is_compiling():  # inside a compiled block (an attention hook): a lookup would guard
-            return make()                  # the graph on this store's contents; the graph fuses the ops anyway
+        if torch.compiler.is_compiling():  # a lookup would guard the compiled graph on this store
+            return make()
         hit = self._values.get(key)
         if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
             return hit[1]
@@ -51,23 +47,21 @@ class CallInfo:
     """What every block of one model call needs to know about the latent."""
 
     grid: tuple      # token grid (H, W) or (T, H, W)
-    n_img: int       # latent image tokens (reference-image tokens come after them)
+    n_img: int       # latent image tokens
     n_txt: int       # text tokens in front of the image in single-stream blocks
     progress: float  # 0 at the first full-schedule sigma, 1 at sigma 0
     sigma: float = 0.0   # a change marks a new step
     rows: tuple = ()     # one key per batch row: (uuid, cond_or_uncond, row within its chunk)
-    reduced: bool = False  # set when any block of this call ran on fewer tokens
-    full: bool = False     # set by a method's begin_call: this call runs on every token (a refresh step)
+    reduced: bool = False  # some block of this call ran on fewer tokens
+    full: bool = False     # a method's begin_call asks for a call on every token (a refresh step)
     num_blocks: int = 0
     patch: int = 1
     shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
     previous_output: dict | None = field(default=None, repr=False, compare=False)
 
     def release_previous_output(self):
-        """Empty the dict the previous block returned. The host (Flux's forward_orig, and the reference model
-        like it) keeps that dict in a local until the next replace returns; after the double blocks its image
-        tensor is no longer the host's own, and would stay alive through the first single block (one
-        activation above the unpatched peak)."""
+        """Empty the dict the previous block returned: the host (Flux's forward_orig) holds it until the next
+        block returns, which would keep one extra activation alive above the unpatched peak."""
         if self.previous_output is not None:
             self.previous_output.clear()
             self.previous_output = None
@@ -82,7 +76,7 @@ def token_grid(shape, patch: int) -> tuple:
 
 
 def row_keys(transformer_options: dict, batch: int) -> tuple:
-    """Key per batch row from ComfyUI's `cond_or_uncond` / `uuids` (one entry per batch chunk)."""
+    """Key per batch row from ComfyUI's `cond_or_uncond` / `uuids` (one entry per chunk)."""
     cu = transformer_options.get("cond_or_uncond") or []
     uuids = transformer_options.get("uuids") or []
     if not cu or batch % len(cu):
@@ -102,8 +96,7 @@ def _index_rows(batch: int) -> tuple:
 
 @dataclass
 class RunStats:
-    """Token counts of one sampling run, and what they cost in block FLOPs (families.block_flops, summed
-    in two parts so that any width can be priced: linear-layer tokens and attention query x key pairs)."""
+    """Token counts of one run, kept as linear tokens and attention pairs so any width can be priced."""
 
     tokens_in: int = 0
     tokens_computed: int = 0
@@ -118,8 +111,8 @@ class RunStats:
     seconds: float = 0.0    # wall time of the run
 
     def add(self, n_in: int, n_out: int, n_keys: int | None = None, n_other: int = 0):
-        """One block call: n_out of n_in image tokens computed, attending to n_keys image keys (n_out
-        when None) and n_other other tokens (text, reference images)."""
+        """One block call: n_out of n_in image tokens computed against n_keys image keys (default n_out),
+        plus n_other other tokens."""
         n_keys = n_out if n_keys is None else n_keys
         self.block_calls += 1
         self.tokens_in += n_in
@@ -179,7 +172,7 @@ class BlockCall:
     _pieces: tuple | None = None
 
     def pieces(self) -> tuple:
-        """(before, image tokens, after) of args["img"] (families.split_tokens), split once per block."""
+        """families.split_tokens of args["img"], once per block."""
         if self._pieces is None:
             self._pieces = split_tokens(self.args["img"], self.span.img_start, self.span.n_img)
         return self._pieces
@@ -189,7 +182,7 @@ class BlockCall:
         return self.pieces()[1]
 
     def count(self, n_computed: int, n_keys: int | None = None):
-        """Record that `n_computed` image tokens ran (attending to `n_keys` image keys, default the same)."""
+        """Record that `n_computed` image tokens ran (against `n_keys` image keys, default the same)."""
         if self.run is not None:
             x = self.args["img"]
             stats = self.run.stats
@@ -207,12 +200,8 @@ def check_fractions(label: str, config, *names: str):
 
 
 class TokenMethod:
-    """The interface every method implements; `Runtime` calls it.
-
-    Per sampling run `new_run_state()`; per model call `begin_call(state, call, x)` before and
-    `end_call(state, call, noise)` after (the predicted noise; may return (noise, computed pixel
-    mask) to replace what was not computed); per block `run_block(block)`.
-    """
+    """What every method implements; end_call may return (noise, computed pixel mask) to replace what
+    was not computed."""
 
     name = "token method"
     composable = True   # False: no other token-reduction method may patch the same model
@@ -235,8 +224,8 @@ class TokenMethod:
 
 
 class MergingMethod(TokenMethod):
-    """Methods that merge tokens inside a block (SDTM, density, the calibration probe): per block a
-    MergePlan or None, run by families.run_block_merged; optionally with a detail cache."""
+    """Methods that merge tokens inside a block: per block a MergePlan or None (families.run_block_merged);
+    optionally with a detail cache."""
 
     detail_cache = None  # kernels.detail_cache.DetailCache when switched on
 
@@ -261,10 +250,10 @@ class MergingMethod(TokenMethod):
         block.call.reduced = True
         bias, weights = None, None
         if self.weighted_attention():
-            if getattr(self.config, "bias_free_attention", False):  # the same weights, no mask
+            if getattr(self.config, "bias_free_attention", False):
                 weights = plan.sizes
             else:
-                bias = plan.log_sizes(as_keys=True)  # (B, 1, 1, M): the mask's layout, padded as it is
+                bias = plan.log_sizes(as_keys=True)
         return run_block_merged(block.args, block.original, plan, block.span, block.family, bias,
                                 block.call.shared, block.pieces(), key_weights=weights)
 
@@ -293,7 +282,7 @@ def stop_observing(token: contextvars.Token):
 
 
 def observing() -> bool:
-    """True while an observer listens (lets a method skip building a map nobody reads)."""
+    """True while an observer listens (a method may skip building a map nobody reads)."""
     return _OBSERVER.get() is not None
 
 
@@ -364,8 +353,7 @@ class Runtime:
         return run is not None and run.state is not None
 
     def end_call(self, transformer_options: dict, noise: torch.Tensor):
-        """(noise with what was not computed replaced, computed pixel mask) or None; `noise` is the
-        model's predicted noise (eps, or the velocity of flow models)."""
+        """The method's end_call on the predicted noise (eps, or a flow model's velocity)."""
         run = self.run_of(transformer_options)
         call = transformer_options.get(CALL_KEY)
         if run is None or run.state is None or call is None or len(call.grid) not in (2, 3):

@@ -1,9 +1,8 @@
 """Progress through denoising, and the per-layer x per-progress ratio schedule.
 
-Progress p in [0, 1] is ComfyUI's "percent": 0 at the first (noisiest) sigma
-of a full schedule, 1 at sigma 0. It is read from sigma through the model's own
-model_sampling, never from a step counter, so that any sampler, scheduler,
-step count and denoise < 1 see the same stage boundaries.
+Progress p in [0, 1] is ComfyUI's "percent" (0 at the noisiest sigma of a full schedule, 1 at sigma 0),
+read from sigma through the model's model_sampling, never from a step counter: any sampler, step count
+and denoise < 1 see the same stage boundaries.
 """
 from __future__ import annotations
 
@@ -17,16 +16,13 @@ import torch
 
 
 class ProgressMap:
-    """sigma -> percent, by inverting a monotone `percent_to_sigma` once.
-
-    Plain Python floats (float64, as the table was in torch before): a per-call lookup dispatches no
-    tensor op, so it costs the device nothing.
-    """
+    """sigma -> percent, by inverting a monotone `percent_to_sigma` once; plain floats, so a lookup
+    dispatches no tensor op."""
 
     def __init__(self, percent_to_sigma: Callable[[float], float], points: int = 1001):
         percents = [i / (points - 1) for i in range(points)]
         sigmas = [float(percent_to_sigma(p)) for p in percents]
-        # percent_to_sigma is decreasing; store ascending sigmas for bisect.
+        # ascending sigmas for bisect
         self._sigmas = sigmas[::-1]
         self._percents = percents[::-1]
 
@@ -62,12 +58,8 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 
 @dataclass
 class TokenRatioSchedule:
-    """Compression ratio (fraction of image tokens removed) per depth and progress.
-
-    depth: normalised block depth in [0, 1] (block / (blocks - 1)), so that one
-    schedule fits models of any depth. ratios[i][j] is the ratio at depth[i] and
-    progress[j]; values in between are bilinear, outside are clamped.
-    """
+    """Fraction of image tokens removed, per depth and progress: ratios[i][j] at depth[i], progress[j];
+    bilinear between, clamped outside. Depth is block / (blocks - 1), so one schedule fits any model."""
 
     depth: list[float] = field(default_factory=lambda: [0.0, 1.0])
     progress: list[float] = field(default_factory=lambda: [0.0, 1.0])

@@ -1,10 +1,5 @@
-"""A TokenRatioSchedule as a small heat map image, drawn with plain torch (no PIL, no matplotlib).
-
-The image is (1, H, W, 3) float in [0, 1], ComfyUI's IMAGE layout, so the stock
-Preview Image node shows it. Progress runs left to right, depth bottom (first
-block) to top (last block); the colour bar on the right gives the ratio scale.
-Text uses a built-in 3x5 pixel font.
-"""
+"""A TokenRatioSchedule as a heat map IMAGE (1, H, W, 3) for Preview Image, drawn with plain torch:
+progress left to right, depth bottom (first block) to top, a ratio colour bar on the right."""
 from __future__ import annotations
 
 import torch
@@ -18,11 +13,8 @@ _BACKGROUND = 0.12
 
 def render(schedule: TokenRatioSchedule, num_blocks: int | None = None, width: int = 240, height: int = 144,
            vmax: float | None = None) -> torch.Tensor:
-    """Heat map of `schedule` with axes, ticks, a title and a colour bar: (1, H, W, 3) float32.
-
-    With `num_blocks`, each block is a horizontal band at its own depth (what a
-    model of that depth sees); otherwise depth is continuous.
-    """
+    """Heat map of `schedule` with axes, title and colour bar; with `num_blocks`, one band per block
+    (what a model of that depth sees), else continuous depth."""
     s = 2  # font scale
     left, top, gap, bar = 40, 30, 10, 10
     canvas_w = left + width + gap + bar + 36

@@ -1,16 +1,8 @@
 """Ways to build a TokenRatioSchedule: presets, typed control-point curves, JSON.
 
-A preset is separable, r(depth, progress) = ratio * time(progress) * layer(depth),
-with both profiles in [0, 1]; `ratio` is therefore the largest ratio the
-schedule reaches. The shapes follow the trained schedules of DiffCR /
-DiffRatio-MoD (arXiv 2412.16822: high ratios at noisy timesteps and in redundant
-layers, low elsewhere) and FlexDiT (arXiv 2412.06028: four noise stages, ratio
-stepping down from r_max to r_min; bottom and top layers dense). Nothing here is
-learned: these are starting points, and kernels.calibration fits a schedule to
-a model.
-
-A curve is typed as "position:value" control points, e.g. "0:0.7, 0.4:0.5, 1:0.2";
-values in between are linear, outside the first/last point they are held.
+A preset is separable, r = ratio * time(progress) * layer(depth) with both profiles in [0, 1], shaped
+after DiffCR (arXiv 2412.16822) and FlexDiT (arXiv 2412.06028) but untrained (docs/schedule.md).
+A curve is "position:value" points, e.g. "0:0.7, 0.4:0.5, 1:0.2": linear between, held outside.
 """
 from __future__ import annotations
 
@@ -21,27 +13,23 @@ from .schedule import TokenRatioSchedule, _interp
 # Largest ratio any method of the pack can use: a 4x4 pooling window keeps 1/16.
 MAX_RATIO = 0.9375
 
-# FlexDiT's four equal DDPM timestep stages (t = 750 / 500 / 250), matched by log-SNR to
-# rectified flow (sigma 0.946 / 0.775 / 0.489) and read as progress on the shifted
-# schedules of Flux (mu 1.15) and SD3 (shift 3): 0.15 / 0.47 / 0.76 (both within 0.015).
+# FlexDiT's four equal DDPM timestep stages, matched by log-SNR to rectified flow and read as
+# progress on the shifted schedules of Flux and SD3 (docs/density.md).
 FLEXDIT_STAGE_BOUNDS = (0.15, 0.47, 0.76)
 
 PRESETS = ("constant", "linear", "cosine", "structure_then_detail", "diffcr_like", "flexdit")
 
 # Depth profile of "diffcr_like": first and last layers dense, middle layers the most compressed.
 DIFFCR_DEPTH = ((0.0, 0.0), (0.1, 0.5), (0.25, 1.0), (0.7, 1.0), (0.9, 0.4), (1.0, 0.0))
-# Depth profile of "flexdit": bottom 7% and top 7% dense, the sparse spans in between.
+# Depth profile of "flexdit": bottom and top layers dense.
 FLEXDIT_DEPTH = ((0.0, 0.0), (0.069, 0.0), (0.07, 1.0), (0.93, 1.0), (0.931, 0.0), (1.0, 0.0))
 _STEP = 1e-3  # width of the ramp that stands for a jump between two control points
 _COSINE_POINTS = 17
 
 
 def parse_curve(text: str, what: str, max_value: float = 1.0, max_inclusive: bool = True) -> list[tuple[float, float]]:
-    """Control points from "x:y, x:y, ..." (commas, semicolons or new lines between points).
-
-    x must lie in [0, 1] and strictly increase; y must lie in [0, max_value]
-    (or [0, max_value) when not max_inclusive). Errors name `what` and the point.
-    """
+    """Control points from "x:y, x:y, ..." (commas, semicolons or new lines between); x in [0, 1] strictly
+    increasing, y in [0, max_value] (or [0, max_value)). Errors name `what` and the point."""
     entries = [e.strip() for e in text.replace(";", ",").replace("\n", ",").split(",")]
     entries = [e for e in entries if e]
     if not entries:
@@ -112,11 +100,8 @@ def depth_profile(preset: str) -> list[tuple[float, float]]:
 
 
 def separable(time_points, depth_points, scale: float = 1.0, name: str = "custom") -> TokenRatioSchedule:
-    """The table of r = scale * time(p) * depth(d), clamped to [0, MAX_RATIO].
-
-    Grid points are the union of the control points, so bilinear interpolation of
-    the table equals the product of the two piecewise-linear curves everywhere.
-    """
+    """The table of r = scale * time(p) * depth(d), clamped to [0, MAX_RATIO]; on the control points'
+    grid, bilinear interpolation equals the product of the two curves everywhere."""
     progress = [p[0] for p in time_points]
     depth = [d[0] for d in depth_points]
     ratios = [[min(max(scale * t * dv, 0.0), MAX_RATIO) for _, t in time_points] for _, dv in depth_points]
@@ -125,13 +110,8 @@ def separable(time_points, depth_points, scale: float = 1.0, name: str = "custom
 
 def build_schedule(preset: str = "constant", ratio: float = 0.5, end_scale: float = 0.25, switch: float = 0.4,
                    progress_curve: str = "", depth_curve: str = "", json_text: str = "") -> TokenRatioSchedule:
-    """The schedule the Token Ratio Schedule node makes from its widgets.
-
-    Precedence: non-empty `json_text` wins outright. Otherwise the preset gives
-    a progress and a depth profile; a non-empty `progress_curve` replaces the
-    progress part by absolute ratios (then `ratio` and `end_scale` are unused),
-    and a non-empty `depth_curve` replaces the depth profile (scales in [0, 1]).
-    """
+    """The Token Ratio Schedule node's schedule. `json_text` wins outright; else the preset's profiles,
+    with `progress_curve` (absolute ratios: `ratio`, `end_scale` unused) and `depth_curve` replacing theirs."""
     if json_text.strip():
         return TokenRatioSchedule.from_json(json_text)
     if preset not in PRESETS:

@@ -1,9 +1,8 @@
 """SDTM: structure-then-detail token merging (arXiv 2505.11707), host-independent.
 
-DTM merges whole self-similar windows while the structure forms and single tokens into their most
-similar window representative later; CRA moves the ratio along a cosine over progress; PR gives each
-merged key a log(group size) attention bias so the prompt keeps its share of the attention.
-Details and departures from the paper: docs/sdtm.md.
+DTM merges whole self-similar windows while the structure forms, single tokens later; CRA moves the
+ratio along a cosine over progress; PR weights each merged key by its group size so the prompt keeps
+its share of the attention. Departures from the paper: docs/sdtm.md.
 """
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ from .token_ops import (MergePlan, bipartite_merge_plan, bucket_ratio, max_merge
 
 @dataclass(frozen=True)
 class SDTMConfig:
-    """Defaults set by measurement on the reference models (docs/sdtm.md): after a full warm-up, two merged
-    steps per full refresh step, whole 3x3 windows merged; the paper's stage layout is switch_percent 0.4,
+    """Defaults chosen by measurement (docs/sdtm.md); the paper's layout is switch_percent 0.4,
     start_percent 0, no detail cache."""
     ratio: float = 0.84
     deviation: float = 0.04
@@ -33,13 +31,13 @@ class SDTMConfig:
     dynamic_merge: bool = True
     ratio_adjust: bool = True
     prompt_reweight: bool = True
-    bias_free_attention: bool = False  # prompt reweighting through a value channel, not a mask (attention.size_weighted_hook)
+    bias_free_attention: bool = False  # PR through a value channel, not a mask (attention.size_weighted_hook)
     start_percent: float = 0.3
     end_percent: float = 1.0
-    detail_cache: bool = True     # merged calls correct the last full call's forecast (detail_cache.py)
-    refresh_every: int = 2        # with the detail cache: a full step after this many merged steps (0: never)
-    forecast: float = 0.5         # with the detail cache: damping of the full calls' trend (0: held)
-    detail_weight: float = 0.1    # with the detail cache: how much of its coarse difference a merged call adds
+    detail_cache: bool = True     # this and the next three: kernels/detail_cache.py
+    refresh_every: int = 2
+    forecast: float = 0.5
+    detail_weight: float = 0.1
     seed: int = 0
 
     def validate(self) -> "SDTMConfig":
@@ -62,17 +60,17 @@ class SDTMConfig:
         return self
 
 
-# The node's named settings; "balanced" is SDTMConfig's defaults. Each is measured in docs/evidence.md.
+# The node's presets ("balanced": the defaults), measured in docs/evidence.md.
 PRESETS = {
     "quality": dict(refresh_every=1),
     "balanced": {},
     "fast": dict(start_percent=0.2, detail_weight=0.2),
 }
-# Settings a connected TokenRatioSchedule replaces (SDTM.ratio reads the schedule instead).
+# Settings a connected TokenRatioSchedule replaces.
 SCHEDULE_REPLACES = ("ratio", "deviation", "ratio_adjust")
 
 
-# Merging at every step after a warm-up, 2x2 windows, no detail cache: the earlier defaults, a comparison row.
+# Merging at every step after a warm-up, 2x2 windows, no detail cache: a comparison row.
 EVERY_STEP_MERGED = dict(ratio=0.6, deviation=0.1, window=2, start_percent=0.2, detail_cache=False)
 
 
@@ -85,7 +83,7 @@ class SDTM(MergingMethod):
         self._top = max_merge_ratio((config.window, config.window))
         self.detail_cache = DetailCache.of(config, config.window)
         self._reps = None  # (step key, every block's window representatives) of the last step
-        # The ratio changes with progress (CRA's cosine, or a schedule's progress axis): merge counts are bucketed.
+        # A ratio that changes with progress is bucketed (token_ops.RATIO_BUCKETS).
         self._moving_ratio = (schedule.varies_with_progress() if schedule is not None
                               else config.ratio_adjust and config.deviation > 0)
 
@@ -123,7 +121,7 @@ class SDTM(MergingMethod):
         return bipartite_merge_plan(tokens, grid, window, num_remove, self.seed(block, progress))
 
     def _window_reps(self, grid, window, block, num_blocks, progress, device) -> torch.Tensor:
-        """Block `block`'s window representatives; every block's are drawn at its step's first merge."""
+        """Block `block`'s window representatives; all blocks' are drawn in one go per step."""
         key = (grid, window, num_blocks, progress, device)
         if self._reps is None or self._reps[0] != key:
             seeds = [self.seed(b, progress) for b in range(num_blocks)]

@@ -1,9 +1,7 @@
 """Host-independent token operations: merge plans, merge/unmerge, grid-aware matching.
 
-Every function is batched over dim 0, keeps the input dtype and device, and has
-no Python loop over tokens. A merge plan maps N original tokens onto M <= N
-slots; each slot is the size-weighted mean of its group, and unmerge copies a
-slot's value back to every member (the exact inverse for unmerged tokens).
+A merge plan maps N tokens onto M <= N slots; a slot is the mean of its group, and unmerge copies it
+back to every member. Everything is batched over dim 0, keeps dtype and device, and never loops over tokens.
 """
 from __future__ import annotations
 
@@ -13,24 +11,17 @@ import torch
 
 
 class MergePlan:
-    """Token -> slot assignment for one batch of token sequences.
+    """Token -> slot assignment for one batch; derived views are cached for every block sharing the plan.
 
-    assign: (B, N) slot index of every original token.
-    rep:    (B, M) original index of each slot's representative token, the one
-            whose position (rotary id, grid cell) the slot keeps.
-    sizes:  (B, M) number of original tokens in each slot (float32); a planner may
-            give `sizes_col` (B, M, 1) instead, the shape merge divides by.
-
-    Views derived from the plan (the gather index of a width, sizes as a column)
-    are built once per plan: merge, unmerge and every block sharing the plan reuse them.
+    assign: (B, N) slot of every token. rep: (B, M) the token whose position each slot keeps.
+    sizes: (B, M) float32 group sizes, or `sizes_col` (B, M, 1).
     """
 
     def __init__(self, assign: torch.Tensor, rep: torch.Tensor, sizes: torch.Tensor | None = None,
                  sizes_col: torch.Tensor | None = None, assign_col: torch.Tensor | None = None):
         if sizes is None and sizes_col is None:
             raise ValueError("MergePlan needs sizes or sizes_col")
-        # A planner may hand assign / rep in row layout (B, 1, N) / (B, 1, M): the shape the rotary gather
-        # of Flux-like tables wants; the (B, N) / (B, M) views are made when something asks for them.
+        # assign / rep may come in row layout (B, 1, N) / (B, 1, M), as the rotary gather wants them.
         self._assign, self._rep = assign, rep
         self._sizes, self._sizes_col, self._assign_col = sizes, sizes_col, assign_col
         self._index: dict = {}
@@ -72,15 +63,14 @@ class MergePlan:
         return self._sizes_col
 
     def log_sizes(self, as_keys: bool = False) -> torch.Tensor:
-        """(B, M) log of the group sizes, proportional attention's key bias (built once per plan); with
-        `as_keys` (B, 1, 1, M), the layout of an attention mask over the keys."""
+        """(B, M) log group sizes, proportional attention's key bias; `as_keys`: (B, 1, 1, M), a key mask."""
         if self._log_sizes is None:
             b, m = self._rep.shape[0], self.n_out
             self._log_sizes = self.sizes_col.view(b, 1, 1, m).log()
         return self._log_sizes if as_keys else self._log_sizes.view(self._log_sizes.shape[0], -1)
 
     def index(self, c: int) -> torch.Tensor:
-        """(B, N, c) slot index of every token, repeated over c channels (merge's scatter, unmerge's gather)."""
+        """(B, N, c) slot index of every token over c channels (merge's scatter, unmerge's gather)."""
         idx = self._index.get(c)
         if idx is None:
             if self._assign_col is None:
@@ -108,31 +98,25 @@ class MergePlan:
         return torch.gather(y, 1, self.index(y.shape[-1]))
 
     def take_rep(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Gather the representatives' entries of a per-token tensor along `dim`.
-
-        `t` has the plan's batch (or 1) at dim 0 and N entries at `dim`; used for
-        positional embeddings, whose trailing dims vary by family.
-        """
+        """The representatives' entries of `t` (batch B or 1, N entries at `dim`), e.g. a rotary table."""
         return take_rows(t, self._rep, dim)
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """t[b, ..., idx[b, j], ...] along `dim` for every row b of idx (B, K) (or (B, 1, .., K), dim + 1 axes);
-    `t` has batch B or 1 (shared by every row). One indexing op: every axis up to `dim` gets a broadcasting index, so the result keeps
-    t's layout."""
+    """t[b, ..., idx[b, j], ...] along `dim` for idx (B, K) or (B, 1, .., K); `t` has batch B or 1.
+    One advanced-indexing op that keeps t's layout."""
     if dim == 0:
         raise ValueError("take_rows indexes along a token axis after the batch axis")
     b, k = idx.shape[0], idx.shape[-1]
     lead = _lead_index(b, t.shape[0] == 1 and b > 1, tuple(t.shape[1:dim]), idx.device)
-    if idx.ndim != dim + 1:  # (B, K) -> (B, 1, .., K); an index already in that layout is used as it is
+    if idx.ndim != dim + 1:  # (B, K) -> (B, 1, .., K)
         idx = idx.reshape(b, *([1] * (dim - 1)), k)
     return t[lead + (idx,)]
 
 
 @functools.lru_cache(maxsize=64)
 def _lead_index(batch: int, shared: bool, middle: tuple, device) -> tuple:
-    """Indices of the axes before take_rows' `dim`, shaped to broadcast to (B, *middle, K): the batch
-    (row 0 of a shared table, else each row its own), then every index of each middle axis."""
+    """Broadcasting indices of the axes before take_rows' `dim` (batch row 0 when shared)."""
     d = len(middle) + 1
     rows = torch.zeros(batch, dtype=torch.long, device=device) if shared else torch.arange(batch, device=device)
     out = [rows.view(batch, *([1] * d))]
@@ -145,8 +129,7 @@ def _lead_index(batch: int, shared: bool, middle: tuple, device) -> tuple:
 
 @functools.lru_cache(maxsize=128)
 def zeros_like_shape(shape: tuple, dtype, device) -> torch.Tensor:
-    """A read-only zero tensor of `shape` that holds one element (an expanded scalar): the start of an
-    out-of-place scatter, which allocates its own output, in one op instead of zeros + an in-place scatter."""
+    """A read-only expanded zero of `shape`: the input of an out-of-place scatter (one op, not zeros + scatter_)."""
     return _zero(dtype, device).expand(shape)
 
 
@@ -162,7 +145,7 @@ def _arange(n: int, device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=128)
 def _slot_numbers(batch: int, m: int, device, row_layout: bool = False) -> torch.Tensor:
-    """(B, m) or (B, 1, m): 1..m per row, the cumulative starter counts whose first positions are the reps."""
+    """(B, m) or (B, 1, m): 1..m per row, the starter counts plan_from_targets searches for."""
     return torch.arange(1, m + 1, device=device).repeat(batch, *((1, 1) if row_layout else (1,)))
 
 
@@ -172,18 +155,16 @@ def _ones_col(batch: int, n: int, device) -> torch.Tensor:
 
 
 def plan_from_targets(target: torch.Tensor, m: int) -> MergePlan:
-    """Build a plan from `target[b, n]` (or the row layout (B, 1, N)), the token that token n merges into.
+    """A plan from `target[b, n]` (or (B, 1, N)), the token that token n merges into.
 
-    A token that targets itself starts a slot; every other token must target
-    such a starter (no chains), and every row has exactly `m` starters (passed
-    in so that no device sync is needed). Slots keep the raster order of their
-    starters.
+    A token targeting itself starts a slot; others must target a starter (no chains). Every row has
+    exactly `m` starters, passed in to avoid a device sync. Slots keep their starters' raster order.
     """
     b, n = target.shape[0], target.shape[-1]
     starter = target == _arange(n, target.device)
     count = starter.cumsum(-1)  # starters up to each token
     rep = torch.searchsorted(count, _slot_numbers(b, m, target.device, target.ndim == 3))  # count first reaches j
-    assign = torch.searchsorted(rep, target)  # a target is a rep: its place among the reps is its slot
+    assign = torch.searchsorted(rep, target)  # a target's place among the reps is its slot
     assign_col = assign.transpose(1, 2) if target.ndim == 3 else assign.unsqueeze(-1)
     sizes_col = zeros_like_shape((b, m, 1), torch.float32, target.device).scatter_add(
         1, assign_col, _ones_col(b, n, target.device))
@@ -192,13 +173,8 @@ def plan_from_targets(target: torch.Tensor, m: int) -> MergePlan:
 
 @functools.lru_cache(maxsize=64)
 def window_layout(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole windows of a (T,)H,W token grid, and the border tokens outside them.
-
-    Returns (idx, border): idx (n_windows, K) holds the token indices of each
-    window in raster order, K = prod(window); border holds the tokens of a
-    ragged edge that fill no whole window (odd grid sizes), which never act as
-    merge destinations. Cached per grid, so no per-step device sync.
-    """
+    """(idx (n_windows, K), border): each whole window's tokens in raster order, and the ragged-edge tokens
+    outside every whole window (never merge destinations). Cached per grid: no per-step device sync."""
     if torch.device(device).type != "cpu":
         idx, border = window_layout(grid, window, torch.device("cpu"))
         return idx.to(device), border.to(device)
@@ -209,7 +185,6 @@ def window_layout(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
     full = torch.arange(_prod(grid), device=device).reshape(grid)
     counts = [g // w for g, w in zip(grid, window)]
     crop = full[tuple(slice(0, c * w) for c, w in zip(counts, window))]
-    # Split every axis into (count, window) then bring the window axes last.
     split = []
     for c, w in zip(counts, window):
         split += [c, w]
@@ -219,7 +194,7 @@ def window_layout(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
     idx = crop.reshape(_prod(counts), _prod(window))
     in_window = torch.zeros(_prod(grid), dtype=torch.bool, device=device)
     in_window[idx.reshape(-1)] = True
-    # The border count is known on the host: a stable sort puts those tokens first, in raster order.
+    # The border count is known on the host: a stable sort lists those tokens first, in order.
     n_border = _prod(grid) - idx.numel()
     border = torch.argsort(in_window.to(torch.uint8), stable=True)[:n_border]
     return idx, border
@@ -227,10 +202,8 @@ def window_layout(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
 
 @functools.lru_cache(maxsize=64)
 def window_tables(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What window merging reads per block, built once per grid: (idx_t (K, n_windows), the windows'
-    tokens by position; token_window (1, N), each token's window, n_windows for border tokens;
-    token_window_any (1, N), the same with border tokens sent to window 0, for lookups whose
-    result a border token ignores)."""
+    """Per grid: (idx_t (K, n_windows); token_window (1, N), n_windows for border tokens;
+    token_window_any (1, N), border tokens sent to window 0 where they ignore the result)."""
     idx, _ = window_layout(grid, window, device)
     n_win, k = idx.shape
     n = _prod(grid)
@@ -240,9 +213,8 @@ def window_tables(grid: tuple, window: tuple, device) -> tuple[torch.Tensor, tor
 
 
 def window_reps(grid, window, seeds, device) -> tuple[torch.Tensor, ...]:
-    """Per seed, (1, N): for every token, the token its window merges into (position drawn per window
-    from the seed, as random_window_positions; border tokens get any token and never use it). One draw
-    per seed and one gather for all of them (SDTM draws every block's at its step's first block)."""
+    """Per seed, (1, N): the token each token's window merges into (random_window_positions; border tokens
+    get one they never use). One gather for all seeds."""
     idx_t, _, token_window_any = window_tables(tuple(grid), tuple(window), device)
     n_win, k = idx_t.shape[1], idx_t.shape[0]
     pos = torch.cat([random_window_positions(n_win, k, s, 1, device) for s in seeds])  # (S, n_win)
@@ -270,16 +242,12 @@ def _normalized(metric: torch.Tensor) -> torch.Tensor:
 
 
 def random_window_positions(n_win: int, k: int, seed: int, batch: int, device) -> torch.Tensor:
-    """Deterministic per-window choice in [0, k), shared by every batch row.
-
-    One draw for the whole batch keeps each row's plan independent of whether
-    ComfyUI batches cond and uncond together or calls them one by one.
-    """
+    """Seeded per-window choice in [0, k), one draw for every batch row: a row's plan does not depend on
+    whether ComfyUI batches cond and uncond together."""
     device = torch.device(device)
     if device.type == "meta":  # shape-only runs (FLOP counting)
         return torch.zeros(batch, n_win, dtype=torch.long, device=device)
-    # Drawn on the tokens' own device: a host-to-device copy here would stall
-    # the GPU queue once per block.
+    # On the tokens' device: a host-to-device copy would stall the queue once per block.
     gen = torch.Generator(device=device).manual_seed(int(seed) & 0x7FFFFFFF)
     pos = torch.randint(k, (1, n_win), generator=gen, device=device)
     return pos if batch == 1 else pos.expand(batch, n_win)
@@ -287,13 +255,10 @@ def random_window_positions(n_win: int, k: int, seed: int, batch: int, device) -
 
 def window_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, seed: int = 0,
                       reps: torch.Tensor | None = None) -> MergePlan | None:
-    """Structure-stage merge: collapse the most self-similar whole windows.
+    """Structure-stage merge: the most self-similar whole windows collapse into one token each.
 
-    Each window's score is the mean pairwise cosine similarity of its tokens,
-    |sum of unit vectors|^2 / K^2, which needs no K x K matrix. The top windows
-    merge into one token each (K - 1 tokens removed per window); the member
-    that keeps its position is picked per window from `seed` (`reps`: window_reps
-    of that seed, when the caller drew it already).
+    Score: mean pairwise cosine similarity, |sum of unit vectors|^2 / K^2 (no K x K matrix). The kept
+    position is drawn per window from `seed`, or given as `reps` (window_reps).
     """
     b, n, _ = metric.shape
     grid, window = tuple(grid), tuple(window)
@@ -316,10 +281,8 @@ def window_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, seed:
 def bipartite_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, seed: int = 0) -> MergePlan | None:
     """Detail-stage merge: grid-aware bipartite soft matching (ToMe-SD style).
 
-    One destination per whole window (position picked per window from `seed`);
-    every other token is a source that proposes its most similar destination,
-    and the `num_remove` most similar sources merge. Border tokens outside whole
-    windows are sources, so they may merge but never receive.
+    One seeded destination per whole window; every other token (border tokens too) is a source, and
+    the `num_remove` sources most similar to their best destination merge into it.
     """
     b, n, _ = metric.shape
     idx, border = window_layout(tuple(grid), tuple(window), metric.device)
@@ -329,11 +292,9 @@ def bipartite_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, se
     num_remove = min(num_remove, n - n_win)
     if num_remove <= 0:
         return None
-    # Positions are drawn once for the whole batch, so destinations and sources are the same for every row.
     idx_t, _, _ = window_tables(tuple(grid), tuple(window), metric.device)
     pos = random_window_positions(n_win, k, seed, 1, metric.device)  # (1, n_win)
     dst_idx = torch.gather(idx_t, 0, pos).squeeze(0)  # (n_win,)
-    # The other K-1 members of each window, then the border tokens, are sources.
     others = _other_positions(k, metric.device)[pos.squeeze(0)]  # (n_win, K-1)
     src_idx = torch.cat([torch.gather(idx, 1, others).reshape(-1), border])
     unit = _normalized(metric)
@@ -345,17 +306,16 @@ def bipartite_merge_plan(metric: torch.Tensor, grid, window, num_remove: int, se
 
 @functools.lru_cache(maxsize=16)
 def _other_positions(k: int, device) -> torch.Tensor:
-    """Row p lists the K-1 window positions other than p (built on the CPU, cached per device)."""
+    """Row p lists the K-1 window positions other than p."""
     full = torch.arange(k).expand(k, k)
     return full[~torch.eye(k, dtype=torch.bool)].reshape(k, k - 1).to(device)
 
 
-RATIO_BUCKETS = 20  # a ratio that changes from step to step moves in steps of 1/20: a compiled model sees a few shapes
+RATIO_BUCKETS = 20  # a ratio moving with progress is rounded to 1/20: a compiled model sees few shapes
 
 
 def bucket_ratio(ratio: float) -> float:
-    """`ratio` to the nearest multiple of 1 / RATIO_BUCKETS. For ratios that change with progress; a ratio
-    that stays constant through a run is one shape already and is used as it is."""
+    """`ratio` to the nearest multiple of 1 / RATIO_BUCKETS (for ratios that change with progress)."""
     return round(ratio * RATIO_BUCKETS) / RATIO_BUCKETS
 
 

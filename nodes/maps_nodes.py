@@ -1,14 +1,9 @@
-"""Token Map Recorder and Token Map Overlay nodes, and the ComfyUI glue of the recorder.
+"""Token Map Recorder and Token Map Overlay nodes, and the recorder's ComfyUI glue.
 
-The recorder clones the MODEL and adds, keyed RECORDER_KEY:
-- an OUTER_SAMPLE wrapper that starts a fresh run in the store (budget check, step table from
-  the run's sigmas) and, in a `finally`, moves the maps to the CPU and logs a summary;
-- an APPLY_MODEL wrapper that makes each model call the active call of kernels.maps (step from
-  sigma, the first conditional batch row), so that recording methods and the block replaces
-  below know where to write;
-- a `patches_replace["dit"]` entry per block, chained over the existing ones, that counts the
-  tokens each block computes and, for the chosen steps and blocks, probes the attention.
-The store travels with the MODEL in model_options["transformer_options"][RECORDER_KEY].
+The recorder clones the MODEL and adds, keyed RECORDER_KEY: an OUTER_SAMPLE wrapper (a fresh run in
+the store; maps to the CPU in a `finally`), an APPLY_MODEL wrapper that makes each call the active call
+of kernels.maps, and chained block replaces that count tokens and probe attention. The store travels
+in model_options["transformer_options"][RECORDER_KEY].
 """
 from __future__ import annotations
 

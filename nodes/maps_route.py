@@ -1,16 +1,10 @@
-"""In-memory registry of token-map snapshots and the small HTTP route the web viewer reads.
+"""In-memory token-map snapshots and the HTTP routes the web extension reads.
 
-The overlay node registers a snapshot of the recorder's maps and gets back a random id. The
-route serves only ids issued here (never a file path); every parameter is validated and bad
-ones get a 4xx answer with a short JSON reason.
-
-  GET /token_reduction/maps/{id}                        -> metadata, stats, base image thumbnail
+Only ids issued here are served (never a file path); a bad parameter gets a 4xx with a JSON reason.
+  GET /token_reduction/maps/{id}                        -> metadata, stats, thumbnail
   GET /token_reduction/maps/{id}/map?kind=&step=&block= -> one map as a flat list of floats
-  GET /token_reduction/schedule?preset=&ratio=&...       -> a ratio schedule sampled on a grid, for the
-                                                           graph on the Token Ratio Schedule node
-  GET /token_reduction/presets                          -> per patch node: its expert widgets, each
-                                                           preset's values for them, and the widgets a
-                                                           connected schedule replaces
+  GET /token_reduction/schedule?preset=&ratio=&...       -> the schedule node's graph (handle_schedule)
+  GET /token_reduction/presets                          -> the patch nodes' presets (patching.preset_widgets)
 """
 from __future__ import annotations
 
@@ -131,8 +125,8 @@ _FLOAT = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,20})?$")
 
 
 async def handle_schedule(request):
-    """The schedule the Token Ratio Schedule node would build from these widget values, on a grid, and the
-    widgets that do not shape it. With calibrate=1 (a model is connected) the node calibrates instead."""
+    """The schedule the node would build from these widget values, on a grid, and its unused widgets
+    (calibrate=1: a model is connected, so no schedule)."""
     from aiohttp import web
     from ..kernels.schedule_presets import PRESETS, build_schedule
     from .schedule_node import unused_widgets

@@ -1,10 +1,8 @@
 """ComfyUI glue shared by every patch node: family detection, wrappers, block replaces.
 
-`install` binds a method to a cloned MODEL through kernels.runtime.Runtime: an APPLY_MODEL wrapper
-runs the per-call lifecycle (progress read from sigma through the model's own model_sampling, so any
-sampler, step count and denoise work), an OUTER_SAMPLE wrapper gives every sampling run fresh
-counts and state and frees them in a `finally` (an interrupted run leaks nothing), and one
-`patches_replace["dit"]` entry per block runs the method, chained over any replacement already there.
+`install` binds a method to a cloned MODEL through kernels.runtime.Runtime: an APPLY_MODEL wrapper per
+model call, an OUTER_SAMPLE wrapper that frees each run's state in a `finally` (an interrupted run
+leaks nothing), and a `patches_replace["dit"]` entry per block, chained over any already there.
 """
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ def model_input():
 
 
 def detail_cache_inputs(d, verb: str) -> list:
-    """The detail-cache inputs of the merging nodes (SDTM, density), advanced; `verb` is "merged" or "pooled"."""
+    """The detail-cache inputs of the merging nodes; `verb` is "merged" or "pooled"."""
     return [advanced(io.Boolean.Input(
                 "detail_cache", default=d.detail_cache,
                 tooltip=f"A {verb} step only corrects the last full step's prediction carried along its trend (off: "
@@ -67,7 +65,7 @@ def preset_input(presets: dict, what: str):
     """The `preset` choice of a patch node: named settings from the method's PRESETS, or `custom`."""
     names = ", ".join(presets)
     return io.Combo.Input("preset", options=[*presets, CUSTOM], default="balanced",
-                          tooltip=f"{what} ({names}: measured trade-offs of speed and fidelity). Pick custom to "
+                          tooltip=f"{what} ({names}: from closest to the unpatched model to fastest). Pick custom to "
                                   "use the advanced settings below instead.")
 
 
@@ -77,9 +75,9 @@ def widget_value(value):
 
 
 def preset_widgets(node_cls) -> dict:
-    """What the frontend needs to show a patch node's preset: its expert widgets (the advanced inputs),
-    each preset's values for them (from the node's own config(), so the kernel's PRESETS stay their one
-    home) and the widgets a connected schedule replaces."""
+    """What the frontend shows for a node's presets: its expert (advanced) widgets, each preset's values
+    for them (through the node's config(), so the kernel's PRESETS stay their one home) and the widgets
+    a connected schedule replaces."""
     expert = [inp.id for inp in node_cls.define_schema().inputs if inp.extra_dict.get("advanced")]
     values = {}
     for name in node_cls.PRESETS:
@@ -89,7 +87,7 @@ def preset_widgets(node_cls) -> dict:
 
 
 def preset_config(config_cls, presets: dict, preset: str, settings: dict):
-    """The config a node runs: the named preset, or the node's own settings when the preset is custom."""
+    """The named preset's config, or the node's own settings for custom."""
     if preset == CUSTOM:
         return config_cls(**settings)
     if preset not in presets:
@@ -117,7 +115,7 @@ METHODS_KEY = "token_reduction_methods"  # transformer_options: [(method_key, na
 
 
 def check_composable(model, method):
-    """Refuse, at patch time, a stack that cannot work (a non-composable method with any other)."""
+    """Refuse at patch time a non-composable method stacked with any other."""
     installed = model.model_options.get("transformer_options", {}).get(METHODS_KEY, [])
     for key, name, composable in installed:
         if not (method.composable and composable):
@@ -128,8 +126,7 @@ def check_composable(model, method):
 
 
 def patch_model(model, method, method_key: str, method_name: str, node_id=None):
-    """What a patch node does: detect the family, clone the MODEL, install `method` on the clone. After each
-    sampling run, the node `node_id` shows what the method did."""
+    """Detect the family, clone the MODEL and install `method`; node `node_id` shows each run's summary."""
     info = detect_family(model, method_name, method_key)
     patched = model.clone()
     install(patched, method, method_key, info, node_id)
@@ -158,8 +155,7 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
                            row_keys(transformer_options, x.shape[0]))
         out = executor(*args, **kwargs)
         if runtime.stateful(transformer_options) and sigma_min > 0:
-            # The model returns the denoised latent; methods work on the predicted noise
-            # (x - denoised) / sigma: eps for eps models, the velocity for flow models.
+            # Methods work on the predicted noise (x - denoised) / sigma: eps, or a flow model's velocity.
             s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(out.dtype)
             reused = runtime.end_call(transformer_options, (x.to(out.dtype) - out) / s)
             if reused is not None:
@@ -192,10 +188,8 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
 def set_block_replaces(model, family: Family, replaces: dict):
     """Register {block key: replace} as `patches_replace["dit"]` entries on a cloned ModelPatcher.
 
-    Families whose layers read no such hook (NextDiT: `family.layer_list`) get, once per layer, an
-    object patch of the layer's `forward` that looks the entry up in the call's transformer_options,
-    so they chain, clone and unpatch like the hooked families. Weights and their keys stay as they are
-    (LoRA, weight patches and offloading are untouched).
+    Families without that hook (`family.layer_list`) get an object patch of each layer's `forward` that
+    looks the entry up, so they chain and unpatch alike; weights stay untouched (LoRA, offloading).
     """
     for key, replace in replaces.items():
         model.set_model_patch_replace(replace, "dit", key[0], key[1])
@@ -209,10 +203,9 @@ def set_block_replaces(model, family: Family, replaces: dict):
 
 
 def _hooked_nextdit_forward(layer, key, masked: dict):
-    """NextDiT's JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, transformer_options),
-    routed through the `patches_replace["dit"][key]` entry of the call when there is one. A caption mask
-    that masks any key means the rows' captions differ in length, so their image tokens start at
-    different places: the entry then gets `attn_mask` too, and runs the call unreduced."""
+    """NextDiT's layer forward routed through the call's `patches_replace["dit"][key]` entry. A caption mask
+    that masks any key means rows' image tokens start at different places: passed as `attn_mask`, the
+    call then runs unreduced."""
     run = type(layer).forward.__get__(layer)
 
     def original(a):

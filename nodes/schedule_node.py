@@ -38,8 +38,8 @@ class TokenRatioSchedule(io.ComfyNode):
                                        "layers, zero in the first and last layers. flexdit: four noise stages "
                                        "stepping down, bottom and top 7% of layers dense."),
                 io.Float.Input("ratio", default=0.5, min=0.0, max=MAX_RATIO, step=0.01,
-                               tooltip="Largest ratio the preset reaches (fraction of image tokens removed). "
-                                       "SDTM caps it at 0.75 (2x2 window)."),
+                               tooltip="Largest ratio the preset reaches (fraction of image tokens removed); "
+                                       "higher is faster. SDTM caps it at what its merge window allows."),
                 io.Float.Input("end_scale", default=0.25, min=0.0, max=1.0, step=0.01,
                                tooltip="Ratio at the end of denoising, as a fraction of 'ratio' (unused by "
                                        "'constant')."),
@@ -57,9 +57,8 @@ class TokenRatioSchedule(io.ComfyNode):
                                 tooltip="Optional saved schedule (the 'json' output of this node). When not "
                                         "empty it wins over every other input."),
                 io.Float.Input("flops_saving", default=0.4, min=0.0, max=0.6, step=0.01,
-                               tooltip="Calibration only: share of the transformer blocks' FLOPs to save. The "
-                                       "calibration puts the compression where the model's tokens are most "
-                                       "redundant."),
+                               tooltip="Calibration only: share of the transformer blocks' FLOPs to save; higher is "
+                                       "faster."),
                 io.Int.Input("width", default=1024, min=64, max=8192, step=16,
                              tooltip="Calibration only: image width in pixels (the schedule is cached per "
                                      "model and resolution)."),
@@ -69,17 +68,16 @@ class TokenRatioSchedule(io.ComfyNode):
                              tooltip="Calibration only: euler steps of the one unpatched calibration pass "
                                      "(cfg 1). Use your sampler's step count for a table that fits it exactly."),
                 io.Model.Input("model", optional=True,
-                               tooltip="Connect to calibrate: one unpatched sampling pass measures how much each "
-                                       "block changes neighbouring tokens differently at each step, then the "
-                                       "ratios are allocated to meet flops_saving (errors in early steps weigh "
-                                       "most; the last block stays dense). Overrides preset and curves. On SDTM, "
-                                       "set start_percent 0 so that the schedule decides every step."),
+                               tooltip="Connect to calibrate: one unpatched sampling pass finds where the model's "
+                                       "tokens are most redundant and places the ratios to meet flops_saving, "
+                                       "instead of the preset and curves. On SDTM, set start_percent 0 so that "
+                                       "the schedule decides every step."),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Calibration only: the prompt conditioning to calibrate with "
                                               "(required when a model is connected)."),
             ],
             outputs=[
-                TokenRatioScheduleType.Output("schedule", tooltip="The schedule, for SDTM or Token Density."),
+                TokenRatioScheduleType.Output("schedule", tooltip="The schedule, for SDTM, Token Density or CAT."),
                 io.Image.Output("heatmap", tooltip="Heat map: progress left to right, depth bottom to top."),
                 io.String.Output("json", tooltip="The schedule as readable JSON, to save, share or paste back."),
             ],
@@ -104,9 +102,8 @@ CALIBRATION_WIDGETS = ("flops_saving", "width", "height", "calibration_steps")
 
 def unused_widgets(preset: str, progress_curve: str = "", depth_curve: str = "", schedule_json: str = "",
                    calibrating: bool = False) -> list[str]:
-    """The widgets that do not shape the schedule execute() would make now (the frontend greys them):
-    a saved schedule_json wins outright; a connected model calibrates instead of the preset and curves;
-    otherwise build_schedule's own precedence, and the calibration settings are unused."""
+    """The widgets that do not shape execute()'s schedule now (the frontend greys them): schedule_json
+    wins, then calibration, then build_schedule's precedence."""
     if schedule_json.strip():
         return [*SHAPE_WIDGETS, *CALIBRATION_WIDGETS]
     if calibrating:

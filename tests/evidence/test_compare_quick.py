@@ -5,16 +5,14 @@ with fewer steps (Euler, and the second-order AB2 sampler), and a naive ToMe-sty
 every block of every step); their FLOPs are swept and PSNR interpolated at the method's FLOPs. The token
 artifact ratio (tools/metrics.py) is 1 as unpatched and above 1 with per-token noise.
 
-Claims:
-- every node at its defaults (SDTM, the density schedule, CAT), on both reference models at 10 steps and
-  on the 64 px model at 20: at most 0.6 of the FLOPs, no worse than fewer steps at equal FLOPs - 1 dB,
-  and a token artifact ratio of at most 1.25;
-- CAT beats fewer steps at equal FLOPs by more than 1 dB (Euler and AB2, 10 and 20 steps), and its
-  forecast beats the paper's plain reuse by more than 1 dB;
-- merging at every step (the earlier defaults) leaves per-token noise the artifact ratio sees, and the
-  defaults are far closer than it;
-- SDTM driven by a calibrated schedule beats the naive merge at equal FLOPs by more than 1 dB, and the
-  paper's stage layout falls below it.
+Claims (their thresholds live in the asserts):
+- every node at its defaults, on both reference models at 10 steps and on the 64 px model at 20: a
+  bounded share of the FLOPs, about as close as fewer steps at equal FLOPs, little token artifact;
+- CAT beats fewer steps at equal FLOPs (Euler and AB2, 10 and 20 steps), and its forecast beats the
+  paper's plain reuse;
+- merging at every step leaves per-token noise the artifact ratio sees; the defaults are far closer;
+- SDTM driven by a calibrated schedule beats the naive merge at equal FLOPs, and the paper's stage
+  layout falls below it.
 """
 from __future__ import annotations
 

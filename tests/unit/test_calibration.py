@@ -1,14 +1,7 @@
 """Core tests of kernels/calibration.py, and calibration end to end on the embedded reference model.
 
-Measured on the reference model below (seeded random init, 32x32 px = 256 image tokens, 2 double +
-4 single blocks, 8 Euler steps, CFG 3, classes 0-3), SDTM driven by the calibrated schedule vs. SDTM
-with a constant ratio at equal block FLOPs (every block but the last), relative L2 to the unpatched
-images (CPU, 2 cores, 2026-12-03):
-  target 0.30: init seed 0: 0.129 vs 0.192, seed 1: 0.145 vs 0.234, seed 2: 0.142 vs 0.225
-  target 0.45: init seed 0: 0.211 vs 0.262, seed 1: 0.242 vs 0.309, seed 2: 0.232 vs 0.288
-Realised block-FLOPs saving 0.298 - 0.299 for target 0.30 and 0.447 - 0.448 for 0.45. These are random
-weights: the margin shows the allocator works on this network; the trained model's margin (README,
-"Calibration": +3.8 to +4.9 dB) and tests/test_compare_quick.py show what it gains there.
+The end-to-end model has random weights: beating a constant ratio at equal block FLOPs there shows the
+allocator works; what it gains on the trained models is in docs/schedule.md and tests/evidence.
 """
 from __future__ import annotations
 
@@ -180,5 +173,5 @@ def test_calibrated_schedule_meets_target_and_beats_constant(model, target):
                                                                                               model))
     err = float((out - base).norm() / base.norm())
     err_c = float((out_c - base).norm() / base.norm())
-    # measured 0.129 vs 0.192 at init seed 0 (target 0.3)
+    # 0.95: a margin well inside the one measured at this seed
     assert err < 0.95 * err_c, (err, err_c)

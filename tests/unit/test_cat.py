@@ -362,11 +362,10 @@ def test_unknown_cache_dtype_is_refused():
         CATPruning(CATConfig(cache_dtype="int4"))
 
 
-# ---- the vectorised selection is the per-cluster loop it replaced ------------------------------------
+# ---- the batched selection equals the per-cluster loop ------------------------------------------------
 
 def _loop_select(delta, labels, age, n_keep, balance, first):
-    """The selection as a Python loop over clusters (the pack's code before it was vectorised; it synced
-    with the device several times per cluster). Kept here as the specification of the order."""
+    """The selection as a Python loop over clusters: the specification of the order."""
     from kernels.cat import BASE_QUOTA, TOP_CLUSTER_QUOTA, _rank
     n = delta.shape[0]
     mag = delta.float().norm(dim=1)

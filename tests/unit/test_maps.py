@@ -36,7 +36,7 @@ def _sigmas(steps):
 
 
 def test_budget_of_a_full_flux_run_at_1024():
-    """50 steps x all 57 blocks of Flux at 1024^2 (4096 tokens), every map kind: 77.9 MiB < 256 MiB."""
+    """50 steps x all 57 blocks of Flux at 1024^2 (4096 tokens), every map kind, fits the default budget."""
     n = 64 * 64
     need = maps.estimate_bytes(n, 50, 57, 50, 57)
     assert need == 50 * 57 * n * (2 + 1) + 50 * 57 * n * 2 * 2
