@@ -27,8 +27,8 @@ class TokenRatioSchedule(io.ComfyNode):
             description=(
                 "Fraction of image tokens each transformer block removes, per layer depth and denoising "
                 "progress (after DiffCR / DiffRatio-MoD: compress redundant layers and noisy steps most). "
-                "Connect it to SDTM Token Merging or Token Density Schedule. The image output is a heat map "
-                "of the schedule for Preview Image."),
+                "Connect it to SDTM Token Merging, Token Density Schedule or CAT Cached Token Pruning. The image "
+                "output is a heat map of the schedule for Preview Image."),
             inputs=[
                 io.Combo.Input("preset", options=list(PRESETS), default="diffcr_like",
                                tooltip="Shape of the schedule. constant: the same everywhere. linear / cosine: "

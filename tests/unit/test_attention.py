@@ -47,7 +47,7 @@ def test_value_channel_equals_the_key_bias(skip_reshape, skip_output_reshape, jo
                                      transformer_options=to))
     assert outs[0].shape == outs[1].shape
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    (k_bias, _, mask_bias), (k_free, v_free, mask_free) = seen[0], seen[1]
+    (_, _, mask_bias), (k_free, v_free, mask_free) = seen[0], seen[1]
     assert mask_bias is not None and mask_free is None, "the value-channel form passes no mask"
     padded = (k_free[-1] if skip_reshape else k_free[-1] // H)
     assert padded % 8 == 0 and padded > D and v_free == k_free, "q, k, v padded alike to a multiple of 8"
