@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detail_cache import DetailCache, check_detail_settings
+from .detail_cache import MERGING_PRESETS, DetailCache, check_detail_settings
 from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import (MergePlan, bipartite_merge_plan, bucket_ratio, max_merge_ratio, window_merge_plan,
@@ -60,12 +60,7 @@ class SDTMConfig:
         return self
 
 
-# The node's presets ("balanced": the defaults), measured in docs/evidence.md.
-PRESETS = {
-    "quality": dict(refresh_every=1),
-    "balanced": {},
-    "fast": dict(start_percent=0.2, detail_weight=0.2),
-}
+PRESETS = MERGING_PRESETS  # the node's presets, shared with the other merging method (detail_cache.py)
 # Settings a connected TokenRatioSchedule replaces.
 SCHEDULE_REPLACES = ("ratio", "deviation", "ratio_adjust")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.density import PRESETS, SCHEDULE_REPLACES, DensityConfig, DensitySchedule, parse_stage_windows
-from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_inputs, model_input, patch_model, preset_config,
-                       preset_input, widget_value)
+from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_inputs, model_input, patch_model,
+                       preset_config, preset_input, progress_window_inputs, widget_value)
 from .types import TokenRatioScheduleType
 
 DEFAULTS = DensityConfig()
@@ -46,13 +46,7 @@ class TokenDensityPatchModel(io.ComfyNode):
                     "proportional_attention", default=d.proportional_attention,
                     tooltip="A pooled token draws the attention of the tokens it stands for, so the prompt keeps "
                             "its share.")),
-                advanced(io.Float.Input(
-                    "start_percent", default=d.start_percent, min=0.0, max=1.0, step=0.01,
-                    tooltip="Progress at which pooling starts; earlier steps run on every token (1 = never "
-                            "pool, the unpatched model).")),
-                advanced(io.Float.Input(
-                    "end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
-                    tooltip="Progress at which pooling stops.")),
+                *progress_window_inputs(d, "pool"),
                 *detail_cache_inputs(d, "pooled"),
                 TokenRatioScheduleType.Input(
                     "schedule", optional=True,

@@ -35,6 +35,17 @@ def model_input():
     return io.Model.Input("model", tooltip=f"The diffusion model to accelerate: {SUPPORTED_TEXT}.")
 
 
+def progress_window_inputs(d, verb: str) -> list:
+    """start_percent / end_percent of the merging nodes; `verb` is "merge" or "pool"."""
+    return [advanced(io.Float.Input(
+                "start_percent", default=d.start_percent, min=0.0, max=1.0, step=0.01,
+                tooltip=f"Progress at which {verb}ing starts; earlier steps run on every token (1 = never {verb}, "
+                        "the unpatched model).")),
+            advanced(io.Float.Input(
+                "end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
+                tooltip=f"Progress at which {verb}ing stops."))]
+
+
 def detail_cache_inputs(d, verb: str) -> list:
     """The detail-cache inputs of the merging nodes; `verb` is "merged" or "pooled"."""
     return [advanced(io.Boolean.Input(

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..kernels.sdtm import PRESETS, SCHEDULE_REPLACES, SDTM, SDTMConfig
 from ..kernels.schedule_presets import MAX_RATIO
 from .patching import (CATEGORY, FAMILIES_SHORT, advanced, detail_cache_inputs, model_input, patch_model,
-                       preset_config, preset_input)
+                       preset_config, preset_input, progress_window_inputs)
 from .types import TokenRatioScheduleType
 
 DEFAULTS = SDTMConfig()
@@ -61,13 +61,7 @@ class SDTMPatchModel(io.ComfyNode):
                     "prompt_reweight", default=d.prompt_reweight,
                     tooltip="A merged token draws the attention of the tokens it stands for, so the prompt keeps "
                             "its share (the paper's PR).")),
-                advanced(io.Float.Input(
-                    "start_percent", default=d.start_percent, min=0.0, max=1.0, step=0.01,
-                    tooltip="Progress at which merging starts; earlier steps run on every token (1 = never "
-                            "merge, the unpatched model).")),
-                advanced(io.Float.Input(
-                    "end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
-                    tooltip="Progress at which merging stops.")),
+                *progress_window_inputs(d, "merge"),
                 *detail_cache_inputs(d, "merged"),
                 TokenRatioScheduleType.Input(
                     "schedule", optional=True,
