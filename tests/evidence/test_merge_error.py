@@ -1,6 +1,6 @@
-"""tools/merge_error.py: the README's reason why merging stays below fewer steps on the reference model.
+"""tools/merge_error.py: why merged calls add little on the reference model.
 
-Claim (README, "Why merging stays below"): on the trained reference DiT a merged call's prediction
+Claim (docs/evidence.md, "Why the merged calls add little"): on the trained reference DiT a merged call's prediction
 is farther from the full prediction than the previous step's prediction held, even after a low
 pass over the merge window, at every step from the second on, and end to end: pooled calls
 between full steps land farther from the unpatched images than computing nothing between them.
