@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .attention import image_key_start, override_attention, seq_dim
 from .families import join_tokens, per_token_vec, split_tokens, with_image_pe
 from .forecast import Trend
-from .runtime import BlockCall, TokenMethod, call_rows, check_fractions, observing, report_computed
+from .runtime import BlockCall, StepCounter, TokenMethod, call_rows, check_fractions, observing, report_computed
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import RATIO_BUCKETS, bucket_ratio, take_rows, zeros_like_shape
 
@@ -276,9 +276,7 @@ class CATRunState:
     rows: dict = field(default_factory=dict)
     kv: dict = field(default_factory=dict)   # call signature -> {(block, attention call): K/V tensors}
     latent: tuple | None = None
-    last_sigma: float | None = None
-    last_full: bool = True
-    pruned_since_full: int = 0
+    steps: StepCounter = field(default_factory=StepCounter)
     call: CallPlan | None = None
     peak_cache_bytes: int = 0
 
@@ -286,9 +284,7 @@ class CATRunState:
         self.rows.clear()
         self.kv.clear()
         self.latent = None
-        self.last_sigma = None
-        self.last_full = True
-        self.pruned_since_full = 0
+        self.steps = StepCounter()
         self.call = None
 
     def cache_bytes(self) -> int:
@@ -335,27 +331,25 @@ class CATPruning(TokenMethod):
         """Decide full or pruned for this call; resets the state on a new run or a new latent."""
         sigma = float(call.sigma)
         latent = (tuple(x.shape[1:]), x.dtype, x.device, tuple(call.grid))
-        if state.latent != latent or (state.last_sigma is not None and sigma > state.last_sigma + 1e-9):
+        if state.latent != latent or state.steps.starts_new_run(sigma):
             state.clear()  # new latent (shape, dtype, device) or sigma went up: a new run
             state.latent = latent
-        if state.last_sigma is not None and sigma != state.last_sigma:  # a new step
-            state.pruned_since_full = 0 if state.last_full else state.pruned_since_full + 1
-        state.last_sigma = sigma
+        state.steps.count(sigma)
         if not self.is_active(call.progress) or len(call.grid) not in (2, 3):
-            state.last_full = True
+            state.steps.last_full = True
             state.call = None  # outside the window: the unpatched model, nothing recorded
             return None
         rows = call_rows(call, x.shape[0])
         signature = (rows, x.shape[0])
         n_keep = self.n_keep(call.n_img, call.progress, call.num_blocks)
-        full = (self._scheduled_full(call.progress, n_keep, call.n_img, state.pruned_since_full)
+        full = (self._scheduled_full(call.progress, n_keep, call.n_img, state.steps.reduced_since_full)
                 or any(state.rows.get(r) is None or state.rows[r].prev is None for r in rows)
                 or signature not in state.kv)
         selection = None
         if not full:
             selection = self._select([state.rows[r] for r in rows], call.grid, n_keep)
             selection = selection if selection.device == x.device else selection.to(x.device)
-        state.last_full = full
+        state.steps.last_full = full
         state.call = CallPlan(rows, selection, signature)
         return state.call
 
@@ -411,7 +405,7 @@ class CATPruning(TokenMethod):
             return None
         grid, patch = call.grid, call.patch
         tokens = patchify(noise.float(), grid, patch)  # a fresh tensor: rows keep views of it
-        sigma = state.last_sigma
+        sigma = state.steps.last_sigma
         replaced = None
         if plan.selection is not None:
             keep = zeros_like_shape(tokens.shape[:2], torch.bool, tokens.device).scatter(1, plan.selection, True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .forecast import Trend
-from .runtime import call_rows
+from .runtime import StepCounter, call_rows
 
 
 @dataclass
@@ -22,13 +22,11 @@ class DetailRunState:
 
     rows: dict = field(default_factory=dict)
     peak_cache_bytes: int = 0
-    last_sigma: float | None = None
-    last_full: bool = True
-    merged_since_full: int = 0
+    steps: StepCounter = field(default_factory=StepCounter)
 
     def clear(self):
         self.rows.clear()
-        self.last_sigma, self.last_full, self.merged_since_full = None, True, 0
+        self.steps = StepCounter()
 
 
 def low_pass(d: torch.Tensor, pool: int) -> torch.Tensor:
@@ -60,13 +58,11 @@ class DetailCache:
     def begin_call(self, state: DetailRunState, call, x: torch.Tensor):
         """Ask for a full call when a refresh is due or a row has nothing cached; rising sigma is a new run."""
         sigma = float(call.sigma)
-        if state.last_sigma is not None and sigma > state.last_sigma + 1e-9:
+        if state.steps.starts_new_run(sigma):
             state.clear()
-        if state.last_sigma is not None and sigma != state.last_sigma:  # a new step
-            state.merged_since_full = 0 if state.last_full else state.merged_since_full + 1
-        state.last_sigma = sigma
+        state.steps.count(sigma)
         if self.refresh_every > 0:
-            call.full = (call.full or state.merged_since_full >= self.refresh_every
+            call.full = (call.full or state.steps.reduced_since_full >= self.refresh_every
                          or any(k not in state.rows for k in call_rows(call, x.shape[0])))
 
     def end_call(self, state: DetailRunState, call, noise: torch.Tensor):
@@ -75,7 +71,7 @@ class DetailCache:
             return None
         keys = call_rows(call, noise.shape[0])
         sigma = float(call.sigma)
-        state.last_full = not call.reduced
+        state.steps.last_full = not call.reduced
         if not call.reduced:
             for key, row_noise in zip(keys, noise.detach().float().unbind(0)):
                 trend = state.rows.get(key)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .families import BlockSpec, Family, ImageSpan, image_span, run_block_merged, split_tokens
+from .families import BlockSpec, Family, ImageSpan, image_span, matmul_flops, run_block_merged, split_tokens
 from .token_ops import MergePlan
 
 CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
@@ -95,6 +95,25 @@ def _index_rows(batch: int) -> tuple:
 
 
 @dataclass
+class StepCounter:
+    """A run's steps read from sigma: a call at a new sigma starts a step (cond and uncond called apart share
+    one) and rising sigma starts a new run; counts the reduced steps since the last full one."""
+
+    last_sigma: float | None = None
+    last_full: bool = True
+    reduced_since_full: int = 0
+
+    def starts_new_run(self, sigma: float) -> bool:
+        return self.last_sigma is not None and sigma > self.last_sigma + 1e-9
+
+    def count(self, sigma: float):
+        """Count a call at `sigma` (after a new run has reset the counter)."""
+        if self.last_sigma is not None and sigma != self.last_sigma:
+            self.reduced_since_full = 0 if self.last_full else self.reduced_since_full + 1
+        self.last_sigma = sigma
+
+
+@dataclass
 class RunStats:
     """Token counts of one run, kept as linear tokens and attention pairs so any width can be priced."""
 
@@ -128,9 +147,8 @@ class RunStats:
         return self.tokens_computed / self.tokens_in if self.tokens_in else 1.0
 
     def flops(self, width: int | None = None, mlp_ratio: float = 4.0, full: bool = False) -> float:
-        c = width or self.width
         linear, pairs = (self.full_linear, self.full_pairs) if full else (self.linear, self.pairs)
-        return 2.0 * (4.0 + 2.0 * mlp_ratio) * c * c * linear + 4.0 * c * pairs
+        return matmul_flops(linear, pairs, width or self.width, mlp_ratio)
 
     def flops_share(self, width: int | None = None, mlp_ratio: float = 4.0) -> float:
         """Block FLOPs of this run relative to the same blocks unreduced."""
