@@ -3,6 +3,7 @@ mistake gets one line (and exit status 2), never a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -70,3 +71,16 @@ def writable_dir(parser: argparse.ArgumentParser, path: Path, what: str = "--out
 def writable_file(parser: argparse.ArgumentParser, path: Path | None, what: str = "--out"):
     if path is not None:
         writable_dir(parser, path.parent if str(path.parent) else Path(os.curdir), what)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to `n` (0: torch's default) for the block, and restored after it."""
+    import torch
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -683,13 +683,8 @@ def settings_from(args) -> Settings:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cli.torch_threads(args.threads):
         return _main(args, sys.argv[1:] if argv is None else list(argv))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(args, argv: list[str]) -> dict:

@@ -158,13 +158,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cli.torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args) -> dict:

@@ -256,3 +256,8 @@ def open_page(url: str, chromium_path: str):
 def load_workflow(page: CDP, wf: dict):
     page.eval(f"app.loadGraphData({json.dumps(wf)}).then(() => true)")
     time.sleep(0.5)
+
+
+def drawn_sizes(page: CDP) -> dict:
+    """{node id: [w, h]} as the frontend draws the loaded graph (a node grows to fit its widgets)."""
+    return {n["id"]: n["size"] for n in page.eval("app.graph._nodes.map(n => ({id: n.id, size: [...n.size]}))")}

@@ -147,14 +147,13 @@ def main(argv=None):
     if args.steps < 3:
         p.error(f"--steps must be at least 3, got {args.steps}")
     cli.writable_file(p, args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, source = C.reference_model(args.model)
-    rep = Report()
-    rep.header(f"Merged calls against reuse, step by step ({source})", "cpu", "tools/merge_error.py",
-               sys.argv[1:] if argv is None else list(argv))
-    rows = report(rep, model, args.steps, args.samples)
-    rep.write(args.out)
+    with cli.torch_threads(args.threads):
+        model, source = C.reference_model(args.model)
+        rep = Report()
+        rep.header(f"Merged calls against reuse, step by step ({source})", "cpu", "tools/merge_error.py",
+                   sys.argv[1:] if argv is None else list(argv))
+        rows = report(rep, model, args.steps, args.samples)
+        rep.write(args.out)
     return rows
 
 

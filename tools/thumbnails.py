@@ -68,22 +68,21 @@ GRAPH_BOUNDS = """(() => {
 })()"""
 
 
-def fit_drawn_sizes(page, path: Path) -> bool:
-    """Save the node sizes the frontend draws (a node grows to fit its widgets) back into the workflow,
-    moving the nodes below a grown one down (tools/workflows.fit_sizes). True when the file changed."""
+def load_fitted(page, path: Path) -> bool:
+    """Load the workflow; when the frontend draws a node larger than saved (an input was added), save the
+    drawn sizes back, with the nodes below moved down (tools/workflows.fit_sizes), and load it again.
+    True when the file changed."""
     wf = json.loads(path.read_text())
     frontend.load_workflow(page, wf)
-    drawn = {n["id"]: n["size"] for n in page.eval("app.graph._nodes.map(n => ({id: n.id, size: [...n.size]}))")}
-    if not workflows.fit_sizes(wf, drawn):
+    if not workflows.fit_sizes(wf, frontend.drawn_sizes(page)):
         return False
     path.write_text(json.dumps(wf, indent=2) + "\n")
+    frontend.load_workflow(page, wf)
     return True
 
 
 def shoot(page, path: Path):
-    """(screenshot PNG bytes, the graph's screen bounds) of the whole workflow."""
-    wf = json.loads(path.read_text())
-    frontend.load_workflow(page, wf)
+    """(screenshot PNG bytes, the graph's screen bounds) of the workflow just loaded, fitted into view."""
     page.close_dialogs()
     page.eval("(async () => { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); "
               "app.graph.setDirtyCanvas(true, true); return true; })()")
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
                   % json.dumps(SETTINGS))
         time.sleep(0.5)
         for path in paths:
-            if fit_drawn_sizes(page, path):
+            if load_fitted(page, path):
                 print(f"{path.relative_to(ROOT)}: node sizes now as drawn")
             png, bounds = shoot(page, path)
             picture = Image.open(io.BytesIO(png)).convert("RGB")

@@ -38,14 +38,16 @@ def fit_sizes(wf: dict, drawn: dict) -> bool:
     changed = False
     for node in sorted(wf["nodes"], key=lambda n: n["pos"][1]):
         size = [round(v) for v in drawn.get(node["id"], node["size"])]
-        grow = size[1] - node["size"][1]
         if size == list(node["size"]):
             continue
-        left, right, bottom = node["pos"][0], node["pos"][0] + max(size[0], node["size"][0]), node["pos"][1] + node["size"][1]
-        for other in wf["nodes"]:
-            in_column = other["pos"][0] < right and left < other["pos"][0] + other["size"][0]
-            if other is not node and in_column and other["pos"][1] >= bottom and grow > 0:
-                other["pos"] = [other["pos"][0], other["pos"][1] + grow]
+        grow = size[1] - node["size"][1]
+        if grow > 0:
+            left, bottom = node["pos"][0], node["pos"][1] + node["size"][1]
+            right = left + max(size[0], node["size"][0])
+            for other in wf["nodes"]:
+                below = other is not node and other["pos"][1] >= bottom
+                if below and other["pos"][0] < right and left < other["pos"][0] + other["size"][0]:
+                    other["pos"] = [other["pos"][0], other["pos"][1] + grow]
         node["size"], changed = size, True
     return changed
 

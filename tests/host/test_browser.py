@@ -240,7 +240,7 @@ def test_workflow_loads_in_ui(page, path):
             assert "token_map_viewer" in got["widgets"]
     # The frontend draws every node at the file's size (none had to grow to fit its widgets or panel), so
     # the rectangles test_workflows.py checks for overlaps are the ones on screen.
-    drawn = {n["id"]: n["size"] for n in page.eval("app.graph._nodes.map(n => ({id: n.id, size: [...n.size]}))")}
+    drawn = frontend.drawn_sizes(page)
     for node in wf["nodes"]:
         assert all(abs(a - b) <= 1 for a, b in zip(drawn[node["id"]], node["size"])), (
             f"{path.name}: node {node['id']} ({node['type']}) drawn at {drawn[node['id']]}, saved at {node['size']}")
