@@ -181,3 +181,15 @@ def test_refresh_steps_run_every_block_unmerged():
         R.sample(model, [0], steps=10, cfg=3.0, seed=0, transformer_options=to)
         stats = to[RUNS_KEY]["m"].stats
         assert stats.block_calls == 10 * 2 and stats.merged_calls == 5 * 2, (method.name, stats)
+
+
+@pytest.mark.parametrize("config, label", [(SDTMConfig, "SDTM"), (DensityConfig, "Token Density")])
+@pytest.mark.parametrize("bad, message", [
+    (dict(refresh_every=-1), r"refresh_every must be >= 0, got -1"),
+    (dict(forecast=1.5), r"forecast must lie in \[0, 1\], got 1.5"),
+    (dict(detail_weight=-0.1), r"detail_weight must lie in \[0, 1\], got -0.1"),
+])
+def test_out_of_range_detail_settings_are_refused_with_the_setting_named(config, label, bad, message):
+    with pytest.raises(ValueError, match=f"^{label}: {message}$"):
+        config(**bad).validate()
+    config(**{k: 0 for k in bad}).validate()  # the edge of the range is allowed
