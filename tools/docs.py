@@ -48,6 +48,12 @@ def evidence(model: str, steps: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def evidence_command(model: str, steps: int) -> str:
+    """The command that wrote an evidence page, as its header (tools/report.py) records it."""
+    page = (EVIDENCE / f"{model}-{steps}steps.md").read_text()
+    return re.search(r"^- Command: `(.+)`$", page, re.M).group(1)
+
+
 def _flux_dev_flops() -> dict:
     """Block FLOPs relative to unpatched at Flux-dev 1024x1024, 28 steps, per node preset (a dry run)."""
     from tools import benchmark
@@ -80,8 +86,10 @@ def choose() -> str:
               if min((r.get(v) for v in ("vs_fewer_steps", "vs_fewer_steps_ab2") if r.get(v) is not None),
                      default=0.0) < 0]
     lines += ["",
-              f"Work kept: the transformer blocks' FLOPs relative to the unpatched model. Fidelity: the pack's "
-              f"{model} reference model, {steps} Euler steps, {ev['samples']} images per row "
+              f"Work kept: the transformer blocks' FLOPs relative to the unpatched model, counted at Flux-dev size "
+              f"by the dry run of `python tools/benchmark.py --sections flops` (the same count as "
+              f"[docs/benchmark.md](docs/benchmark.md)). Fidelity: the pack's {model} reference model, {steps} Euler "
+              f"steps, {ev['samples']} images per row, on the CPU, made by `{evidence_command(model, steps)}` "
               f"(`docs/evidence/{model}-{steps}steps.md`): PSNR against the unpatched picture of the same seed; "
               "\"vs fewer steps\": against simply sampling with fewer steps at the same work, with Euler and with "
               "the second-order AB2 sampler (above 0: the node is the better choice); token artifacts: 1 as "
