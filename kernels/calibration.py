@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .families import block_flops
+from .flops import block_flops
 from .runtime import MergingMethod
 from .schedule import TokenRatioSchedule, block_depth
 from .token_ops import bipartite_merge_plan

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .detail_cache import MERGING_PRESETS, DetailCache, check_detail_settings
+from .detail_cache import MERGING_PRESETS, DetailCache, DetailSettings, detail_settings
+from .method_spec import MethodSpec, Setting, progress_window_settings
 from .runtime import MergingMethod, check_fractions
 from .schedule import TokenRatioSchedule, block_depth
 from .schedule_presets import FLEXDIT_STAGE_BOUNDS
 from .token_ops import MergePlan, plan_from_targets
+
+NAME = "Density"  # logs, tables, error messages, the support matrix
 
 MAX_WINDOW = 4
 SPAN = 6          # FlexDiT's span length
@@ -40,69 +43,52 @@ def parse_stage_windows(text: str) -> tuple[int, ...]:
     """"2, 2, 2, 1" -> (2, 2, 2, 1): the window per FlexDiT stage, noisiest first."""
     parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
     if len(parts) != 4:
-        raise ValueError(f"Token Density: stage_windows needs 4 comma-separated windows (one per noise stage, "
+        raise ValueError(f"{NAME}: stage_windows needs 4 comma-separated windows (one per noise stage, "
                          f"noisiest first), e.g. \"2, 2, 2, 1\"; got {text!r}")
     out = []
     for p in parts:
         try:
             k = int(p)
         except ValueError:
-            raise ValueError(f"Token Density: stage_windows entry {p!r} is not a whole number") from None
+            raise ValueError(f"{NAME}: stage_windows entry {p!r} is not a whole number") from None
         if not (1 <= k <= MAX_WINDOW):
-            raise ValueError(f"Token Density: stage_windows entries must lie in 1..{MAX_WINDOW} (1 = dense), got {k}")
+            raise ValueError(f"{NAME}: stage_windows entries must lie in 1..{MAX_WINDOW} (1 = dense), got {k}")
         out.append(k)
     return tuple(out)
 
 
 @dataclass(frozen=True)
-class DensityConfig:
-    """Defaults chosen by measurement (docs/density.md); FLEXDIT_LAYOUT is the paper's layout."""
+class DensityConfig(DetailSettings):
+    """Defaults chosen by measurement (docs/density.md); FLEXDIT_LAYOUT is the paper's layout. Validated on
+    construction."""
     stage_windows: tuple = (3, 3, 3, 3)   # window per noise stage, noisiest first
     stage_bounds: tuple = FLEXDIT_STAGE_BOUNDS
     bottom_dense: float = 0.0             # fraction of blocks at the bottom kept dense (at least 1 if > 0)
     top_dense: float = 0.0                # fraction of blocks at the top kept dense
     span_pattern: bool = False            # middle blocks: FlexDiT's [pooled x 4, dense x 2] spans
     proportional_attention: bool = True
-    bias_free_attention: bool = False     # attention.size_weighted_hook instead of a mask
     start_percent: float = 0.3
     end_percent: float = 1.0
-    detail_cache: bool = True             # this and the next three: kernels/detail_cache.py
-    refresh_every: int = 2
-    forecast: float = 0.5
-    detail_weight: float = 0.1
 
-    def validate(self) -> "DensityConfig":
+    def __post_init__(self):
         if len(self.stage_windows) != 4 or any(not (1 <= int(k) <= MAX_WINDOW) for k in self.stage_windows):
-            raise ValueError(f"Token Density: stage_windows must be 4 windows in 1..{MAX_WINDOW}, got "
+            raise ValueError(f"{NAME}: stage_windows must be 4 windows in 1..{MAX_WINDOW}, got "
                              f"{self.stage_windows}")
         b = self.stage_bounds
         if len(b) != 3 or not (0.0 <= b[0] <= b[1] <= b[2] <= 1.0):
-            raise ValueError(f"Token Density: stage bounds must be 3 increasing progress values, got {b}")
-        check_fractions("Token Density", self, "bottom_dense", "top_dense", "start_percent", "end_percent")
-        check_detail_settings("Token Density", self)
-        return self
-
-
-PRESETS = MERGING_PRESETS  # the node's presets, shared with the other merging method (detail_cache.py)
-# Settings a connected TokenRatioSchedule replaces.
-SCHEDULE_REPLACES = ("stage_windows", "bottom_dense", "top_dense", "span_pattern")
-
-# Pooling 2x2 at every step after a warm-up, no detail cache: a comparison row.
-EVERY_STEP_POOLED = dict(stage_windows=(2, 2, 2, 2), start_percent=0.2, detail_cache=False)
-
-# FlexDiT's layout made training-free: pooling from the first step, no detail cache.
-FLEXDIT_LAYOUT = dict(stage_windows=(2, 2, 2, 1), bottom_dense=0.07, top_dense=0.07, span_pattern=True,
-                      start_percent=0.0, detail_cache=False)
+            raise ValueError(f"{NAME}: stage bounds must be 3 increasing progress values, got {b}")
+        check_fractions(NAME, self, "bottom_dense", "top_dense", "start_percent", "end_percent")
+        self.check_detail_settings(NAME)
 
 
 class DensitySchedule(MergingMethod):
     """Per block and progress: the pooling window k, its MergePlan and the attention bias."""
 
-    name = "Token Density"
+    name = NAME
 
-    def __init__(self, config: DensityConfig, schedule: TokenRatioSchedule | None = None):
-        self.config = config.validate()
-        self.schedule = schedule
+    def __init__(self, config: DensityConfig, schedule: TokenRatioSchedule | None = None,
+                 bias_free_attention: bool = False):
+        super().__init__(config, schedule, bias_free_attention)
         self.detail_cache = DetailCache.of(config, max(config.stage_windows))
 
     def stage(self, progress: float) -> int:
@@ -169,3 +155,42 @@ def pool_plan(grid: tuple, k: int, device) -> MergePlan:
 def batched_pool_plan(grid: tuple, k: int, device, batch: int) -> MergePlan:
     """pool_plan for `batch` rows; one object for every block and step, so its derived views are built once."""
     return pool_plan(grid, k, device).expand(batch)
+
+
+# Pooling 2x2 at every step after a warm-up, no detail cache: the earlier defaults, and the mechanics tests.
+EVERY_STEP_POOLED = dict(stage_windows=(2, 2, 2, 2), start_percent=0.2, detail_cache=False)
+# FlexDiT's layout made training-free: pooling from the first step, no detail cache.
+FLEXDIT_LAYOUT = dict(stage_windows=(2, 2, 2, 1), bottom_dense=0.07, top_dense=0.07, span_pattern=True,
+                      start_percent=0.0, detail_cache=False)
+
+SPEC = MethodSpec(
+    key="density", name=NAME, node_id="TokenDensityPatchModel", display_name="Token Density Schedule",
+    description=("Training-free FlexDiT (arXiv 2412.06028) for {families}: in chosen blocks and steps the image "
+                 "tokens are average-pooled into a coarser grid, the block runs on the pooled tokens plus the full "
+                 "text, and its update is spread back onto every token."),
+    amount="How much to pool", config=DensityConfig, method=DensitySchedule,
+    presets=MERGING_PRESETS,  # shared with SDTM (detail_cache.py)
+    settings=(
+        Setting("stage_windows", "Pooling window per noise stage, noisiest first: 4 entries in 1-4 (2 = 2x2 tokens "
+                                 "averaged, 1 = every token), e.g. \"2, 2, 2, 1\" as FlexDiT.",
+                parse=parse_stage_windows),
+        Setting("bottom_dense", "Fraction of the first blocks that always run on every token (rounded up).",
+                0.0, 1.0, 0.01),
+        Setting("top_dense", "Fraction of the last blocks that always run on every token (rounded up).",
+                0.0, 1.0, 0.01),
+        Setting("span_pattern", "Middle blocks in FlexDiT's spans of 6: 4 pooled, then 2 on every token."),
+        Setting("proportional_attention", "A pooled token draws the attention of the tokens it stands for, so the "
+                                          "prompt keeps its share."),
+        *progress_window_settings("pool"),
+        *detail_settings("pooled"),
+    ),
+    schedule_replaces=("stage_windows", "bottom_dense", "top_dense", "span_pattern"),
+    schedule_tooltip=("Ratios from the Token Ratio Schedule node decide every block and step (each ratio picks the "
+                      "nearest pooling window); stage_windows and the dense blocks are unused."),
+    output_tooltip="The model with the token density schedule.",
+    comparisons={
+        "every step pooled (the earlier defaults)": EVERY_STEP_POOLED,
+        "FlexDiT layout (dense bottom/top blocks and spans, from step 1)": FLEXDIT_LAYOUT,
+    },
+    every_step=EVERY_STEP_POOLED,
+)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .forecast import Trend
-from .runtime import StepCounter, call_rows
+from .method_spec import Setting
+from .runtime import StepCounter, call_rows, check_fractions
 
 
 @dataclass
@@ -55,24 +56,23 @@ class DetailCache:
     def new_run_state(self) -> DetailRunState:
         return DetailRunState()
 
-    def begin_call(self, state: DetailRunState, call, x: torch.Tensor):
-        """Ask for a full call when a refresh is due or a row has nothing cached; rising sigma is a new run."""
+    def wants_full_call(self, state: DetailRunState, call, x: torch.Tensor) -> bool:
+        """A full call when a refresh is due or a row has nothing cached; rising sigma is a new run."""
         sigma = float(call.sigma)
         if state.steps.starts_new_run(sigma):
             state.clear()
         state.steps.count(sigma)
-        if self.refresh_every > 0:
-            call.full = (call.full or state.steps.reduced_since_full >= self.refresh_every
-                         or any(k not in state.rows for k in call_rows(call, x.shape[0])))
+        return self.refresh_every > 0 and (state.steps.reduced_since_full >= self.refresh_every
+                                           or any(k not in state.rows for k in call_rows(call, x.shape[0])))
 
-    def end_call(self, state: DetailRunState, call, noise: torch.Tensor):
+    def end_call(self, state: DetailRunState, call, reduced: bool, noise: torch.Tensor):
         """(corrected forecast, all-False computed mask) for a reduced call; records full calls, returns None."""
         if noise.ndim not in (4, 5):
             return None
         keys = call_rows(call, noise.shape[0])
         sigma = float(call.sigma)
-        state.steps.last_full = not call.reduced
-        if not call.reduced:
+        state.steps.last_full = not reduced
+        if not reduced:
             for key, row_noise in zip(keys, noise.detach().float().unbind(0)):
                 trend = state.rows.get(key)
                 if trend is None or trend.full.shape != row_noise.shape or trend.full.device != row_noise.device:
@@ -98,11 +98,28 @@ MERGING_PRESETS = {
 }
 
 
-def check_detail_settings(label: str, config):
-    """refresh_every >= 0; forecast and detail_weight in [0, 1]."""
-    if config.refresh_every < 0:
-        raise ValueError(f"{label}: refresh_every must be >= 0, got {config.refresh_every}")
-    for name in ("forecast", "detail_weight"):
-        value = getattr(config, name)
-        if not (0.0 <= value <= 1.0):
-            raise ValueError(f"{label}: {name} must lie in [0, 1], got {value}")
+@dataclass(frozen=True)
+class DetailSettings:
+    """The detail-cache fields of both merging methods' configs (they inherit them)."""
+
+    detail_cache: bool = True
+    refresh_every: int = 2
+    forecast: float = 0.5
+    detail_weight: float = 0.1
+
+    def check_detail_settings(self, label: str):
+        if self.refresh_every < 0:
+            raise ValueError(f"{label}: refresh_every must be >= 0, got {self.refresh_every}")
+        check_fractions(label, self, "forecast", "detail_weight")
+
+
+def detail_settings(verb: str) -> tuple:
+    """The merging nodes' detail-cache inputs; `verb` is "merged" or "pooled"."""
+    return (Setting("detail_cache", f"A {verb} step only corrects the last full step's prediction carried along its "
+                                    f"trend (off: each {verb} step stands alone, and per-token noise shows)."),
+            Setting("refresh_every", f"With the detail cache: one full step after this many {verb} steps (0 = "
+                                     "never).", 0, 100),
+            Setting("forecast", "With the detail cache: how far the last full prediction follows its recent trend "
+                                "(0 = held).", 0.0, 1.0, 0.05),
+            Setting("detail_weight", f"With the detail cache: how much of its own coarse difference a {verb} step "
+                                     "adds.", 0.0, 1.0, 0.05))

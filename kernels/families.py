@@ -10,9 +10,6 @@ from typing import Callable
 
 import torch
 
-from .attention import key_bias_hook, override_attention, size_weighted_hook
-from .token_ops import MergePlan
-
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -172,63 +169,3 @@ def with_image_pe(pe: torch.Tensor, span: ImageSpan, family: Family, batch: int,
 def per_token_vec(vec, x: torch.Tensor) -> bool:
     """Per-token modulation (Wan 2.2 TI2V): vec has one entry per token of args["img"]."""
     return isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == x.shape[1] and x.shape[1] > 1
-
-
-def run_block_merged(args: dict, original_block: Callable, plan: MergePlan, span: ImageSpan,
-                     family: Family, key_bias: torch.Tensor | None = None, shared=None, pieces=None,
-                     key_weights: torch.Tensor | None = None) -> dict:
-    """Run a block on merged image tokens and restore full density: X + Unmerge(F(Merge X) - Merge X).
-
-    A group takes its representative's rotary position. Proportional attention: `key_bias` (B, M) as a
-    mask, or `key_weights` (B, M) without one (attention.size_weighted_hook).
-    """
-    x = args["img"]
-    a = span.img_start
-    before, main, after = pieces if pieces is not None else split_tokens(x, a, span.n_img)
-    merged = plan.merge(main)
-    new_args = dict(args)
-    joined = join_tokens(before, merged, after)
-    # Hosts update the block input in place (Flux: img += ...); merged is needed after the block.
-    new_args["img"] = merged.clone() if joined is merged else joined
-    if span.pe_dim is not None:
-        pe = args["pe"]
-
-        def merged_pe():
-            return with_image_pe(pe, span, family, x.shape[0], lambda t: plan.take_rep(t, dim=span.pe_dim), shared)
-
-        new_args["pe"] = merged_pe() if shared is None else shared.get(("merged pe", span.pe_dim, span.key_offset),
-                                                                          (pe, plan), merged_pe)
-    mask = args.get(family.key_mask_arg) if family.key_mask_arg else None
-    if isinstance(mask, torch.Tensor):  # a per-key mask (HunyuanVideo's text mask): merged keys take their rep's
-        k0 = span.key_offset
-        mask = mask.expand(x.shape[0], *mask.shape[1:]) if mask.shape[0] != x.shape[0] else mask
-        new_args[family.key_mask_arg] = torch.cat(
-            [mask[..., :k0], plan.take_rep(mask[..., k0:k0 + span.n_img], dim=mask.ndim - 1),
-             mask[..., k0 + span.n_img:]], dim=-1)
-    vec = args.get("vec")
-    if per_token_vec(vec, x):  # merged tokens take their group's mean modulation
-        img_vec = vec[:, a:a + span.n_img]
-        merged_vec = plan.merge(img_vec.flatten(2)).unflatten(2, img_vec.shape[2:])
-        new_args["vec"] = torch.cat([vec[:, :a], merged_vec, vec[:, a + span.n_img:]], dim=1)
-    hook = (key_bias_hook(key_bias, span.key_offset, plan.n_out, shared) if key_bias is not None else
-            size_weighted_hook(key_weights, span.key_offset, plan.n_out, shared) if key_weights is not None else None)
-    if hook is not None:
-        new_args["transformer_options"] = override_attention(args.get("transformer_options") or {}, hook,
-                                                             first_call_only=span.cross_attention)
-    out = original_block(new_args)
-    y_before, y_merged, y_after = split_tokens(out["img"], a, plan.n_out)
-    out = dict(out)
-    out["img"] = join_tokens(y_before, main + plan.unmerge(y_merged - merged), y_after)
-    return out
-
-
-def matmul_flops(tokens: float, query_key_pairs: float, width: int, mlp_ratio: float = 4.0) -> float:
-    """Matmul FLOPs of a block: 2 (4 + 2 mlp_ratio) C^2 per token through the linear layers, 4 C per
-    query-key pair in attention."""
-    return 2.0 * (4.0 + 2.0 * mlp_ratio) * width * width * tokens + 4.0 * width * query_key_pairs
-
-
-def block_flops(n_tokens: float, width: int, mlp_ratio: float = 4.0, n_keys: float | None = None) -> float:
-    """matmul_flops of one block on one sequence; `n_keys` (default n_tokens): keys per query (CAT's pruned
-    queries see every key)."""
-    return matmul_flops(n_tokens, n_tokens * (n_tokens if n_keys is None else n_keys), width, mlp_ratio)

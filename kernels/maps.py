@@ -1,12 +1,13 @@
 """Token maps: per-step, per-block records of what each image token went through, host-independent.
 
-Redundancy maps (merge groups, computed masks) come from the runtime's observer (an ActiveCall);
-attention maps from a probe on detached copies, so recording never changes the computation. A run whose
-worst case (`estimate_bytes`) exceeds the budget records nothing.
+The store is the runtime's Observer (kernels/runtime.py): the runtime installed with it starts and ends its
+runs, and every runtime on the model hands it a listener per model call (an ActiveCall) that hears of each
+block: token counts, merge plans and computed masks (redundancy maps), and an attention probe on detached
+copies (attention maps), so recording never changes the computation. A run whose worst case
+(`estimate_bytes`) exceeds the budget records nothing.
 """
 from __future__ import annotations
 
-import contextvars
 import copy
 import logging
 import math
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import get_mask, override_attention
-from .families import Family, block_flops, image_span
-from .runtime import chained, observe, stop_observing
+from .attention import get_mask
+from .families import Family
+from .flops import block_flops
+from .runtime import CallInfo, CallListener, Observer
 
 KINDS = ("attention_text", "attention_image", "merge_size", "merge_groups", "computed")
 KIND_HELP = {
@@ -109,7 +111,7 @@ class BlockCount:
 
 
 @dataclass
-class TokenMapStore:
+class TokenMapStore(Observer):
     """Maps of the latest sampling run of one recorder; `run_id` changes every run."""
 
     config: RecorderConfig
@@ -128,7 +130,7 @@ class TokenMapStore:
     _sel: tuple = (set(), set(), set(), set())
     _t0: float = 0.0
 
-    # -- run lifecycle --
+    # -- the runtime's observer interface --
     def begin_run(self, sigmas, grid: tuple):
         self.maps, self.counts, self.progress = {}, {}, {}
         self.grid = tuple(int(g) for g in grid)
@@ -144,11 +146,22 @@ class TokenMapStore:
                               len(self._sel[2]), len(self._sel[3]))
         if need > c.max_bytes:
             self.refused = budget_message(need, c.max_bytes, self.n_steps, nb, self.grid)
+            log.warning(self.refused)
         self._t0 = time.perf_counter()
 
-    def end_run(self):
+    def end_run(self) -> list[str]:
         self.seconds = time.perf_counter() - self._t0
         self.maps = {k: v.cpu() for k, v in self.maps.items()}
+        return [run_summary(self)[0]]
+
+    def begin_call(self, call: CallInfo) -> "ActiveCall | None":
+        """The listener of a model call with a conditional row (the first one is recorded), else None."""
+        row = next((i for i, key in enumerate(call.rows) if key[1] in (0, None)), 0 if not call.rows else None)
+        if self.refused is not None or not self.grid or row is None:
+            return None
+        step = self.step_of(call.sigma)
+        self.progress.setdefault(step, call.progress)
+        return ActiveCall(self, step, row, self.n_tokens, call.n_txt)
 
     @property
     def n_tokens(self) -> int:
@@ -238,10 +251,10 @@ def budget_message(need: int, budget: int, n_steps: int, n_blocks: int, grid: tu
             "raise max_megabytes.")
 
 
-# ---- the per-call context that methods feed -----------------------------------------------------
+# ---- the listener of one model call -------------------------------------------------------------
 
 @dataclass
-class ActiveCall:
+class ActiveCall(CallListener):
     store: TokenMapStore
     step: int
     row: int                 # batch row recorded (the first conditional row)
@@ -250,7 +263,17 @@ class ActiveCall:
     plans: dict = field(default_factory=dict)      # block -> (assign row, n_out)
     computed: dict = field(default_factory=dict)   # block -> mask row
 
-    # -- the runtime's observer interface --
+    def attention_hook(self, block: int, span, n_attention: int):
+        store = self.store
+        if store.wants_attention(self.step, block) and ("attention_image", self.step, block) not in store.maps:
+            return _attention_probe(self, block, span, n_attention)
+        return None
+
+    def count(self, block: int, n_img: int, n_computed: int, n_other: int, width: int):
+        store = self.store
+        if (self.step, block) not in store.counts and store.refused is None:
+            store.counts[(self.step, block)] = BlockCount(n_img, n_computed, n_other, width)
+
     def plan(self, block: int, plan):
         if plan.assign.shape[0] <= self.row:
             return
@@ -267,62 +290,6 @@ class ActiveCall:
         self.computed[block] = row
         if self.store.wants_redundancy(self.step, block):
             self.store.put("computed", self.step, block, row.to(torch.uint8))
-
-
-_ACTIVE: contextvars.ContextVar[ActiveCall | None] = contextvars.ContextVar("token_map_call", default=None)
-
-
-def activate(call: ActiveCall):
-    """Make `call` the recorder's current model call and the runtime's observer; returns a token."""
-    return _ACTIVE.set(call), observe(call)
-
-
-def deactivate(tokens):
-    _ACTIVE.reset(tokens[0])
-    stop_observing(tokens[1])
-
-
-# ---- block replacements that count tokens and probe attention -----------------------------------
-
-def recorder_block_replaces(family: Family, existing: dict | None = None) -> dict:
-    """{block key: replace} that record token counts and attention; `existing` runs beneath."""
-    existing = existing or {}
-    return {spec.key: _recorder_replace(spec, family, existing.get(spec.key)) for spec in family.blocks}
-
-
-def _recorder_replace(spec, family, previous):
-    def replace(args, extra):
-        original = extra["original_block"]
-        call = _ACTIVE.get()
-        if call is None:
-            return chained(original, previous)(args)
-        if not spec.text_in_img and args.get("txt") is not None:
-            call.n_txt = args["txt"].shape[1]
-        span = image_span(spec, args, call.n_img, call.n_txt, family)
-        if span is None or isinstance(span, str):
-            return chained(original, previous)(args)
-        store, step, block = call.store, call.step, spec.index
-        full_len = args["img"].shape[1]
-        seen = {"n": 0}
-
-        def counting(a):
-            seen["n"] = a["img"].shape[1]
-            return original(a)
-
-        new_args = args
-        if store.wants_attention(step, block) and (("attention_image", step, block) not in store.maps):
-            new_args = dict(args)
-            new_args["transformer_options"] = override_attention(
-                args.get("transformer_options") or {},
-                _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after))
-        out = chained(counting, previous)(new_args)
-        if (step, block) not in store.counts and store.refused is None:
-            n_comp = max(span.n_img - (full_len - seen["n"]), 0) if seen["n"] else 0
-            store.counts[(step, block)] = BlockCount(span.n_img, n_comp, full_len - span.n_img + span.n_txt + span.n_txt_after,
-                                                     int(args["img"].shape[-1]))
-        return out
-
-    return replace
 
 
 def _attention_probe(call: ActiveCall, block: int, span, full_len: int):

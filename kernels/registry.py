@@ -5,13 +5,12 @@ list, the README's support matrix and every refusal message come from here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .families import (Family, flux_family, hunyuan_video_family, mmdit_family, nextdit_family, qwen_image_family,
                        wan_family)
 
-METHODS = {"sdtm": "SDTM", "cat": "CAT", "density": "Density", "maps": "Maps"}  # key -> support-matrix column
 TESTED_COMFYUI = ("0.3.64", "0.3.75")  # the host tests run against both ends of the supported range
 
 
@@ -34,7 +33,6 @@ class Entry:
     subclasses: bool = False            # also match subclasses (SD3's wrapper class)
     when: Callable[[object], bool] | None = None  # tells apart products that share a class (first match wins)
     refused: str = ""                   # why the pack cannot patch it (describe is None)
-    refused_methods: dict = field(default_factory=dict)  # method key (METHODS) -> why not
     workflow: str = ""                  # example workflow in workflows/
 
 
@@ -117,7 +115,7 @@ def entry_for(diffusion_model) -> Entry | None:
     return None
 
 
-def describe(diffusion_model, method_name: str, method_key: str = "", model_name: str = "") -> ModelInfo:
+def describe(diffusion_model, method_name: str, model_name: str = "") -> ModelInfo:
     """The family and patch size of a host diffusion model, or an error naming the family and why."""
     kind = type(diffusion_model).__name__
     e = entry_for(diffusion_model)
@@ -126,9 +124,6 @@ def describe(diffusion_model, method_name: str, method_key: str = "", model_name
         raise UnsupportedModelError(
             f"{method_name} cannot patch this model: its diffusion model is {kind}"
             f"{f' (model type {model_name})' if model_name else ''}{reason}. Supported families: {SUPPORTED_TEXT}.")
-    why = e.refused_methods.get(method_key)
-    if why:
-        raise UnsupportedModelError(f"{method_name} cannot patch {e.label}: {why}.")
     try:
         patch = e.patch(diffusion_model, e.label)
     except UnsupportedModelError as err:

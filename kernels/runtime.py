@@ -2,26 +2,43 @@
 
 `Runtime` drives a `TokenMethod` on a model family per sampling run, model call and block (ComfyUI's
 `patches_replace["dit"]` protocol); the ComfyUI glue, the reference DiT and the benchmark all use it.
-Observers (the token-map recorder) hear of plans and masks through `report_plan` / `report_computed`.
+An `Observer` (the token-map recorder) hears of runs, calls, blocks, plans and masks from the runtime.
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .families import BlockSpec, Family, ImageSpan, image_span, matmul_flops, run_block_merged, split_tokens
+from .attention import override_attention
+from .block_runners import run_block_merged
+from .families import BlockSpec, Family, ImageSpan, image_span, split_tokens
+from .flops import matmul_flops
 from .token_ops import MergePlan
 
 CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
 RUNS_KEY = "token_reduction_runs"   # transformer_options: {method key: Run} of the current sampling run
+METHODS_KEY = "token_reduction_methods"  # transformer_options: an Installed per method on the model
+OBSERVER_KEY = "token_reduction_observer"  # transformer_options: the Observer of the model's runs
 
 log = logging.getLogger("token_reduction")
+
+
+class Installed(NamedTuple):
+    """What stacking rules need to know of a method installed on a model (model options are deep-copied)."""
+
+    key: str
+    name: str
+    composable: bool
+    observes_only: bool
+
+    @classmethod
+    def of(cls, key: str, method) -> "Installed":
+        return cls(key, method.name, method.composable, method.observes_only)
 
 
 class CallShared:
@@ -52,11 +69,10 @@ class CallInfo:
     progress: float  # 0 at the first full-schedule sigma, 1 at sigma 0
     sigma: float = 0.0   # a change marks a new step
     rows: tuple = ()     # one key per batch row: (uuid, cond_or_uncond, row within its chunk)
-    reduced: bool = False  # some block of this call ran on fewer tokens
-    full: bool = False     # a method's begin_call asks for a call on every token (a refresh step)
     num_blocks: int = 0
     patch: int = 1
     shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
+    observer: object = field(default=None, repr=False, compare=False)  # the Observer's per-call listener
     previous_output: dict | None = field(default=None, repr=False, compare=False)
 
     def release_previous_output(self):
@@ -167,12 +183,14 @@ class RunStats:
 
 @dataclass
 class Run:
-    """One sampling run of one method: its counts and its state (None for stateless methods)."""
+    """One sampling run of one method: its counts, its state (None for stateless methods) and the decision
+    its begin_call returned for the model call under way."""
 
     stats: RunStats
     state: object = None
     started: float = 0.0
-    last_sigma: float | None = None
+    steps: StepCounter = field(default_factory=StepCounter)
+    decision: object = None
 
 
 @dataclass
@@ -189,6 +207,25 @@ class BlockCall:
 
     _pieces: tuple | None = None
 
+    @property
+    def decision(self):
+        """What the method's begin_call decided for this model call (None: stateless, or no decision)."""
+        return self.run.decision if self.run is not None else None
+
+    @property
+    def observed(self) -> bool:
+        """An observer listens (a method may skip building a map nobody reads)."""
+        return self.call.observer is not None
+
+    def report_plan(self, plan: MergePlan):
+        if self.call.observer is not None:
+            self.call.observer.plan(self.spec.index, plan)
+
+    def report_computed(self, mask: torch.Tensor):
+        """A (B, N) per-token mask, 1 = computed in this block, 0 = served from a cache."""
+        if self.call.observer is not None:
+            self.call.observer.computed_mask(self.spec.index, mask)
+
     def pieces(self) -> tuple:
         """families.split_tokens of args["img"], once per block."""
         if self._pieces is None:
@@ -201,12 +238,14 @@ class BlockCall:
 
     def count(self, n_computed: int, n_keys: int | None = None):
         """Record that `n_computed` image tokens ran (against `n_keys` image keys, default the same)."""
+        x = self.args["img"]
+        n_other = x.shape[1] - self.span.n_img + self.span.n_txt + self.span.n_txt_after
         if self.run is not None:
-            x = self.args["img"]
             stats = self.run.stats
             stats.width = stats.width or int(x.shape[-1])
-            stats.add(self.span.n_img, n_computed, n_keys,
-                      x.shape[1] - self.span.n_img + self.span.n_txt + self.span.n_txt_after)
+            stats.add(self.span.n_img, n_computed, n_keys, n_other)
+        if self.call.observer is not None:
+            self.call.observer.count(self.spec.index, self.span.n_img, n_computed, n_other, int(x.shape[-1]))
 
 
 def check_fractions(label: str, config, *names: str):
@@ -218,11 +257,13 @@ def check_fractions(label: str, config, *names: str):
 
 
 class TokenMethod:
-    """What every method implements; end_call may return (noise, computed pixel mask) to replace what
-    was not computed."""
+    """What every method implements. Per model call, begin_call returns the method's decision for it (kept
+    by the runtime for the blocks, as BlockCall.decision, and handed to end_call); end_call may return
+    (noise, computed pixel mask) to replace what was not computed. The base class reduces nothing."""
 
     name = "token method"
-    composable = True   # False: no other token-reduction method may patch the same model
+    composable = True      # False: no other token-reduction method may patch the same model
+    observes_only = False  # True: it reduces nothing and steps aside when a reducing method is installed
 
     def is_active(self, progress: float) -> bool:
         return self.config.start_percent <= progress < self.config.end_percent
@@ -231,21 +272,45 @@ class TokenMethod:
         return None
 
     def begin_call(self, state, call: CallInfo, x: torch.Tensor):
-        pass
+        return None
 
     def run_block(self, block: BlockCall) -> dict:
         block.count(block.span.n_img)
         return block.original(block.args)
 
-    def end_call(self, state, call: CallInfo, noise: torch.Tensor):
+    def end_call(self, state, call: CallInfo, decision, noise: torch.Tensor):
         return None
 
 
+class Unreduced(TokenMethod):
+    """Runs every token: the method of a model that is only observed (the token-map recorder)."""
+
+    name = "Token maps"
+    observes_only = True
+
+    def is_active(self, progress: float) -> bool:
+        return True
+
+
+@dataclass
+class MergeCall:
+    """A merging method's decision for one model call."""
+
+    full: bool = False     # run every block on every token (a refresh step)
+    reduced: bool = False  # some block of the call ran on merged tokens
+
+
 class MergingMethod(TokenMethod):
-    """Methods that merge tokens inside a block: per block a MergePlan or None (families.run_block_merged);
-    optionally with a detail cache."""
+    """Methods that merge tokens inside a block: per block a MergePlan or None (block_runners.run_block_merged);
+    optionally with a detail cache. `bias_free_attention`: proportional attention through a value channel
+    instead of an additive mask (attention.size_weighted_hook)."""
 
     detail_cache = None  # kernels.detail_cache.DetailCache when switched on
+
+    def __init__(self, config, schedule=None, bias_free_attention: bool = False):
+        self.config = config
+        self.schedule = schedule
+        self.bias_free_attention = bias_free_attention
 
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
         raise NotImplementedError
@@ -254,21 +319,19 @@ class MergingMethod(TokenMethod):
         """Proportional attention: a merged key counts as often as its group has tokens."""
         return False
 
-    def key_bias(self, plan: MergePlan) -> torch.Tensor | None:
-        """(B, M) logit bias of the merged keys, log(group size), when the attention is weighted."""
-        return plan.log_sizes() if self.weighted_attention() else None
-
     def run_block(self, block: BlockCall) -> dict:
-        plan = None if block.call.full else self.plan(block.image_tokens, block.call.grid, block.spec.index,
-                                                      block.family.num_blocks, block.call.progress)
+        decision = block.decision
+        plan = None if decision is not None and decision.full else self.plan(
+            block.image_tokens, block.call.grid, block.spec.index, block.family.num_blocks, block.call.progress)
         block.count(block.span.n_img if plan is None else plan.n_out)
         if plan is None:
             return block.original(block.args)
-        report_plan(block.spec.index, plan)
-        block.call.reduced = True
+        block.report_plan(plan)
+        if decision is not None:
+            decision.reduced = True
         bias, weights = None, None
         if self.weighted_attention():
-            if getattr(self.config, "bias_free_attention", False):
+            if self.bias_free_attention:
                 weights = plan.sizes
             else:
                 bias = plan.log_sizes(as_keys=True)
@@ -278,43 +341,46 @@ class MergingMethod(TokenMethod):
     def new_run_state(self):
         return self.detail_cache.new_run_state() if self.detail_cache is not None else None
 
-    def begin_call(self, state, call, x):
-        self.detail_cache.begin_call(state, call, x)
+    def begin_call(self, state, call, x) -> MergeCall:
+        return MergeCall(full=self.detail_cache.wants_full_call(state, call, x))
 
-    def end_call(self, state, call, noise):
-        return self.detail_cache.end_call(state, call, noise)
+    def end_call(self, state, call, decision: MergeCall, noise):
+        return self.detail_cache.end_call(state, call, decision.reduced, noise)
 
 
 # ---- observers (the token-map recorder) -------------------------------------------------------------
 
-_OBSERVER: contextvars.ContextVar = contextvars.ContextVar("token_reduction_observer", default=None)
+class Observer:
+    """What the runtime tells an observer of a model (transformer_options[OBSERVER_KEY]): the runs it owns
+    (begin_run / end_run, from the runtime installed with it) and, per model call, a listener (begin_call
+    returns one, or None to skip the call) that hears of every block of the call."""
+
+    def begin_run(self, sigmas, grid: tuple):
+        pass
+
+    def end_run(self) -> list[str]:
+        """Summary lines of the run."""
+        return []
+
+    def begin_call(self, call: CallInfo):
+        return None
 
 
-def observe(observer) -> contextvars.Token:
-    """Make `observer` (with .plan(block, plan) and .computed_mask(block, mask)) hear of this context's calls."""
-    return _OBSERVER.set(observer)
+class CallListener:
+    """Per model call: what the observer hears of each block (override what you record)."""
 
+    def attention_hook(self, block: int, span: ImageSpan, n_attention: int):
+        """An attention hook (attention.override_attention) for this block call, or None."""
+        return None
 
-def stop_observing(token: contextvars.Token):
-    _OBSERVER.reset(token)
+    def count(self, block: int, n_img: int, n_computed: int, n_other: int, width: int):
+        pass
 
+    def plan(self, block: int, plan: MergePlan):
+        pass
 
-def observing() -> bool:
-    """True while an observer listens (a method may skip building a map nobody reads)."""
-    return _OBSERVER.get() is not None
-
-
-def report_plan(block: int, plan: MergePlan):
-    observer = _OBSERVER.get()
-    if observer is not None:
-        observer.plan(block, plan)
-
-
-def report_computed(block: int, mask: torch.Tensor):
-    """A (B, N) per-token mask, 1 = computed in this block, 0 = served from a cache."""
-    observer = _OBSERVER.get()
-    if observer is not None:
-        observer.computed_mask(block, mask)
+    def computed_mask(self, block: int, mask: torch.Tensor):
+        pass
 
 
 _warned: set = set()
@@ -329,41 +395,59 @@ def warn_once(key, message: str):
 # ---- the lifecycle ---------------------------------------------------------------------------------
 
 class Runtime:
-    """One method bound to one model family: what a host calls per run, per model call and per block."""
+    """One method bound to one model family: what a host calls per run, per model call and per block.
+    `observer`: the Observer whose runs this runtime starts and ends (the recorder's own runtime)."""
 
-    def __init__(self, method: TokenMethod, family: Family, patch_size: int, key: str):
+    def __init__(self, method: TokenMethod, family: Family, patch_size: int, key: str, observer: Observer | None = None):
         self.method, self.family, self.patch, self.key = method, family, int(patch_size), key
+        self.observer = observer
 
-    def start_run(self, transformer_options: dict) -> Run:
+    def start_run(self, transformer_options: dict, sigmas=None, latent_shape=None) -> Run:
+        """A fresh run; `sigmas` (the sampler's) and `latent_shape` start the observer's run."""
         run = Run(RunStats(), self.method.new_run_state(), time.perf_counter())
         transformer_options[RUNS_KEY] = {**transformer_options.get(RUNS_KEY, {}), self.key: run}
+        if self.observer is not None:
+            self.observer.begin_run(sigmas.flatten().tolist(), token_grid(latent_shape, self.patch))
         return run
 
     def end_run(self, run: Run) -> list[str]:
-        """The run's summary lines; frees its state."""
+        """The run's summary lines (the observer's, for a method that only observes); frees its state."""
         run.stats.seconds = time.perf_counter() - run.started
         lines = [run.stats.summary(self.method.name)]
         if run.state is not None:
             lines.append(f"{self.method.name}: cache peak {run.state.peak_cache_bytes / 2 ** 20:.1f} MiB, freed")
             run.state.clear()
+        if self.observer is not None:
+            observed = self.observer.end_run()
+            if self.method.observes_only:
+                lines = list(observed)
         return lines
 
     def run_of(self, transformer_options: dict) -> Run | None:
         return (transformer_options.get(RUNS_KEY) or {}).get(self.key)
 
+    def steps_aside(self, transformer_options: dict) -> bool:
+        """An observing-only method steps aside for any reducing method installed on the same model."""
+        return self.method.observes_only and any(
+            not m.observes_only for m in transformer_options.get(METHODS_KEY, ()))
+
     def begin_call(self, transformer_options: dict, x: torch.Tensor, sigma: float, progress: float, n_txt: int,
-                   rows: tuple = ()) -> CallInfo:
+                   rows: tuple = ()) -> CallInfo | None:
+        if self.steps_aside(transformer_options):
+            return None
         grid = token_grid(x.shape, self.patch)
         call = CallInfo(grid, math.prod(grid), n_txt, progress, sigma, rows, num_blocks=self.family.num_blocks,
                         patch=self.patch)
+        observer = transformer_options.get(OBSERVER_KEY)
+        if observer is not None:
+            call.observer = observer.begin_call(call)
         transformer_options[CALL_KEY] = call
         run = self.run_of(transformer_options)
         if run is not None:
-            if sigma != run.last_sigma:
+            if sigma != run.steps.last_sigma:
                 run.stats.steps += 1
-                run.last_sigma = sigma
-            if run.state is not None:
-                self.method.begin_call(run.state, call, x)
+            run.steps.count(sigma)
+            run.decision = self.method.begin_call(run.state, call, x) if run.state is not None else None
         return call
 
     def stateful(self, transformer_options: dict) -> bool:
@@ -376,7 +460,8 @@ class Runtime:
         call = transformer_options.get(CALL_KEY)
         if run is None or run.state is None or call is None or len(call.grid) not in (2, 3):
             return None
-        return self.method.end_call(run.state, call, noise)
+        decision, run.decision = run.decision, None
+        return self.method.end_call(run.state, call, decision, noise)
 
     def block_replaces(self, existing: dict | None = None) -> dict:
         """{block key: replace} for every block; `existing` replaces are chained beneath."""
@@ -390,7 +475,7 @@ class Runtime:
             original = chained(extra["original_block"], previous)
             to = args.get("transformer_options") or {}
             call = to.get(CALL_KEY)
-            if call is None:
+            if call is None or self.steps_aside(to):
                 return original(args)
             call.release_previous_output()
             out = run(args, original, call, to)
@@ -407,6 +492,12 @@ class Runtime:
                 return original(args)
             if span is None:
                 return original(args)
+            if call.observer is not None:
+                hook = call.observer.attention_hook(spec.index, span,
+                                                    span.n_txt + args["img"].shape[1] + span.n_txt_after)
+                if hook is not None:
+                    args = dict(args)
+                    args["transformer_options"] = override_attention(to, hook)
             return method.run_block(BlockCall(args, original, spec, family, span, call,
                                               (to.get(RUNS_KEY) or {}).get(key)))
 

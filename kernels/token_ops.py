@@ -6,8 +6,10 @@ back to every member. Everything is batched over dim 0, keeps dtype and device, 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+import torch.nn.functional as F
 
 
 class MergePlan:
@@ -323,3 +325,39 @@ def max_merge_ratio(window) -> float:
     """Largest fraction of tokens a window size lets either matcher remove."""
     k = _prod(window)
     return (k - 1) / k
+
+
+def scatter_index(shared, selection: torch.Tensor, dim: int, shape: tuple) -> torch.Tensor:
+    """The selection (B, k) as a scatter index of `shape`, k along `dim`; once per call and shape."""
+    def make():
+        view = [selection.shape[0]] + [1] * (len(shape) - 1)
+        view[dim] = selection.shape[1]
+        return selection.view(*view).expand(*shape)
+
+    return make() if shared is None else shared.get(("selection index", dim, shape), (selection,), make)
+
+
+def patchify(noise: torch.Tensor, grid, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C*p*p) on the token grid, padded as the model pads; (B, C, T, H, W) gives
+    tokens in (t, h, w) raster order, time patched by 1."""
+    if noise.ndim == 5:
+        b, c, t, h, w = noise.shape
+        frames = patchify(noise.transpose(1, 2).reshape(b * t, c, h, w), grid[-2:], patch)
+        return frames.reshape(b, t * frames.shape[1], frames.shape[2])
+    b, c, h, w = noise.shape
+    gh, gw = grid
+    x = F.pad(noise, (0, gw * patch - w, 0, gh * patch - h))
+    x = x.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, gh * gw, c * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, shape, patch: int) -> torch.Tensor:
+    """Inverse of patchify, cropped to shape (B, C, H, W) or (B, C, T, H, W)."""
+    if len(shape) == 5:
+        b, c, t, h, w = shape
+        frames = unpatchify(tokens.reshape(b * t, -1, tokens.shape[2]), (b * t, c, h, w), patch)
+        return frames.reshape(b, t, c, h, w).transpose(1, 2)
+    b, c, h, w = shape
+    gh, gw = math.ceil(h / patch), math.ceil(w / patch)
+    x = tokens.reshape(b, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, gh * patch, gw * patch)[:, :, :h, :w]

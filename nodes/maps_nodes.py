@@ -1,26 +1,23 @@
-"""Token Map Recorder and Token Map Overlay nodes, and the recorder's ComfyUI glue.
+"""Token Map Recorder and Token Map Overlay nodes.
 
-The recorder clones the MODEL and adds, keyed RECORDER_KEY: an OUTER_SAMPLE wrapper (a fresh run in
-the store; maps to the CPU in a `finally`), an APPLY_MODEL wrapper that makes each call the active call
-of kernels.maps, and chained block replaces that count tokens and probe attention. The store travels
-in model_options["transformer_options"][RECORDER_KEY].
+The recorder's store (kernels.maps.TokenMapStore) is the runtime's observer: the recorder installs it with a
+method that reduces nothing (kernels.runtime.Unreduced, which steps aside for any reducing method on the
+model), so its runs start and end with the sampler's, and every method on the model reports to it. The
+store travels in model_options["transformer_options"][OBSERVER_KEY].
 """
 from __future__ import annotations
 
 import logging
 
-import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..kernels.maps import (KIND_HELP, KINDS, ActiveCall, RecorderConfig, TokenMapStore, activate, deactivate,
-                            parse_selection, recorder_block_replaces, run_summary)
+from ..kernels.maps import KIND_HELP, KINDS, RecorderConfig, TokenMapStore, parse_selection, run_summary
 from ..kernels.maps_render import overlay
+from ..kernels.runtime import OBSERVER_KEY, Unreduced
 from . import maps_route
-from ..kernels.runtime import token_grid
-from .patching import CATEGORY, detect_family, progress_map, set_block_replaces
+from .patching import CATEGORY, detect_family, install
 
-RECORDER_KEY = "token_map_recorder"
 log = logging.getLogger("token_reduction")
 
 
@@ -28,52 +25,6 @@ def _selection_input(name: str, default: str, what: str):
     return io.String.Input(name, default=default,
                            tooltip=f"{what}: 'all', 'none', 'first', 'middle', 'last', indices from 0 (negative "
                                    "count from the end) and ranges 'a..b', separated by commas.")
-
-
-def _cond_row(transformer_options: dict, batch: int) -> int | None:
-    """Batch row of the first conditional chunk; None when the call holds only unconditional rows."""
-    cou = transformer_options.get("cond_or_uncond")
-    if not cou:
-        return 0
-    if 0 not in cou:
-        return None
-    return cou.index(0) * (batch // len(cou))
-
-
-def install_recorder(model, store: TokenMapStore, patch_size: int):
-    def outer_sample_wrapper(executor, *args, **kwargs):
-        noise, sigmas = args[0], args[3]
-        store.begin_run(sigmas.flatten().tolist(), token_grid(noise.shape, patch_size))
-        if store.refused:
-            log.warning(store.refused)
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            store.end_run()
-            log.info(run_summary(store)[0])
-
-    def apply_model_wrapper(executor, *args, **kwargs):
-        x, sigma, to = args[0], args[1], args[5]
-        row = _cond_row(to, x.shape[0])
-        if store.refused is not None or not store.grid or row is None:
-            return executor(*args, **kwargs)
-        step = store.step_of(float(sigma.flatten()[0]))
-        if step not in store.progress:
-            store.progress[step] = progress_map(executor.class_obj.model_sampling)(sigma)
-        context = args[3]
-        n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
-        token = activate(ActiveCall(store, step, row, store.n_tokens, n_txt))
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            deactivate(token)
-
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RECORDER_KEY, outer_sample_wrapper)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, RECORDER_KEY, apply_model_wrapper)
-    to = model.model_options.setdefault("transformer_options", {})
-    to[RECORDER_KEY] = store
-    existing = to.get("patches_replace", {}).get("dit", {})
-    set_block_replaces(model, store.family, recorder_block_replaces(store.family, existing))
 
 
 class TokenMapRecorder(io.ComfyNode):
@@ -109,7 +60,7 @@ class TokenMapRecorder(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps, blocks, attention_steps, attention_blocks, queries,
                 max_megabytes) -> io.NodeOutput:
-        info = detect_family(model, "Token Map Recorder", "maps")
+        info = detect_family(model, "Token Map Recorder")
         n_blocks = info.family.num_blocks
         for name, text in (("steps", steps), ("attention_steps", attention_steps)):
             try:
@@ -125,12 +76,12 @@ class TokenMapRecorder(io.ComfyNode):
                                 attention_blocks=attention_blocks, queries=queries,
                                 max_bytes=max_megabytes * 2 ** 20)
         patched = model.clone()
-        install_recorder(patched, TokenMapStore(config, info.family), info.patch_size)
+        install(patched, Unreduced(), "maps", info, observer=TokenMapStore(config, info.family))
         return io.NodeOutput(patched)
 
 
 def recorder_store(model) -> TokenMapStore | None:
-    return model.model_options.get("transformer_options", {}).get(RECORDER_KEY)
+    return model.model_options.get("transformer_options", {}).get(OBSERVER_KEY)
 
 
 class TokenMapOverlay(io.ComfyNode):

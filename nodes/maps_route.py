@@ -4,7 +4,7 @@ Only ids issued here are served (never a file path); a bad parameter gets a 4xx 
   GET /token_reduction/maps/{id}                        -> metadata, stats, thumbnail
   GET /token_reduction/maps/{id}/map?kind=&step=&block= -> one map as a flat list of floats
   GET /token_reduction/schedule?preset=&ratio=&...       -> the schedule node's graph (handle_schedule)
-  GET /token_reduction/presets                          -> the patch nodes' presets (patching.preset_widgets)
+  GET /token_reduction/presets                          -> the patch nodes' presets (patch_node.preset_widgets)
 """
 from __future__ import annotations
 
@@ -169,11 +169,11 @@ PRESETS_ROUTE = "/token_reduction/presets"
 async def handle_presets(request):
     """The patch nodes' presets as widget values, so the frontend can show what a preset runs."""
     from aiohttp import web
-    from . import PATCH_NODES
-    from .patching import preset_widgets
+    from ..kernels.methods import SPECS
+    from .patch_node import preset_widgets
     if set(request.query):
         return _bad(400, "this endpoint takes no query parameters")
-    return web.json_response({cls.define_schema().node_id: preset_widgets(cls) for cls in PATCH_NODES})
+    return web.json_response({spec.node_id: preset_widgets(spec) for spec in SPECS})
 
 
 _registered = False

@@ -19,7 +19,7 @@ import torch
 
 from ..kernels.families import Family
 from ..kernels.registry import SUPPORTED, SUPPORTED_TEXT, ModelInfo, UnsupportedModelError, describe
-from ..kernels.runtime import Runtime, row_keys
+from ..kernels.runtime import METHODS_KEY, OBSERVER_KEY, Installed, Runtime, row_keys
 from ..kernels.schedule import ProgressMap
 
 __all__ = ["ModelInfo", "UnsupportedModelError"]
@@ -35,80 +35,9 @@ def model_input():
     return io.Model.Input("model", tooltip=f"The diffusion model to accelerate: {SUPPORTED_TEXT}.")
 
 
-def progress_window_inputs(d, verb: str) -> list:
-    """start_percent / end_percent of the merging nodes; `verb` is "merge" or "pool"."""
-    return [advanced(io.Float.Input(
-                "start_percent", default=d.start_percent, min=0.0, max=1.0, step=0.01,
-                tooltip=f"Progress at which {verb}ing starts; earlier steps run on every token (1 = never {verb}, "
-                        "the unpatched model).")),
-            advanced(io.Float.Input(
-                "end_percent", default=d.end_percent, min=0.0, max=1.0, step=0.01,
-                tooltip=f"Progress at which {verb}ing stops."))]
-
-
-def detail_cache_inputs(d, verb: str) -> list:
-    """The detail-cache inputs of the merging nodes; `verb` is "merged" or "pooled"."""
-    return [advanced(io.Boolean.Input(
-                "detail_cache", default=d.detail_cache,
-                tooltip=f"A {verb} step only corrects the last full step's prediction carried along its trend (off: "
-                        f"each {verb} step stands alone, and per-token noise shows).")),
-            advanced(io.Int.Input(
-                "refresh_every", default=d.refresh_every, min=0, max=100,
-                tooltip=f"With the detail cache: one full step after this many {verb} steps (0 = never).")),
-            advanced(io.Float.Input(
-                "forecast", default=d.forecast, min=0.0, max=1.0, step=0.05,
-                tooltip="With the detail cache: how far the last full prediction follows its recent trend (0 = held).")),
-            advanced(io.Float.Input(
-                "detail_weight", default=d.detail_weight, min=0.0, max=1.0, step=0.05,
-                tooltip=f"With the detail cache: how much of its own coarse difference a {verb} step adds."))]
-
-
-CUSTOM = "custom"
-
-
-def advanced(inp):
-    """Mark an expert input (the web extension shows it greyed while a preset decides its value)."""
-    inp.extra_dict["advanced"] = True
-    return inp
-
-
-def preset_input(presets: dict, what: str):
-    """The `preset` choice of a patch node: named settings from the method's PRESETS, or `custom`."""
-    names = ", ".join(presets)
-    return io.Combo.Input("preset", options=[*presets, CUSTOM], default="balanced",
-                          tooltip=f"{what} ({names}: from closest to the unpatched model to fastest). Pick custom to "
-                                  "use the advanced settings below instead.")
-
-
-def widget_value(value):
-    """A config value as its node widget holds it (a tuple of pooling windows as "2, 2, 2, 1")."""
-    return ", ".join(str(v) for v in value) if isinstance(value, tuple) else value
-
-
-def preset_widgets(node_cls) -> dict:
-    """What the frontend shows for a node's presets: its expert (advanced) widgets, each preset's values
-    for them (through the node's config(), so the kernel's PRESETS stay their one home) and the widgets
-    a connected schedule replaces."""
-    expert = [inp.id for inp in node_cls.define_schema().inputs if inp.extra_dict.get("advanced")]
-    values = {}
-    for name in node_cls.PRESETS:
-        config = node_cls.config(name)
-        values[name] = {k: widget_value(getattr(config, k)) for k in expert}
-    return {"custom": CUSTOM, "expert": expert, "presets": values, "schedule_replaces": list(node_cls.SCHEDULE_REPLACES)}
-
-
-def preset_config(config_cls, presets: dict, preset: str, settings: dict):
-    """The named preset's config, or the node's own settings for custom."""
-    if preset == CUSTOM:
-        return config_cls(**settings)
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join([*presets, CUSTOM])}")
-    return config_cls(**presets[preset])
-
-
-def detect_family(model, method_name: str, method_key: str = "") -> ModelInfo:
+def detect_family(model, method_name: str) -> ModelInfo:
     """The family adapter for a MODEL, or a clear error naming the family and what is supported."""
-    return describe(model.get_model_object("diffusion_model"), method_name, method_key, type(model.model).__name__)
+    return describe(model.get_model_object("diffusion_model"), method_name, type(model.model).__name__)
 
 
 _progress_maps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -122,23 +51,23 @@ def progress_map(model_sampling) -> ProgressMap:
     return pm
 
 
-METHODS_KEY = "token_reduction_methods"  # transformer_options: [(method_key, name, composable)] installed
-
-
 def check_composable(model, method):
-    """Refuse at patch time a non-composable method stacked with any other."""
+    """Refuse at patch time a non-composable method stacked with any other reducing method."""
+    if method.observes_only:
+        return
     installed = model.model_options.get("transformer_options", {}).get(METHODS_KEY, [])
-    for key, name, composable in installed:
-        if not (method.composable and composable):
+    for other in installed:
+        if not other.observes_only and not (method.composable and other.composable):
+            pruning = method if not method.composable else other
             raise ValueError(
-                f"{method.name} cannot be stacked with {name}: CAT Pruning computes a changing subset of image "
-                f"tokens and caches the others, while {name} already changes the image tokens each block sees. "
-                f"Use one of them on this model.")
+                f"{method.name} cannot be stacked with {other.name}: {pruning.name} computes a changing subset of "
+                f"image tokens and caches the others, while the other method changes the image tokens each block "
+                f"sees. Use one of them on this model.")
 
 
 def patch_model(model, method, method_key: str, method_name: str, node_id=None):
     """Detect the family, clone the MODEL and install `method`; node `node_id` shows each run's summary."""
-    info = detect_family(model, method_name, method_key)
+    info = detect_family(model, method_name)
     patched = model.clone()
     install(patched, method, method_key, info, node_id)
     return patched
@@ -151,10 +80,11 @@ def show_on_node(node_id, text: str):
         server.send_progress_text(text, node_id)
 
 
-def install(model, method, method_key: str, info: ModelInfo, node_id=None):
-    """Patch a cloned ModelPatcher `model` so that `method` reduces tokens."""
+def install(model, method, method_key: str, info: ModelInfo, node_id=None, observer=None):
+    """Patch a cloned ModelPatcher `model` so that `method` reduces tokens; with `observer` (the token-map
+    recorder), this method's runs start and end the observer's, and every method on the model reports to it."""
     check_composable(model, method)
-    runtime = Runtime(method, info.family, info.patch_size, method_key)
+    runtime = Runtime(method, info.family, info.patch_size, method_key, observer)
 
     def apply_model_wrapper(executor, *args, **kwargs):
         x, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
@@ -178,7 +108,7 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
         guider = executor.class_obj
         original_options = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        run = runtime.start_run(guider.model_options["transformer_options"])
+        run = runtime.start_run(guider.model_options["transformer_options"], args[3], args[0].shape)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -191,7 +121,9 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, method_key, apply_model_wrapper)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, method_key, outer_sample_wrapper)
     to = model.model_options.setdefault("transformer_options", {})
-    to[METHODS_KEY] = list(to.get(METHODS_KEY, [])) + [(method_key, method.name, method.composable)]
+    to[METHODS_KEY] = list(to.get(METHODS_KEY, [])) + [Installed.of(method_key, method)]
+    if observer is not None:
+        to[OBSERVER_KEY] = observer
     existing = to.get("patches_replace", {}).get("dit", {})
     set_block_replaces(model, info.family, runtime.block_replaces(existing))
 

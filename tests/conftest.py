@@ -30,3 +30,41 @@ def pytest_collection_modifyitems(items):
         kind = item.path.parent.name
         if kind in KINDS:
             item.add_marker(getattr(pytest.mark, kind))
+
+
+# ---- one-row views of the batched selection, and the schedule CAT's begin_call follows (tests import them from here) ----
+
+def kmeans_labels(noise, grid, k: int, seed: int = 0):
+    """Cluster label (N,) per token of noise (N, D)."""
+    from kernels.cat_select import kmeans_labels_batched
+    return kmeans_labels_batched(noise.unsqueeze(0), grid, k, seed)[0]
+
+
+def select_tokens(delta, labels, age, n_keep: int, balance: float, first: bool):
+    """Image tokens to compute (n_keep,), ascending; one row of select_tokens_batched."""
+    from kernels.cat_select import cluster_counts, select_tokens_batched
+    k = int(labels.max()) + 1 if labels.numel() else 1
+    return select_tokens_batched(delta.unsqueeze(0), labels.unsqueeze(0), age.unsqueeze(0), n_keep, balance, first,
+                                 cluster_counts(labels.unsqueeze(0), k))[0]
+
+
+def staleness_bound(n: int, n_keep: int, balance: float) -> int:
+    """Max steps between two computations of any token in the pruned phase."""
+    n_stale = max(1, int(round(balance * n_keep)))
+    return (n - 1) // n_stale + 1
+
+
+def step_plan(method, progresses, n_img: int, num_blocks: int = 1) -> list:
+    """Image tokens computed per step for these progress values, as begin_call would decide them."""
+    out, pruned_since_full, history = [], 0, False
+    for p in progresses:
+        if not method.is_active(p):
+            out.append(n_img)
+            pruned_since_full, history = 0, False
+            continue
+        n_keep = method.n_keep(n_img, p, num_blocks)
+        full = not history or method._scheduled_full(p, n_keep, n_img, pruned_since_full)
+        out.append(n_img if full else n_keep)
+        pruned_since_full = 0 if full else pruned_since_full + 1
+        history = True
+    return out

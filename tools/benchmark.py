@@ -6,7 +6,7 @@
 
 flops  Block FLOPs per image at full size (Flux-dev 1024² and 2048², SD3.5-large 1024² with CFG): each method
        plans on random tokens through kernels.runtime with blocks that do no work (a dry run); the runtime's
-       token accounting (RunStats) prices the plans at the model's width with families.block_flops.
+       token accounting (RunStats) prices the plans at the model's width with flops.block_flops.
 proxy  What a method adds on the CPU over whole sampling runs of a small reference DiT: aten ops dispatched
        per block call beyond the unpatched run's, and device-to-host syncs per step (TorchDispatchMode).
 time   Whole images: the reference DiT at the architecture's dimensions with random weights (ComfyUI's own
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from kernels import cat, density, sdtm  # noqa: E402
+from kernels.methods import BY_KEY, SPECS  # noqa: E402
 from kernels.attention import ATTENTION_OVERRIDE_KEY  # noqa: E402
 from kernels.families import Family, flux_family, mmdit_family  # noqa: E402
 from kernels.runtime import RUNS_KEY, RunStats, Runtime  # noqa: E402
@@ -44,10 +44,6 @@ from tools.report import Report, peak_memory, sync  # noqa: E402
 
 SECTIONS = ("flops", "proxy", "time")
 
-# (row label, method class, config class, presets, whether it weights attention by group size)
-METHODS = [("SDTM", sdtm.SDTM, sdtm.SDTMConfig, sdtm.PRESETS, True),
-           ("density schedule", density.DensitySchedule, density.DensityConfig, density.PRESETS, True),
-           ("CAT", cat.CATPruning, cat.CATConfig, cat.PRESETS, False)]
 BIAS_FREE = ", bias-free attention"
 FP8_CACHE = "CAT defaults, fp8 key/value cache"
 
@@ -58,23 +54,22 @@ def settings(bias_free: bool = False, cache_options: bool = False) -> list[tuple
     again with attention.size_weighted_hook instead of the additive bias; with `cache_options`, CAT's fp8
     key/value cache."""
     rows = [("unpatched", lambda: None)]
-    for label, cls, config, presets, weighted in METHODS:
-        for preset, kwargs in [("defaults", {})] + [(p, kw) for p, kw in presets.items() if kw]:
-            name = f"{label} defaults" if preset == "defaults" else f"{label} {preset} preset"
-            rows.append((name, lambda cls=cls, config=config, kwargs=kwargs: cls(config(**kwargs))))
-            if bias_free and weighted:
-                rows.append((name + BIAS_FREE, lambda cls=cls, config=config, kwargs=kwargs: cls(
-                    config(**kwargs, bias_free_attention=True))))
+    for spec in SPECS:
+        for preset, kwargs in [("defaults", {})] + [(p, kw) for p, kw in spec.presets.items() if kw]:
+            name = f"{spec.name} defaults" if preset == "defaults" else f"{spec.name} {preset} preset"
+            rows.append((name, lambda spec=spec, kwargs=kwargs: spec.with_settings(kwargs)))
+            if bias_free and spec.merging:
+                rows.append((name + BIAS_FREE, lambda spec=spec, kwargs=kwargs: spec.method(
+                    spec.config(**kwargs), bias_free_attention=True)))
     if cache_options:
-        rows.append((FP8_CACHE, lambda: cat.CATPruning(cat.CATConfig(cache_dtype="fp8"))))
+        rows.append((FP8_CACHE, lambda: BY_KEY["cat"].with_settings(dict(cache_dtype="fp8"))))
     return rows
 
 
 def preset_methods() -> dict[str, Callable]:
     """{"sdtm:balanced": factory, ...}: every node preset by the key the docs quote it with."""
-    keys = {"SDTM": "sdtm", "density schedule": "density", "CAT": "cat"}
-    return {f"{keys[label]}:{preset}": (lambda cls=cls, config=config, kwargs=kwargs: cls(config(**kwargs)))
-            for label, cls, config, presets, _ in METHODS for preset, kwargs in presets.items()}
+    return {f"{spec.key}:{preset}": (lambda spec=spec, preset=preset: spec.build(preset))
+            for spec in SPECS for preset in spec.presets}
 
 
 SETTINGS = settings()                                            # FLOPs and the CPU proxy
@@ -151,7 +146,7 @@ def flops_table(rep: Report, archs=("flux-1024", "flux-2048", "sd35-1024")):
     rep("## Block FLOPs per image at full size")
     rep()
     rep("Dry run: each method plans on random tokens through kernels.runtime (blocks do no work); the runtime's "
-        "token counts are priced at the model's width (families.block_flops). Embedders, final layer, text "
+        "token counts are priced at the model's width (flops.block_flops). Embedders, final layer, text "
         "encoder and VAE are not counted.")
     rep()
     rows = []

@@ -136,15 +136,12 @@ def node_inputs(node_cls, **overrides) -> dict:
     return {**inputs, **overrides}
 
 
-EVERY_STEP = {"SDTMPatchModel": ("sdtm", "EVERY_STEP_MERGED"), "TokenDensityPatchModel": ("density", "EVERY_STEP_POOLED")}
-
-
 def every_step_inputs(node_cls, **overrides) -> dict:
     """node_inputs() with the method merging (or pooling) at every step after a short warm-up and no detail
-    cache: the merging mechanics, which the defaults' full refresh steps would hide from a test."""
-    module, name = EVERY_STEP[node_cls.__name__]
-    settings = getattr(importlib.import_module(f"{PACK_NAME}.kernels.{module}"), name)
-    widget = importlib.import_module(f"{PACK_NAME}.nodes.patching").widget_value
+    cache (its spec's every_step): the merging mechanics, which the defaults' full refresh steps would hide
+    from a test."""
+    widget = importlib.import_module(f"{PACK_NAME}.nodes.patch_node").widget_value
+    settings = node_cls.SPEC.every_step
     return node_inputs(node_cls, **{**{k: widget(v) for k, v in settings.items()}, **overrides})
 
 

@@ -48,10 +48,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+from kernels.methods import BY_KEY, SPECS  # noqa: E402
 from kernels.runtime import RUNS_KEY  # noqa: E402
-from kernels import cat as cat_kernel  # noqa: E402
-from kernels import density as density_kernel  # noqa: E402
-from kernels import sdtm as sdtm_kernel  # noqa: E402
 from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
 from tools import benchmark as B  # noqa: E402
 from tools import cli  # noqa: E402
@@ -59,20 +57,16 @@ from tools.report import Report, peak_memory, sync  # noqa: E402
 from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
-# Comparison settings beside the node presets (the presets themselves come from kernels.*.PRESETS).
-# CAT ablations: forecast 0 (the paper's plain reuse of the cached noise: what the forecast buys) and a
-# pruned step computing 1% of the tokens (what recomputing a few tokens per step buys over pure reuse).
-PLAIN_REUSE_CAT = dict(forecast=0.0)
-REUSE_ONLY_CAT = dict(ratio=0.99)
-# The paper's stage layout: merging from the first step, structure stage until 40% of progress, first and
-# last block at full density, no detail cache.
-PAPER_LAYOUT = SDTMConfig(ratio=0.5, deviation=0.2, window=2, switch_percent=0.4, start_percent=0.0,
-                          skip_first_blocks=1, skip_last_blocks=1, detail_cache=False)
-# What the merged calls add: the defaults with their contribution switched off (weight 0).
-MERGED_CALLS_OFF = dict(detail_weight=0.0)
+
+
+def comparison_name(spec, label: str) -> str:
+    """A row of a method's named comparison settings (MethodSpec.comparisons)."""
+    return f"{spec.name}, {label}"
+
+
 # The rows that show where the presets' fidelity comes from; tools/docs.py quotes them in the README.
-MERGED_CALLS_IGNORED = "SDTM, merged calls ignored (detail_weight 0)"
-REUSE_ONLY = "CAT, ratio 0.99 (reuse between full steps only)"
+MERGED_CALLS_IGNORED = comparison_name(BY_KEY["sdtm"], "merged calls ignored (detail_weight 0)")
+REUSE_ONLY = comparison_name(BY_KEY["cat"], "ratio 0.99 (reuse between full steps only)")
 # Calibrated schedules drive every step's merging: the schedule node's default target and an aggressive one.
 CALIBRATED_SAVINGS = (0.4, 0.55)
 NAIVE_RATIO = 0.5
@@ -127,24 +121,21 @@ def method_row(name: str, make: Callable, key: str = "") -> Row:
     return Row(name, lambda model: R.method_options(make(model), model, "method"), key=key)
 
 
-NODES = ((sdtm_kernel, "SDTM", "sdtm", lambda c: SDTM(SDTMConfig(**c))),
-         (density_kernel, "density schedule", "density", lambda c: density_kernel.DensitySchedule(
-             density_kernel.DensityConfig(**c))),
-         (cat_kernel, "CAT", "cat", lambda c: cat_kernel.CATPruning(cat_kernel.CATConfig(**c))))
-
-
 def preset_rows() -> list[Row]:
     """Every node preset, keyed for the docs ("sdtm:balanced" is the node's defaults)."""
-    return [method_row(f"{label} {preset}" + (" (defaults)" if preset == "balanced" else ""),
-                       lambda model, make=make, c=overrides: make(c), key=f"{key}:{preset}")
-            for kernel, label, key, make in NODES for preset, overrides in kernel.PRESETS.items()]
+    return [method_row(f"{spec.name} {preset}" + (" (defaults)" if preset == "balanced" else ""),
+                       lambda model, spec=spec, preset=preset: spec.build(preset), key=f"{spec.key}:{preset}")
+            for spec in SPECS for preset in spec.presets]
+
+
+def comparison_rows() -> list[Row]:
+    """Every method's named comparison settings."""
+    return [method_row(comparison_name(spec, label), lambda model, spec=spec, c=overrides: spec.with_settings(c))
+            for spec in SPECS for label, overrides in spec.comparisons.items()]
 
 
 def reference_rows(s: "Settings | None" = None) -> list[Row]:
     s = s or Settings()
-    sdtm = NODES[0][3]
-    density = NODES[1][3]
-    cat = NODES[2][3]
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
     rows += [Row(f"fewer steps ({int(100 * f)}%), second-order sampler (AB2)", steps=f, sampler="ab2",
@@ -152,18 +143,8 @@ def reference_rows(s: "Settings | None" = None) -> list[Row]:
     rows.append(sdtm_row(f"naive merge (ToMe-style, ratio {NAIVE_RATIO}, every block of every step)",
                          naive_config(NAIVE_RATIO), baseline=True))
     rows += preset_rows()
-    rows += [method_row(MERGED_CALLS_IGNORED, lambda m: sdtm(MERGED_CALLS_OFF)),
-             method_row("SDTM, every step merged (the earlier defaults)", lambda m: sdtm(sdtm_kernel.EVERY_STEP_MERGED)),
-             sdtm_row("SDTM, paper's stage layout (from step 1, switch 0.4, skip 1/1, no detail cache)", PAPER_LAYOUT),
-             method_row("density schedule, every step pooled (the earlier defaults)",
-                        lambda m: density(density_kernel.EVERY_STEP_POOLED)),
-             method_row("density schedule, FlexDiT layout (dense bottom/top blocks and spans, from step 1)",
-                        lambda m: density(density_kernel.FLEXDIT_LAYOUT)),
-             method_row("CAT, forecast 0 (cached noise held, as the paper)", lambda m: cat(PLAIN_REUSE_CAT)),
-             method_row(REUSE_ONLY, lambda m: cat(REUSE_ONLY_CAT)),
-             method_row("CAT, paper's setting (ratio 0.7, no refresh, no forecast)",
-                        lambda m: cat(cat_kernel.PAPER_SETTING))]
-    every_step = SDTMConfig(**{**sdtm_kernel.EVERY_STEP_MERGED, "start_percent": 0.0})
+    rows += comparison_rows()
+    every_step = SDTMConfig(**{**BY_KEY["sdtm"].every_step, "start_percent": 0.0})
     for saving in CALIBRATED_SAVINGS:
         rows.append(method_row(f"SDTM every step + calibrated ratio schedule ({100 * saving:.0f}% of block FLOPs "
                                "saved)", lambda m, saving=saving: SDTM(every_step, calibrated_schedule(m, s, saving))))
@@ -533,8 +514,7 @@ def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
                                     **H.node_inputs(H.pack_nodes()[node_id], **overrides))[0]
 
     def node(cfg: SDTMConfig, **extra):
-        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "bias_free_attention")}
-        return pack_node("SDTMPatchModel", **settings, **extra)
+        return pack_node("SDTMPatchModel", **dataclasses.asdict(cfg), **extra)
 
     def calibrated(saving: float):
         """The SDTM node driven by the Token Ratio Schedule node calibrated on the model itself, wired as a
@@ -544,17 +524,15 @@ def host_rows(family: str, steps: int = 6, px: int = 256) -> list[Row]:
             schedule = H.run_node(H.pack_nodes()["TokenRatioSchedule"], model=m, positive=H.conditioning()[0],
                                   **H.node_inputs(H.pack_nodes()["TokenRatioSchedule"], flops_saving=saving,
                                                   width=px, height=px, calibration_steps=steps))[0]
-            return node(SDTMConfig(**{**sdtm_kernel.EVERY_STEP_MERGED, "start_percent": 0.0}), schedule=schedule)(m)
+            return node(SDTMConfig(**{**BY_KEY["sdtm"].every_step, "start_percent": 0.0}), schedule=schedule)(m)
         return build
 
     rows = [Row("unpatched", baseline=True)]
     rows += [Row(f"fewer steps ({int(100 * f)}%)", steps=f, baseline=True) for f in STEP_FRACTIONS]
     rows.append(Row(f"naive merge (ratio {NAIVE_RATIO}, every block of every step)", node(naive_config(NAIVE_RATIO)),
                     baseline=True))
-    for kernel, label, _, _ in NODES:
-        node_id = {"SDTM": "SDTMPatchModel", "density schedule": "TokenDensityPatchModel",
-                   "CAT": "CATPruningPatchModel"}[label]
-        rows += [Row(f"{label} {preset} (node)", pack_node(node_id, preset=preset)) for preset in kernel.PRESETS]
+    for spec in SPECS:
+        rows += [Row(f"{spec.name} {preset} (node)", pack_node(spec.node_id, preset=preset)) for preset in spec.presets]
     rows += [Row(f"SDTM every step + calibrated schedule ({100 * saving:.0f}% of block FLOPs saved, node)",
                  calibrated(saving)) for saving in CALIBRATED_SAVINGS]
     for label, thr in (("default, threshold 0.2", 0.2), ("stronger, threshold 0.5", 0.5)):

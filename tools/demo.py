@@ -25,18 +25,13 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.cat import CATConfig, CATPruning  # noqa: E402
-from kernels.density import DensityConfig, DensitySchedule  # noqa: E402
 from kernels.draw import draw_text, text_width  # noqa: E402
 from kernels.runtime import RUNS_KEY  # noqa: E402
-from kernels.sdtm import SDTM, SDTMConfig  # noqa: E402
+from kernels.methods import SPECS  # noqa: E402
 from tools import cli, metrics, procedural  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# The methods at their nodes' defaults (the "balanced" preset).
-METHODS = {"SDTM": lambda: SDTM(SDTMConfig()), "density schedule": lambda: DensitySchedule(DensityConfig()),
-           "CAT": lambda: CATPruning(CATConfig())}
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -176,10 +171,10 @@ def run(args) -> dict:
 
     images, seconds = sample(args.steps)
     rows = [Row("UNPATCHED", images, 1.0, seconds)]
-    for name, make in METHODS.items():
-        options = R.method_options(make(), model, "demo")
+    for spec in SPECS:  # every node at its default preset
+        options = R.method_options(spec.build(), model, "demo")
         images, seconds = sample(args.steps, options)
-        rows.append(Row(name.upper(), images, options[RUNS_KEY]["demo"].stats.flops_share(), seconds))
+        rows.append(Row(spec.name.upper(), images, options[RUNS_KEY]["demo"].stats.flops_share(), seconds))
     # Fewer steps at about the FLOPs the methods spend: what a user could do instead.
     k = max(1, round(args.steps * sorted(r.flops for r in rows[1:])[len(rows[1:]) // 2]))
     images, seconds = sample(k)

@@ -18,19 +18,18 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 
-from kernels.registry import METHODS, REGISTRY, TESTED_COMFYUI  # noqa: E402
+from kernels.methods import BY_KEY, SPECS  # noqa: E402
+from kernels.registry import REGISTRY, TESTED_COMFYUI  # noqa: E402
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def support_matrix() -> str:
-    rows = ["| family | " + " | ".join(METHODS.values()) + " | example workflow |",
-            "|---|" + "---|" * len(METHODS) + "---|"]
+    columns = [spec.name for spec in SPECS] + ["Maps"]
+    rows = ["| family | " + " | ".join(columns) + " | example workflow |",
+            "|---|" + "---|" * len(columns) + "---|"]
     for e in REGISTRY:
-        if e.refused:
-            cells = [f"no: {e.refused}"] + ["no"] * (len(METHODS) - 1)
-        else:
-            cells = [f"no: {e.refused_methods[k]}" if k in e.refused_methods else "yes" for k in METHODS]
+        cells = [f"no: {e.refused}"] + ["no"] * (len(columns) - 1) if e.refused else ["yes"] * len(columns)
         workflow = f"[`{e.workflow}`](workflows/{e.workflow})" if e.workflow else ""
         rows.append(f"| {e.label} | " + " | ".join(cells) + f" | {workflow} |")
     rows.append("")
@@ -40,7 +39,6 @@ def support_matrix() -> str:
 
 EVIDENCE = ROOT / "docs" / "evidence"
 PRIMARY = ("128px", 10)  # the evidence run the README quotes
-NODES = {"sdtm": "SDTM Token Merging", "density": "Token Density Schedule", "cat": "CAT Cached Token Pruning"}
 
 
 def evidence(model: str, steps: int) -> dict | None:
@@ -74,15 +72,15 @@ def choose() -> str:
     lines = ["| node | preset | work kept at Flux-dev 1024², 28 steps | work kept here | PSNR vs unpatched | "
              "vs fewer Euler steps, same work | vs fewer AB2 steps, same work | token artifacts |",
              "|---|---|---|---|---|---|---|---|"]
-    for key in sorted(flux, key=lambda k: (list(NODES).index(k.split(":")[0]), flux[k])):
+    for key in sorted(flux, key=lambda k: (list(BY_KEY).index(k.split(":")[0]), flux[k])):
         r = rows.get(key)
         if r is None:
             continue
         node, preset = key.split(":")
         vs = ["n/a" if r.get(k) is None else f"{r[k]:+.1f} dB" for k in ("vs_fewer_steps", "vs_fewer_steps_ab2")]
-        lines.append(f"| {NODES[node]} | {preset} | {flux[key]:.2f} | {r['flops']:.2f} | {r['psnr']:.1f} dB | "
+        lines.append(f"| {BY_KEY[node].display_name} | {preset} | {flux[key]:.2f} | {r['flops']:.2f} | {r['psnr']:.1f} dB | "
                      f"{vs[0]} | {vs[1]} | {r['artifacts']:.2f} |")
-    better = [f"{NODES[k.split(':')[0]]} {k.split(':')[1]}" for k, r in rows.items()
+    better = [f"{BY_KEY[k.split(':')[0]].display_name} {k.split(':')[1]}" for k, r in rows.items()
               if min((r.get(v) for v in ("vs_fewer_steps", "vs_fewer_steps_ab2") if r.get(v) is not None),
                      default=0.0) < 0]
     lines += ["",
@@ -100,7 +98,7 @@ def choose() -> str:
         key, r = min(((k, r) for k, r in rows.items() if r.get("vs_fewer_steps_ab2") is not None),
                      key=lambda kr: kr[1]["vs_fewer_steps_ab2"])
         lines.append(f"On this model every preset beats fewer steps at the same work, with either sampler; the "
-                     f"smallest margin is {NODES[key.split(':')[0]]} {key.split(':')[1]}'s, "
+                     f"smallest margin is {BY_KEY[key.split(':')[0]].display_name} {key.split(':')[1]}'s, "
                      f"{r['vs_fewer_steps_ab2']:+.1f} dB over AB2.")
     named = {r["name"]: r for r in ev["rows"]}
     from tools.compare import MERGED_CALLS_IGNORED, REUSE_ONLY

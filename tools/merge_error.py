@@ -30,10 +30,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from kernels.cat import CATConfig  # noqa: E402
+from kernels.methods import BY_KEY, SPECS  # noqa: E402
 from kernels.forecast import along_trend  # noqa: E402
-from kernels.density import EVERY_STEP_POOLED, DensityConfig, DensitySchedule  # noqa: E402
 from kernels.detail_cache import low_pass  # noqa: E402
-from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig  # noqa: E402
 from tools import cli  # noqa: E402
 from tools import compare as C  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
@@ -41,8 +40,8 @@ from tools.report import Report  # noqa: E402
 
 CFG = 3.0
 # A merged call on its own (every step merged, no detail cache), the thing this tool measures.
-MERGED = {"SDTM": lambda: SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0})),
-          "density": lambda: DensitySchedule(DensityConfig(**{**EVERY_STEP_POOLED, "start_percent": 0.0}))}
+MERGED = {spec.key: (lambda spec=spec: spec.with_settings({**spec.every_step, "start_percent": 0.0}))
+          for spec in SPECS if spec.every_step is not None}
 # End-to-end layouts: steps computed in full (fractions of the run, rounded to step indices).
 LAYOUTS = ((0.0, 0.1), (0.0, 0.1, 0.4, 0.7))
 
@@ -112,10 +111,9 @@ def full_step_indices(layout: tuple, steps: int) -> tuple:
 
 def report(rep: Report, model, steps: int, samples: int):
     rows = per_step_errors(model, steps, samples)
-    names = ["SDTM", "density", "held", "forecast"]
-    header = ["step", "sigma"] + [f"{n}: full / low-passed" for n in ("SDTM merged call", "density pooled call",
-                                                                      "previous prediction held",
-                                                                      "CAT forecast")]
+    names = [*MERGED, "held", "forecast"]
+    header = ["step", "sigma"] + [f"{n}: full / low-passed" for n in (
+        *(f"{BY_KEY[k].name} reduced call" for k in MERGED), "previous prediction held", "CAT forecast")]
     table = []
     for i, r in enumerate(rows):
         table.append([i, f"{r['sigma']:.2f}"] + [f"{r[n][0]:.3f} / {r[n][1]:.3f}" if n in r else "-" for n in names])

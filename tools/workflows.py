@@ -22,12 +22,12 @@ import json  # noqa: E402
 from tools import cli, comfy_host  # noqa: E402
 
 
-def synced(node_cls, patching, values: list, old_names: list[str] | None) -> list:
+def synced(node_cls, patch_node, values: list, old_names: list[str] | None) -> list:
     """The widget values a node of `node_cls` should hold, from its stored `values` (named `old_names`)."""
     widgets = [i for i in node_cls.define_schema().inputs if i.id != "model" and not getattr(i, "optional", False)]
     stored = dict(zip(old_names or [w.id for w in widgets], values))
     preset = stored.get("preset", "custom")
-    named = patching.preset_widgets(node_cls)["presets"].get(preset, {})
+    named = patch_node.preset_widgets(node_cls.SPEC)["presets"].get(preset, {})
     return [named.get(w.id, stored.get(w.id, w.default)) for w in widgets]
 
 
@@ -71,17 +71,17 @@ def main(argv=None) -> int:
     if err:
         p.error(f"needs the ComfyUI host: {err}")
     nodes = comfy_host.pack_nodes()
-    patching = importlib.import_module(f"{comfy_host.PACK_NAME}.nodes.patching")
+    patch_node = importlib.import_module(f"{comfy_host.PACK_NAME}.nodes.patch_node")
     stale = []
     for path in sorted((ROOT / "workflows").glob("*.json")):
         wf = json.loads(path.read_text())
         changed = False
         for n in wf["nodes"]:
             cls = nodes.get(n["type"])
-            if cls is None or not hasattr(cls, "PRESETS"):
+            if cls is None or not hasattr(cls, "SPEC"):
                 continue
             values = n.get("widgets_values", [])
-            new = synced(cls, patching, values, OLD_ORDER.get((n["type"], len(values))))
+            new = synced(cls, patch_node, values, OLD_ORDER.get((n["type"], len(values))))
             if new != values:
                 n["widgets_values"], changed = new, True
         if changed:

@@ -21,14 +21,14 @@ import dataclasses
 import pytest
 import torch
 
+from kernels.methods import SPECS
 from tools import compare as C
 from tools import metrics as M
 from tools.report import Report
 
 SETTINGS = C.Settings(samples=6, batch=6, sweep_samples=6, steps=10,
                       naive_sweep=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75))
-DEFAULTS = {"SDTM balanced (defaults)": "SDTM", "density schedule balanced (defaults)": "density",
-            "CAT balanced (defaults)": "CAT"}
+DEFAULTS = [f"{spec.name} balanced (defaults)" for spec in SPECS]
 EARLIER = "SDTM, every step merged (the earlier defaults)"
 PLAIN_REUSE = "CAT, forecast 0 (cached noise held, as the paper)"
 CALIBRATED = f"SDTM every step + calibrated ratio schedule ({100 * C.CALIBRATED_SAVINGS[0]:.0f}% of block FLOPs saved)"
@@ -81,8 +81,8 @@ def test_registry_rows_are_all_reported():
     assert len(fewer) == 4 and all(r.baseline for r in fewer)
     assert sorted(r.sampler for r in fewer) == ["ab2", "ab2", "euler", "euler"]
     keys = {r.key for r in rows if r.key}
-    for kernel, _, key, _ in C.NODES:  # every node preset has a row the docs can quote
-        assert {f"{key}:{p}" for p in kernel.PRESETS} <= keys, key
+    for spec in SPECS:  # every node preset has a row the docs can quote
+        assert {f"{spec.key}:{p}" for p in spec.presets} <= keys, spec.key
     assert all(r.build is not None or r.baseline for r in rows)
 
 

@@ -39,7 +39,7 @@ def test_merged_call_is_farther_than_the_held_prediction(model):
     rows = E.per_step_errors(model, STEPS, SAMPLES)
     assert len(rows) == STEPS and "held" not in rows[0] and "forecast" in rows[2]
     for i, r in enumerate(rows[2:], start=2):  # step 1 holds the pure-noise step's prediction
-        for merged in ("SDTM", "density"):
+        for merged in E.MERGED:
             full, low = r[merged]
             assert full > r["held"][0], (i, merged, r)
             assert low > r["held"][1], (i, merged, r)

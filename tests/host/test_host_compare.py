@@ -24,7 +24,7 @@ def test_every_host_row_builds_and_samples(host, family):
     rows = C.host_rows(family, steps=6, px=128)
     names = [r.name for r in rows]
     assert len(set(names)) == len(names)
-    assert {"SDTM balanced (node)", "CAT balanced (node)", "density schedule balanced (node)"} <= set(names)
+    assert {"SDTM balanced (node)", "CAT balanced (node)", "Density balanced (node)"} <= set(names)
     assert sum("calibrated schedule" in n for n in names) == len(C.CALIBRATED_SAVINGS)
     before = snapshot(model)
     base = host.sample(model, steps=6, height=128, width=128)

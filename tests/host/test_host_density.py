@@ -185,7 +185,7 @@ def test_bias_free_attention_matches_the_bias_on_the_host_blocks(host, family):
     dens = importlib.import_module(pack + ".kernels.density")
     patching = importlib.import_module(pack + ".nodes.patching")
     model = build(host, family)
-    outs = [host.sample(patching.patch_model(model, dens.DensitySchedule(dens.DensityConfig(bias_free_attention=free)),
+    outs = [host.sample(patching.patch_model(model, dens.DensitySchedule(dens.DensityConfig(), bias_free_attention=free),
                                              "density", "Token Density"), height=128, width=128)
             for free in (False, True)]
     assert not torch.equal(outs[0], host.sample(model, height=128, width=128))

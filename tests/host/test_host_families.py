@@ -176,6 +176,7 @@ def test_hunyuan_video_text_mask_follows_merged_keys(host, one_torch_thread):
     import importlib
     host.load_pack()
     fam = importlib.import_module(f"{host.PACK_NAME}.kernels.families")
+    runners = importlib.import_module(f"{host.PACK_NAME}.kernels.block_runners")
     sdtm = importlib.import_module(f"{host.PACK_NAME}.kernels.sdtm")
     patching = importlib.import_module(f"{host.PACK_NAME}.nodes.patching")
     model = host.tiny_hunyuan_video()
@@ -218,7 +219,8 @@ def test_hunyuan_video_text_mask_follows_merged_keys(host, one_torch_thread):
                 tokens = args["img"][:, n_ref:n_ref + n_img]
                 plan = method.plan(tokens, (5, 7), 1, 4, 0.9)
                 assert plan is not None and plan.n_out < n_img
-                outs.append(fam.run_block_merged(args, original, plan, span, info.family, method.key_bias(plan)))
+                outs.append(runners.run_block_merged(args, original, plan, span, info.family,
+                                                      plan.log_sizes(as_keys=True) if pr else None))
             got, want = outs[0]["img"][:, :n_ref + n_img], outs[1]["img"][:, :n_ref + n_img]
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (single, pr, (got - want).abs().max())

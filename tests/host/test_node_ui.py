@@ -9,26 +9,25 @@ import types
 import pytest
 import torch
 
-PATCH_NODES = {"SDTMPatchModel": "sdtm", "TokenDensityPatchModel": "density", "CATPruningPatchModel": "cat"}
+PATCH_NODES = ["SDTMPatchModel", "TokenDensityPatchModel", "CATPruningPatchModel"]
 
 
-@pytest.mark.parametrize("node_id", list(PATCH_NODES))
+@pytest.mark.parametrize("node_id", PATCH_NODES)
 def test_presets_set_the_settings_and_custom_uses_the_widgets(host, node_id):
     node = host.pack_nodes()[node_id]
-    kernel = importlib.import_module(f"{host.PACK_NAME}.kernels.{PATCH_NODES[node_id]}")
-    config_cls = type(node.config("balanced"))
-    assert node.config("balanced") == config_cls(), "balanced is the defaults"
+    config_cls = node.SPEC.config
+    assert node.SPEC.config_for("balanced") == config_cls(), "balanced is the defaults"
     widgets = {k: v for k, v in host.node_inputs(node).items() if k != "preset"}
-    for name, overrides in kernel.PRESETS.items():
-        assert node.config(name, **widgets) == config_cls(**overrides)
+    for name, overrides in node.SPEC.presets.items():
+        assert node.SPEC.config_for(name, **widgets) == config_cls(**overrides)
     changed = dict(widgets, start_percent=0.55)
-    assert node.config("custom", **changed).start_percent == 0.55
-    assert node.config("fast", **changed).start_percent == config_cls(**kernel.PRESETS["fast"]).start_percent
+    assert node.SPEC.config_for("custom", **changed).start_percent == 0.55
+    assert node.SPEC.config_for("fast", **changed).start_percent == config_cls(**node.SPEC.presets["fast"]).start_percent
     with pytest.raises(ValueError, match="unknown preset 'turbo'; choose one of"):
-        node.config("turbo", **widgets)
+        node.SPEC.config_for("turbo", **widgets)
 
 
-@pytest.mark.parametrize("node_id", list(PATCH_NODES))
+@pytest.mark.parametrize("node_id", PATCH_NODES)
 def test_expert_inputs_are_advanced_and_the_rest_are_not(host, node_id):
     for inp in host.pack_nodes()[node_id].define_schema().inputs:
         advanced = inp.extra_dict.get("advanced", False)
@@ -55,7 +54,6 @@ def test_the_node_shows_what_the_run_did(host, monkeypatch):
 
 
 
-METHODS = {"SDTMPatchModel": "SDTM", "TokenDensityPatchModel": "DensitySchedule", "CATPruningPatchModel": "CATPruning"}
 # A valid other value for each widget a schedule replaces (a new one must be added here); booleans flip.
 OTHER_VALUE = {"ratio": 0.3, "deviation": 0.02, "stage_windows": "4, 3, 2, 2", "bottom_dense": 0.3, "top_dense": 0.3}
 
@@ -89,27 +87,26 @@ def test_presets_route_serves_each_preset_as_widget_values(host):
     assert call("?x=1")[0] == 400
     for node_id, entry in table.items():
         node = host.pack_nodes()[node_id]
-        kernel = importlib.import_module(f"{host.PACK_NAME}.kernels.{PATCH_NODES[node_id]}")
         widgets = {k: v for k, v in host.node_inputs(node).items() if k != "preset"}
-        assert entry["custom"] == "custom" and list(entry["presets"]) == list(kernel.PRESETS)
+        assert entry["custom"] == "custom" and list(entry["presets"]) == list(node.SPEC.presets)
         assert entry["expert"] == list(widgets)
         for name, values in entry["presets"].items():
             assert list(values) == entry["expert"]
             # Typed into the widgets with preset custom, the values run exactly the preset.
-            assert node.config("custom", **values) == node.config(name), (node_id, name)
+            assert node.SPEC.config_for("custom", **values) == node.SPEC.config_for(name), (node_id, name)
         # With a schedule connected, the widgets it replaces change nothing the method decides.
-        method = getattr(kernel, METHODS[node_id])
-        reference = _decisions(method(node.config("custom", **widgets), schedule=schedule), node_id)
+        method = node.SPEC.method
+        reference = _decisions(method(node.SPEC.config_for("custom", **widgets), schedule=schedule), node_id)
         assert entry["schedule_replaces"] and set(entry["schedule_replaces"]) <= set(widgets)
         for name in entry["schedule_replaces"]:
             value = widgets[name]
             other = dict(widgets, **{name: not value if isinstance(value, bool) else OTHER_VALUE[name]})
             assert other[name] != widgets[name]
-            changed = method(node.config("custom", **other), schedule=schedule)
+            changed = method(node.SPEC.config_for("custom", **other), schedule=schedule)
             assert _decisions(changed, node_id) == reference, (node_id, name)
             # ... while without one they do (the probe sees the setting).
-            assert _decisions(method(node.config("custom", **other)), node_id) != _decisions(
-                method(node.config("custom", **widgets)), node_id), (node_id, name)
+            assert _decisions(method(node.SPEC.config_for("custom", **other)), node_id) != _decisions(
+                method(node.SPEC.config_for("custom", **widgets)), node_id), (node_id, name)
 
 
 def test_schedule_widgets_reported_unused_do_not_shape_the_schedule(host):

@@ -48,7 +48,7 @@ def test_load_custom_node_registers_sdtm(comfy_nodes, loaded):
     assert cls.RELATIVE_PYTHON_MODULE == f"custom_nodes.{INSTALL_NAME}"
     # the class comes from the pack loaded from that folder, not from some other copy
     assert cls.__module__.startswith(loaded["path"].replace(".", "_x_"))
-    assert Path(sys.modules[cls.__module__].__file__).resolve() == (PACK_ROOT / "nodes" / "sdtm_node.py").resolve()
+    assert Path(sys.modules[cls.__module__].__file__).resolve() == (PACK_ROOT / "nodes" / "patch_node.py").resolve()
     assert comfy_nodes.LOADED_MODULE_DIRS[INSTALL_NAME] == os.path.abspath(loaded["path"])
 
 

@@ -270,7 +270,7 @@ def check_value(where: str, typ: str, opts: dict, value):
 
 def check_patch_node(node_cls, values: dict, where: str):
     try:
-        node_cls.config(**values)
+        node_cls.SPEC.config_for(**values)
     except ValueError as e:
         pytest.fail(f"{where}: the node would reject these settings: {e}")
 
@@ -334,9 +334,9 @@ def test_workflow_against_host(host, registry, path):
         if n["type"] in PATCH_NODES:
             check_patch_node(host.pack_nodes()[n["type"]], dict(zip(widgets, values)), where)
             # A named preset runs its own values, and the frontend shows them: the file holds them too.
-            patching = importlib.import_module(host.PACK_NAME + ".nodes.patching")
+            patch_node = importlib.import_module(host.PACK_NAME + ".nodes.patch_node")
             preset = values[widgets.index("preset")]
-            runs = patching.preset_widgets(host.pack_nodes()[n["type"]])["presets"].get(preset)
+            runs = patch_node.preset_widgets(host.pack_nodes()[n["type"]].SPEC)["presets"].get(preset)
             if runs is not None:
                 assert {k: dict(zip(widgets, values))[k] for k in runs} == runs, f"{where}: preset {preset}"
 

@@ -8,7 +8,8 @@ import torch
 
 from kernels.attention import key_bias_hook, override_attention, size_weighted_hook
 from kernels.density import DensityConfig, DensitySchedule
-from kernels.families import image_span, run_block_merged
+from kernels.families import image_span
+from kernels.block_runners import run_block_merged
 from kernels.sdtm import SDTM, SDTMConfig
 from tools import reference_dit as R
 
@@ -118,6 +119,6 @@ def test_merged_block_is_the_same_either_way(model, kind):
 def test_a_density_run_is_the_same_either_way(model):
     """The density plan does not depend on the tokens, so a whole run can be compared."""
     runs = [R.sample(model, [1, 2], steps=6, transformer_options=R.method_options(
-        DensitySchedule(DensityConfig(start_percent=0.0, bias_free_attention=free)), model, "density"))
+        DensitySchedule(DensityConfig(start_percent=0.0), bias_free_attention=free), model, "density"))
         for free in (False, True)]
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from kernels.families import block_flops
+from kernels.flops import block_flops
 from kernels.calibration import (RATIO_OPTIONS, CalibrationCache, RedundancyProbe, allocate, calibrate,
                                  constant_ratio_for_saving, merge_errors, remaining_weights)
 from kernels.token_ops import bipartite_merge_plan

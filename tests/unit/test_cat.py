@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.cat import CATConfig, CATPruning
+from conftest import kmeans_labels, select_tokens, staleness_bound, step_plan
+from kernels.cat_select import cluster_counts, cluster_scores, select_tokens_batched
 from kernels.runtime import CallInfo
-from kernels.cat import (CATConfig, CATPruning, cluster_scores, kmeans_labels, patchify, select_tokens,
-                         staleness_bound, unpatchify)
 from kernels.schedule import TokenRatioSchedule
+from kernels.token_ops import patchify, unpatchify
 
 
 def _noise(n, d=16, seed=0):
@@ -110,15 +112,14 @@ def test_schedule_full_then_pruned_with_refresh_and_reset():
         plan = method.begin_call(state, call, x)
         state.kv.setdefault(plan.signature, {0: {}})  # the block runner would fill this
         modes.append("full" if plan.selection is None else plan.selection.shape[1])
-        method.end_call(state, call, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(i)))
+        method.end_call(state, call, plan, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(i)))
     # full below 0.25 (3 steps), then 2 pruned steps, 1 refresh, ... ; 16 of 64 tokens kept
     assert modes == ["full"] * 3 + [16, 16, "full", 16, 16, "full", 16]
-    # the benchmark's step plan decides the same
-    plan = method.step_plan([i / 10 for i in range(10)], 64, 4)
-    assert plan == [64 if m == "full" else m for m in modes]
+    # the schedule read off the config decides the same
+    assert step_plan(method, [i / 10 for i in range(10)], 64, 4) == [64 if m == "full" else m for m in modes]
     # sigma going up marks a new run: everything is reset
-    method.begin_call(state, _call(0.0, 1.0), x)
-    assert state.call.selection is None and not state.rows
+    plan = method.begin_call(state, _call(0.0, 1.0), x)
+    assert plan.selection is None and not state.rows
 
 
 def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: int | None = None):
@@ -140,7 +141,7 @@ def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: in
         if turn_at is not None and i >= turn_at:
             exact = a + b * (2 * (1 - turn_at / 10) - (1 - p))
         fed = torch.randn(1, 4, 16, 16, generator=gen) if (i == 0 and first_off_trend) else exact
-        res = method.end_call(state, call, fed)
+        res = method.end_call(state, call, plan, fed)
         out.append((res, exact))
     return out
 
@@ -284,7 +285,7 @@ def _block_inputs(model, n_side=6, batch=2, seed=0):
 
 @pytest.mark.parametrize("kind", ["double", "single"])
 def test_pruned_block_matches_the_full_block_on_selected_tokens(ref_model, kind):
-    from kernels.cat import run_block_pruned
+    from kernels.block_runners import run_block_pruned
     from kernels.families import image_span
     img, txt, vec, pe, n_img, R = _block_inputs(ref_model)
     family = ref_model.family()
@@ -329,7 +330,7 @@ def test_pruned_block_matches_the_full_block_on_selected_tokens(ref_model, kind)
 # ---- the fp8 key/value cache ------------------------------------------------------------------------
 
 def test_fp8_quantisation_error_is_within_half_a_float8_step():
-    from kernels.cat import dequantize_fp8, quantize_fp8
+    from kernels.kv_cache import dequantize_fp8, quantize_fp8
     x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 40)[:, None]
     bits, scale = quantize_fp8(x)
     assert bits.dtype == torch.uint8 and scale.shape == (2, 3, 40, 1)
@@ -366,7 +367,7 @@ def test_unknown_cache_dtype_is_refused():
 
 def _loop_select(delta, labels, age, n_keep, balance, first):
     """The selection as a Python loop over clusters: the specification of the order."""
-    from kernels.cat import BASE_QUOTA, TOP_CLUSTER_QUOTA, _rank
+    from kernels.cat_select import BASE_QUOTA, TOP_CLUSTER_QUOTA, _rank
     n = delta.shape[0]
     mag = delta.float().norm(dim=1)
     n_stale = max(1, int(round(balance * n_keep)))
@@ -427,7 +428,6 @@ def test_ties_go_to_the_lower_token_index():
 def test_rows_with_and_without_a_first_pruned_step_are_chosen_together():
     """A call whose rows reached pruning at different steps (a row key new to the run): each row follows
     its own first flag, as if chosen alone."""
-    from kernels.cat import cluster_counts, select_tokens_batched
     n, gen = 128, torch.Generator().manual_seed(7)
     delta = torch.randn(2, n, 8, generator=gen)
     labels = torch.stack([kmeans_labels(torch.randn(n, 8, generator=gen), (8, 16), 12) for _ in range(2)])

@@ -12,6 +12,7 @@ import torch
 
 from kernels import cat, density, sdtm, token_ops
 from kernels.schedule import TokenRatioSchedule
+from conftest import step_plan
 from tools import reference_dit as R
 
 STEPS = 10
@@ -93,7 +94,7 @@ def test_density_compiles_once_per_window(one_torch_thread):
 
 def test_cat_compiles_once_for_full_and_once_for_pruned_steps(one_torch_thread):
     method = cat.CATPruning(cat.CATConfig())
-    counts = set(method.step_plan(progresses(), 256, 6))
+    counts = set(step_plan(method, progresses(), 256, 6))
     assert len(counts) == 2
     graphs = compiled_run(method)
     assert graphs == {"double": 2, "single": 2}, graphs

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from kernels.runtime import RUNS_KEY
 from kernels.density import (FLEXDIT_LAYOUT, DensityConfig, DensitySchedule, parse_stage_windows, pool_plan, window_for_ratio,
                              window_ratio)
-from kernels.families import flux_family, image_span, run_block_merged
+from kernels.families import flux_family, image_span
+from kernels.block_runners import run_block_merged
 from kernels.schedule import TokenRatioSchedule
 from tools import reference_dit as R
 
@@ -139,11 +140,11 @@ def test_plan_and_bias():
     x = torch.randn(2, 35, 8)
     plan = m.plan(x, (5, 7), 2, 6, 0.0)
     assert plan.assign.shape == (2, 35) and plan.n_out == 12
-    assert torch.equal(m.key_bias(plan), plan.sizes.log())
+    assert m.weighted_attention() and torch.equal(plan.log_sizes(), plan.sizes.log())
     assert m.plan(x, (5, 7), 0, 6, 0.0) is None  # bottom block is dense
     assert m.plan(x, (5, 7), 2, 6, 0.9) is None  # last stage is dense
     off = DensitySchedule(flexdit(span_pattern=False, proportional_attention=False))
-    assert off.key_bias(plan) is None
+    assert not off.weighted_attention()
     with pytest.raises(ValueError, match="bottom_dense must lie"):
         DensitySchedule(flexdit(bottom_dense=1.5))
 

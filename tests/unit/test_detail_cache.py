@@ -11,12 +11,12 @@ from kernels.sdtm import SDTM, SDTMConfig
 PATCH, WINDOW = 2, 2
 
 
-def _call(reduced: bool, rows: tuple) -> CallInfo:
-    return CallInfo(grid=(4, 4), n_img=16, n_txt=0, progress=0.5, sigma=0.5, rows=rows, reduced=reduced, patch=PATCH)
+def _call(rows: tuple) -> CallInfo:
+    return CallInfo(grid=(4, 4), n_img=16, n_txt=0, progress=0.5, sigma=0.5, rows=rows, patch=PATCH)
 
 
 def _run(cache, state, noise, reduced, rows):
-    return cache.end_call(state, _call(reduced, rows), noise)
+    return cache.end_call(state, _call(rows), reduced, noise)
 
 
 def _checker(shape, period: int) -> torch.Tensor:
@@ -92,12 +92,11 @@ def test_defaults_refresh_forecast_and_weigh_the_merged_call():
 
 
 def _step(cache, state, noise, sigma, reduced=None, rows=((None, 0, 0),)):
-    """One model call at `sigma`: (call.full as begin_call decided it, end_call's result). `reduced` None:
-    the call merged exactly when begin_call did not ask for a full one."""
+    """One model call at `sigma`: (whether the cache asked for a full call, end_call's result). `reduced` None:
+    the call merged exactly when the cache did not ask for a full one."""
     call = CallInfo(grid=(4, 4), n_img=16, n_txt=0, progress=1 - sigma, sigma=sigma, rows=rows, patch=PATCH)
-    cache.begin_call(state, call, noise)
-    call.reduced = (not call.full) if reduced is None else reduced
-    return call.full, cache.end_call(state, call, noise)
+    full = cache.wants_full_call(state, call, noise)
+    return full, cache.end_call(state, call, (not full) if reduced is None else reduced, noise)
 
 
 def test_refresh_every_asks_for_a_full_step_after_n_merged_steps():
@@ -122,10 +121,9 @@ def test_cond_and_uncond_called_one_by_one_are_one_step():
     for sigma in (1.0, 0.9, 0.8, 0.7):
         for rows in (cond, uncond):
             call = CallInfo(grid=(4, 4), n_img=16, n_txt=0, progress=1 - sigma, sigma=sigma, rows=rows, patch=PATCH)
-            cache.begin_call(state, call, x)
-            call.reduced = not call.full  # a merged call when not asked for a full one
-            cache.end_call(state, call, x)
-            decided.append(call.full)
+            full = cache.wants_full_call(state, call, x)
+            cache.end_call(state, call, not full, x)  # a merged call when not asked for a full one
+            decided.append(full)
     assert decided == [True, True, False, False, True, True, False, False]
 
 
@@ -183,7 +181,7 @@ def test_refresh_steps_run_every_block_unmerged():
         assert stats.block_calls == 10 * 2 and stats.merged_calls == 5 * 2, (method.name, stats)
 
 
-@pytest.mark.parametrize("config, label", [(SDTMConfig, "SDTM"), (DensityConfig, "Token Density")])
+@pytest.mark.parametrize("config, label", [(SDTMConfig, "SDTM"), (DensityConfig, "Density")])
 @pytest.mark.parametrize("bad, message", [
     (dict(refresh_every=-1), r"refresh_every must be >= 0, got -1"),
     (dict(forecast=1.5), r"forecast must lie in \[0, 1\], got 1.5"),
@@ -191,5 +189,5 @@ def test_refresh_steps_run_every_block_unmerged():
 ])
 def test_out_of_range_detail_settings_are_refused_with_the_setting_named(config, label, bad, message):
     with pytest.raises(ValueError, match=f"^{label}: {message}$"):
-        config(**bad).validate()
-    config(**{k: 0 for k in bad}).validate()  # the edge of the range is allowed
+        config(**bad)
+    config(**{k: 0 for k in bad})  # the edge of the range is allowed

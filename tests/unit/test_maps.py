@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kernels import maps, runtime
-from kernels.families import block_flops, flux_family
+from kernels.families import flux_family
+from kernels.flops import block_flops
 from kernels.maps_render import colormap, group_colours, legend, overlay, text_mask
 from kernels.token_ops import plan_from_targets
 
@@ -76,20 +77,27 @@ def test_step_of_maps_sigma_to_nearest_step():
     assert store.n_steps == 4
 
 
-def test_recorder_hears_reported_plans_only_while_active():
+def test_the_store_listens_to_the_first_conditional_row_of_a_call():
+    store = maps.TokenMapStore(maps.RecorderConfig(), flux_family("Flux", 2, 1))
+    store.begin_run(_sigmas(4), (2, 2))
+    sigma = _sigmas(4)[1]
+
+    def call(rows):
+        return runtime.CallInfo(grid=(2, 2), n_img=4, n_txt=3, progress=0.25, sigma=sigma, rows=rows)
+
+    listener = store.begin_call(call((("u", 1, 0), ("u", 0, 0), ("u", 0, 1))))
+    assert (listener.row, listener.step, listener.n_txt) == (1, 1, 3) and store.progress == {1: 0.25}
+    assert store.begin_call(call((("u", 1, 0),))) is None  # only the unconditional row: nothing recorded
+    assert store.begin_call(call(())).row == 0  # a host that names no rows (the reference model)
+
+
+def test_a_call_listener_records_the_plans_and_masks_it_hears():
     plan = plan_from_targets(torch.tensor([[0, 0, 2, 2]]), 2)  # two groups of 2
-    assert not runtime.observing()
-    runtime.report_plan(1, plan)  # no recorder active: nothing to do, no error
     store = maps.TokenMapStore(maps.RecorderConfig(), flux_family("Flux", 2, 1))
     store.begin_run(_sigmas(2), (2, 2))
-    token = maps.activate(maps.ActiveCall(store, 1, 0, 4, 0))
-    try:
-        assert runtime.observing()
-        runtime.report_plan(1, plan)
-        runtime.report_computed(2, torch.tensor([[1, 0, 1, 1]]))
-    finally:
-        maps.deactivate(token)
-    assert not runtime.observing()
+    call = maps.ActiveCall(store, 1, 0, 4, 0)
+    call.plan(1, plan)
+    call.computed_mask(2, torch.tensor([[1, 0, 1, 1]]))
     assert set(store.maps) == {("group", 1, 1), ("computed", 1, 2)}
     assert torch.equal(store.maps[("group", 1, 1)], plan.assign[0].to(torch.int16))
     assert store.map("merge_size", 1, 1).tolist() == [2, 2, 2, 2]

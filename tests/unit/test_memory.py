@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import density, sdtm
+from kernels.methods import SPECS
 from tools import reference_dit as R
 from tools.report import cpu_peak_bytes
 
 MAX_EXTRA = 0.05
-SETTINGS = [pytest.param(cls, config, kwargs, id=f"{cls.name}-{preset}")
-            for cls, config, presets in ((sdtm.SDTM, sdtm.SDTMConfig, sdtm.PRESETS),
-                                         (density.DensitySchedule, density.DensityConfig, density.PRESETS))
-            for preset, kwargs in [("defaults", {}), *((p, kw) for p, kw in presets.items() if kw)]]
+SETTINGS = [pytest.param(spec, kwargs, id=f"{spec.key}-{preset}")
+            for spec in SPECS if spec.merging
+            for preset, kwargs in [("defaults", {}), *((p, kw) for p, kw in spec.presets.items() if kw)]]
 
 
 def _peak(model, method) -> int:
@@ -27,8 +26,8 @@ def model_and_base(one_torch_thread):
     return model, _peak(model, None)
 
 
-@pytest.mark.parametrize("cls,config,kwargs", SETTINGS)
-def test_merging_keeps_peak_memory_near_the_unpatched_run(model_and_base, cls, config, kwargs):
+@pytest.mark.parametrize("spec,kwargs", SETTINGS)
+def test_merging_keeps_peak_memory_near_the_unpatched_run(model_and_base, spec, kwargs):
     model, base = model_and_base
-    peak = _peak(model, cls(config(**kwargs)))
+    peak = _peak(model, spec.with_settings(kwargs))
     assert peak <= (1 + MAX_EXTRA) * base, (peak, base)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.families import block_flops
+from kernels.flops import block_flops
 from kernels.runtime import CALL_KEY, RUNS_KEY
 from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 from tools import demo
@@ -290,7 +290,7 @@ def test_demo_end_to_end(tmp_path, capsys):
                         "--scale", "1", "--threads", "1"])
     img = _read_png((tmp_path / "demo_side_by_side.png").read_bytes())
     rows = result["rows"]
-    assert [r.name for r in rows] == ["UNPATCHED", "SDTM", "DENSITY SCHEDULE", "CAT", "2 STEPS, NOT 4"]
+    assert [r.name for r in rows] == ["UNPATCHED", "SDTM", "DENSITY", "CAT", "2 STEPS, NOT 4"]
     assert img.shape[0] > len(rows) * 64 and img.shape[1] > 2 * 64
     label_column = img[:, :60]
     assert (label_column < 100).any(), "the rows carry their labels"

@@ -45,7 +45,7 @@ def test_subclasses_of_exact_classes_are_refused():
 def test_refusals_name_the_family_the_reason_and_what_is_supported():
     dm = host_class("comfy.ldm.pixart.pixartms.PixArtMS")()
     with pytest.raises(UnsupportedModelError) as e:
-        describe(dm, "CAT Cached Token Pruning", "cat", "PixArt")
+        describe(dm, "CAT Cached Token Pruning", "PixArt")
     message = str(e.value)
     assert message.startswith("CAT Cached Token Pruning cannot patch this model: its diffusion model is PixArtMS "
                               "(model type PixArt): PixArt: ")

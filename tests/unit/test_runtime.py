@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from kernels import runtime
-from kernels.families import block_flops, flux_family, qwen_image_family
-from kernels.runtime import CALL_KEY, MergingMethod, Runtime, RunStats, TokenMethod, token_grid
+from kernels.families import flux_family, qwen_image_family
+from kernels.flops import block_flops
+from kernels.runtime import MergingMethod, Runtime, RunStats, TokenMethod, token_grid
 from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 
 FLUX = flux_family("Flux", 1, 1)
@@ -57,10 +58,10 @@ def test_block_replace_runs_the_method_and_chains_what_was_there():
     call_to = dict(to)
     rt.begin_call(call_to, torch.zeros(1, 16, 8, 8), 0.5, 0.5, 4)
     out = replace(dict(_args(), transformer_options=call_to), {"original_block": _identity})
-    assert seen == ["previous"] and call_to[CALL_KEY].reduced
+    assert seen == ["previous"]
     assert out["img"].shape == (1, 16, 8)
     stats = to[runtime.RUNS_KEY]["k"].stats
-    assert stats.block_calls == 1 and stats.tokens_computed < stats.tokens_in == 16
+    assert stats.block_calls == stats.merged_calls == 1 and stats.tokens_computed < stats.tokens_in == 16
 
 
 def test_a_call_that_does_not_fit_runs_unreduced_with_one_warning(caplog):
@@ -98,26 +99,44 @@ def test_run_stats_price_token_counts_with_the_one_flops_formula():
     assert s.computed_share == 12 / 32
 
 
-def test_observers_hear_plans_only_while_listening():
+def test_observers_hear_each_block_of_the_calls_they_listen_to():
     heard = []
 
-    class Observer:
+    class Listener(runtime.CallListener):
+        def count(self, block, n_img, n_computed, n_other, width):
+            heard.append(("count", block, n_img, n_computed, n_other, width))
+
         def plan(self, block, plan):
-            heard.append(("plan", block))
+            heard.append(("plan", block, plan.n_out))
 
-        def computed_mask(self, block, mask):
-            heard.append(("mask", block))
+    class Observer(runtime.Observer):
+        def begin_run(self, sigmas, grid):
+            heard.append(("run", tuple(sigmas), grid))
 
-    runtime.report_plan(0, None)
-    token = runtime.observe(Observer())
-    try:
-        assert runtime.observing()
-        runtime.report_plan(1, None)
-        runtime.report_computed(2, None)
-    finally:
-        runtime.stop_observing(token)
-    runtime.report_computed(3, None)
-    assert heard == [("plan", 1), ("mask", 2)] and not runtime.observing()
+        def begin_call(self, call):
+            return Listener() if call.sigma < 1.0 else None  # listens to the second call only
+
+    rt = Runtime(SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0, "ratio": 0.5, "deviation": 0.0})),
+                 FLUX, 2, "k", observer=Observer())
+    to = {runtime.OBSERVER_KEY: rt.observer}
+    rt.start_run(to, torch.tensor([1.0, 0.5, 0.0]), (1, 16, 8, 8))
+    replace = rt.block_replaces()[("double_block", 0)]
+    for sigma in (1.0, 0.5):
+        call_to = dict(to)
+        rt.begin_call(call_to, torch.zeros(1, 16, 8, 8), sigma, 1 - sigma, 4)
+        replace(dict(_args(), transformer_options=call_to), {"original_block": _identity})
+    # ratio 0.5 of 16 tokens in whole 2x2 windows: two windows (6 tokens) merged away
+    assert heard == [("run", (1.0, 0.5, 0.0), (4, 4)), ("count", 0, 16, 10, 4, 8), ("plan", 0, 10)]
+
+
+def test_an_observing_method_steps_aside_for_a_reducing_one():
+    x = torch.zeros(1, 16, 8, 8)
+    rt = Runtime(runtime.Unreduced(), FLUX, 2, "maps")
+    alone = {runtime.METHODS_KEY: [runtime.Installed.of("maps", rt.method)]}
+    assert rt.begin_call(dict(alone), x, 0.5, 0.5, 4) is not None
+    sdtm = SDTM(SDTMConfig())
+    stacked = {runtime.METHODS_KEY: [runtime.Installed.of("maps", rt.method), runtime.Installed.of("sdtm", sdtm)]}
+    assert rt.begin_call(dict(stacked), x, 0.5, 0.5, 4) is None
 
 
 def test_merging_methods_share_one_block_runner():

@@ -12,12 +12,14 @@ from tools.comfy_host import PACK_ROOT
 import torch
 
 from kernels.attention import ATTENTION_OVERRIDE_KEY, key_bias_hook, override_attention
-from kernels.families import BlockSpec, ImageSpan, flux_family, image_span, mmdit_family, qwen_image_family, run_block_merged
+from kernels.families import BlockSpec, ImageSpan, flux_family, image_span, mmdit_family, qwen_image_family
+from kernels.block_runners import run_block_merged
 from kernels.schedule import TokenRatioSchedule, block_depth
-from kernels.sdtm import EVERY_STEP_MERGED, PRESETS, SDTM, SDTMConfig
+from kernels.methods import BY_KEY
+from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 from kernels.token_ops import plan_from_targets, window_layout
 
-# ---- SDTMConfig.validate -------------------------------------------------------------------
+# ---- SDTMConfig validation -------------------------------------------------------------------
 
 
 def cfg(**kw) -> SDTMConfig:
@@ -25,9 +27,9 @@ def cfg(**kw) -> SDTMConfig:
     return SDTMConfig(**{**EVERY_STEP_MERGED, **kw})
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(BY_KEY["sdtm"].presets))
 def test_defaults_and_presets_validate(preset):
-    SDTM(SDTMConfig(**PRESETS[preset]))
+    BY_KEY["sdtm"].build(preset)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -49,14 +51,12 @@ def test_defaults_and_presets_validate(preset):
 ])
 def test_config_validate_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        cfg(**kwargs).validate()
-    with pytest.raises(ValueError, match=match):
-        SDTM(cfg(**kwargs))  # the method validates on construction
+        cfg(**kwargs)  # a config validates on construction
 
 
 def test_config_validate_window_zero_is_a_value_error():
     with pytest.raises(ValueError, match="window must be at least 2"):
-        cfg(window=0).validate()
+        cfg(window=0)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -69,8 +69,7 @@ def test_config_validate_window_zero_is_a_value_error():
     dict(switch_percent=0.0, start_percent=1.0, end_percent=1.0),
 ])
 def test_config_validate_accepts(kwargs):
-    config = cfg(**kwargs)
-    assert config.validate() is config
+    SDTM(cfg(**kwargs))
 
 
 # ---- SDTM.ratio ----------------------------------------------------------------------------
@@ -213,26 +212,23 @@ def test_plan_3d_grid_uses_frame_windows():
             assert len(set((members // 24).tolist())) == 1, "a (1, 2, 2) window stays in one frame"
 
 
-def test_plan_deterministic_and_varies_with_block_and_seed():
+def test_plan_deterministic_and_varies_with_block_and_step():
     m = SDTM(_const_cfg())
     x = _metric()
     p1 = m.plan(x, (8, 8), 1, 3, 0.6)
     p2 = m.plan(x, (8, 8), 1, 3, 0.6)
     assert torch.equal(p1.assign, p2.assign) and torch.equal(p1.rep, p2.rep)
-    reps = {tuple(m.plan(x, (8, 8), b, 3, 0.6).rep[0].tolist()) for b in range(3)}
-    reps |= {tuple(SDTM(_const_cfg(seed=s)).plan(x, (8, 8), 1, 3, 0.6).rep[0].tolist()) for s in range(3)}
-    assert len(reps) > 1, "destinations move between blocks / seeds"
+    blocks = {tuple(m.plan(x, (8, 8), b, 3, 0.6).rep[0].tolist()) for b in range(3)}
+    steps = {tuple(m.plan(x, (8, 8), 1, 3, p).rep[0].tolist()) for p in (0.6, 0.65, 0.7)}
+    assert len(blocks) > 1 and len(steps) > 1, "destinations move between blocks and steps"
 
 
-def test_key_bias_is_log_sizes_or_none():
-    x = _metric()
-    m = SDTM(_const_cfg())
-    plan = m.plan(x, (8, 8), 1, 3, 0.6)
-    bias = m.key_bias(plan)
-    assert torch.equal(bias, plan.sizes.log())
-    assert bool((bias[plan.sizes == 1] == 0).all())
-    off = SDTM(_const_cfg(prompt_reweight=False))
-    assert off.key_bias(plan) is None
+def test_proportional_attention_weights_merged_keys_by_log_group_size():
+    plan = SDTM(_const_cfg()).plan(_metric(), (8, 8), 1, 3, 0.6)
+    bias = plan.log_sizes()
+    assert torch.equal(bias, plan.sizes.log()) and bool((bias[plan.sizes == 1] == 0).all())
+    assert SDTM(_const_cfg()).weighted_attention()
+    assert not SDTM(_const_cfg(prompt_reweight=False)).weighted_attention()
 
 
 # ---- run_block_merged -----------------------------------------------------------------------
