@@ -62,7 +62,9 @@ if [[ "$STEPS" == *,train,* ]]; then
     fi
     TRAIN+=(--minutes "$("$PY" -c "print(f'{min(9.0, $LEFT / 60):.2f}')")")
   fi
-  if [ -f "$WEIGHTS" ]; then TRAIN+=(--init-from "$WEIGHTS"); fi  # continue: steps add up, commands chain
+  if [ -f "$WEIGHTS" ]; then  # continue from them at a lower peak rate: steps add up, the commands chain
+    TRAIN+=(--init-from "$WEIGHTS" --lr 4e-4 --warmup 50)
+  fi
   TRAIN+=(--out "$WEIGHTS")
   echo "== 2. train at $((SECONDS - START)) s: python tools/train_reference.py --model 256px ${TRAIN[*]}"
   "$PY" tools/train_reference.py --model 256px "${TRAIN[@]}" || { echo "training failed (exit $?)"; status=1; }

@@ -52,7 +52,7 @@ def test_real_mode_runs_the_benchmark_first_then_trains_for_the_time_left(tmp_pa
     weights = "tools/weights/reference_dit_256.safetensors"
     assert train[-2:] == ["--out", weights]
     if R.MODELS["256px"].is_file():  # shipped weights: the run continues from them, then evaluates them
-        assert train[-4:-2] == ["--init-from", weights] and calls[2].startswith(
+        assert train[-8:-2] == ["--init-from", weights, "--lr", "4e-4", "--warmup", "50"] and calls[2].startswith(
             "tools/train_reference.py --model 256px --evaluate --device cuda --out " + weights)
     else:  # the wrapper trains nothing, so there is nothing to evaluate
         assert "--init-from" not in train and len(calls) == 2
@@ -84,4 +84,11 @@ def test_tiny_mode_trains_and_evaluates_into_out(tmp_path):
     assert "NOT YET" in evaluation  # three steps of training
     assert R.weights_metadata(out / "reference_dit_256.safetensors")["data"] == "tools/procedural.py sample_scenes"
     assert "gpu_session: finished" in (out / "session.log").read_text()
+
+    # a second run, training only, continues from the weights in $OUT: steps add up, the commands chain
+    res, calls = _run(tmp_path, {"GPU_SESSION_TINY": "1", "GPU_SESSION_STEPS": "train"}, train=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert calls[3].startswith("tools/train_reference.py --model 256px --device cpu") and "--init-from" in calls[3]
+    meta = R.weights_metadata(out / "reference_dit_256.safetensors")
+    assert meta["steps"] == "6" and " && python tools/train_reference.py" in meta["command"]
     assert _git_status() == before
