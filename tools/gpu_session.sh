@@ -32,7 +32,8 @@ if [ "$TINY" = 1 ]; then  # every step at tiny size on the CPU; nothing in the r
   BENCH=(--device cpu --sections time --size small --repeats 1 --no-host --out "$OUT/benchmark.md")
   BENCH_MD="$OUT/benchmark.md"
   WEIGHTS="$OUT/reference_dit_256.safetensors"
-  TINY_CONFIG='{"image_size": 32, "hidden": 32, "heads": 2, "axes_dim": [4, 6, 6], "depth_double": 1, "depth_single": 1}'
+  TINY_CONFIG='{"image_size": 32, "hidden": 32, "heads": 2, "axes_dim": [4, 6, 6],'
+  TINY_CONFIG+=' "depth_double": 1, "depth_single": 1}'
   TRAIN=(--device cpu --config "$TINY_CONFIG" --steps 3 --batch 4 --workers 1 --bf16 --compile eager --threads 1)
   EVAL=(--device cpu --probe-steps 3 --samples-per-class 2 --threads 1)
   EVAL_RESERVE=0
@@ -42,7 +43,7 @@ else
   WEIGHTS=tools/weights/reference_dit_256.safetensors
   TRAIN=(--device cuda --batch 64 --ema 0.998 --dtype bfloat16 --log-every 100 --save-every 500)
   EVAL=(--device cuda)
-  EVAL_RESERVE=100  # the trainer's start and save, the evaluation (under a minute on an H100), a margin
+  EVAL_RESERVE=100  # the trainer's start and save, the evaluation, a margin
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 
@@ -57,7 +58,8 @@ if [[ "$STEPS" == *,train,* ]]; then
   LEFT=$((BUDGET - (SECONDS - START) - EVAL_RESERVE))
   if [ "$TINY" != 1 ]; then
     if [ "$LEFT" -lt 90 ]; then
-      echo "== 2. training skipped: ${LEFT} s left in the budget; run GPU_SESSION_STEPS=train bash tools/gpu_session.sh next"
+      echo "== 2. training skipped: ${LEFT} s left in the budget;" \
+           "run GPU_SESSION_STEPS=train bash tools/gpu_session.sh next"
       exit $status
     fi
     TRAIN+=(--minutes "$("$PY" -c "print(f'{min(9.0, $LEFT / 60):.2f}')")")
@@ -69,7 +71,9 @@ if [[ "$STEPS" == *,train,* ]]; then
   echo "== 2. train at $((SECONDS - START)) s: python tools/train_reference.py --model 256px ${TRAIN[*]}"
   "$PY" tools/train_reference.py --model 256px "${TRAIN[@]}" || { echo "training failed (exit $?)"; status=1; }
   if [ -f "$WEIGHTS" ]; then
-    if [ "$WEIGHTS" != "$OUT/reference_dit_256.safetensors" ]; then cp "$WEIGHTS" "$OUT/reference_dit_256.safetensors"; fi
+    if [ "$WEIGHTS" != "$OUT/reference_dit_256.safetensors" ]; then
+      cp "$WEIGHTS" "$OUT/reference_dit_256.safetensors"
+    fi
     echo "== 3. evaluate at $((SECONDS - START)) s: python tools/train_reference.py --model 256px --evaluate ${EVAL[*]}"
     "$PY" tools/train_reference.py --model 256px --evaluate "${EVAL[@]}" --out "$WEIGHTS" \
       --grid "$OUT/samples_256.png" | tee "$OUT/evaluation.md" || { echo "evaluation failed (exit $?)"; status=1; }

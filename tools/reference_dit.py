@@ -91,8 +91,8 @@ class DiTConfig:
 
 
 # The configuration each reference model is trained at (tools/train_reference.py --model NAME). The 256 px
-# model: 4x4 patches give Flux's 64x64 token grid; width 224 (4 heads of 56) keeps its bf16 weights at 14 MB
-# and its training to a few minutes on one H100 (tools/weights/README.md has the arithmetic).
+# model: 4x4 patches give Flux's 64x64 token grid; its width and depth are sized for a few minutes on one GPU
+# (tools/weights/README.md has the arithmetic).
 _SHAPES = dict(patch_size=4, hidden=128, heads=2, depth_double=2, depth_single=4, num_classes=10, axes_dim=(16, 24, 24))
 MODEL_CONFIGS = {"64px": DiTConfig(image_size=64, **_SHAPES), "128px": DiTConfig(image_size=128, **_SHAPES),
                  "256px": DiTConfig(image_size=256, patch_size=4, hidden=224, heads=4, depth_double=2,

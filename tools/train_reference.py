@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of init, data and sigmas")
     p.add_argument("--threads", type=cli.non_negative_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="cpu",
-                   help="torch device to train on, e.g. cuda (the procedural images are drawn on the CPU and moved there)")
+                   help="torch device to train on, e.g. cuda (the procedural images are drawn on the CPU and moved "
+                        "there)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast of the model (default: on a GPU)")
     p.add_argument("--compile", choices=("auto", "off", "inductor", "eager"), default="auto",
@@ -185,7 +186,7 @@ def corrupt(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, co
     which lives on the images' device."""
     n = images.shape[0]
     noise = torch.randn(images.shape, generator=gen, device=gen.device)
-    s = torch.full((n,), float(sigma), device=gen.device) if sigma is not None else sample_sigmas(n, gen, sigma_sampling)
+    s = sample_sigmas(n, gen, sigma_sampling) if sigma is None else torch.full((n,), float(sigma), device=gen.device)
     drop = torch.rand(n, generator=gen, device=gen.device) < cond_dropout
     ids = torch.where(drop, torch.full_like(labels, config.num_classes), labels)
     sb = s.view(n, 1, 1, 1)
@@ -413,8 +414,8 @@ def train(argv=None) -> dict:
             flush()
             el = time.perf_counter() - t0
             print(f"step {step:6d}  loss {losses[-1]:.4f}  avg100 {loss_avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                  f"{el:6.0f} s  {step * args.batch / max(el, 1e-9):.1f} img/s  waited for data {100 * waited / el:.0f}%",
-                  flush=True)
+                  f"{el:6.0f} s  {step * args.batch / max(el, 1e-9):.1f} img/s  "
+                  f"waited for data {100 * waited / el:.0f}%", flush=True)
         if args.save_every and step % args.save_every == 0:
             flush()
             save(ema, args, command, step, loss_avg, time.perf_counter() - t0, final=False, prior=prior,
