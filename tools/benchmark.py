@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -226,9 +227,18 @@ PROXY_MODEL = R.DiTConfig(image_size=64, patch_size=2, hidden=64, heads=2, axes_
 PROXY_STEPS = 10
 
 
+def proxy_config(model: str | None = None) -> R.DiTConfig:
+    """PROXY_MODEL, or a reference model's token grid and blocks (reference_dit.MODEL_CONFIGS) at PROXY_MODEL's
+    width: the ops a method adds do not depend on the width, and a narrow model keeps the CPU run short."""
+    if model is None:
+        return PROXY_MODEL
+    return dataclasses.replace(R.MODEL_CONFIGS[model], hidden=PROXY_MODEL.hidden, heads=PROXY_MODEL.heads,
+                               axes_dim=PROXY_MODEL.axes_dim)
+
+
 def op_counts(method_factory: Callable, config: R.DiTConfig = PROXY_MODEL, steps: int = PROXY_STEPS) -> dict:
     """Ops per block call and syncs per step that `method_factory()` adds over a whole sampling run (CFG 3,
-    one image, 32x32 = 1024 image tokens) of a random-weight reference DiT."""
+    one image; 32x32 = 1024 image tokens on the default config) of a random-weight reference DiT."""
     model = _proxy_model(config.to_json())
     base_ops, base_syncs = _base_counts(config.to_json(), steps)
     method = method_factory()
@@ -257,16 +267,18 @@ def _count(model: R.ReferenceDiT, method, steps: int) -> OpCounter:
     return c
 
 
-def proxy_table(rep: Report):
+def proxy_table(rep: Report, model: str | None = None):
+    config = proxy_config(model)
     rep("## CPU proxy of the overhead: ops and syncs a method adds")
     rep()
-    rep(f"Reference DiT with random weights ({PROXY_MODEL.depth_double} double + {PROXY_MODEL.depth_single} single "
-        f"blocks, {(PROXY_MODEL.image_size // PROXY_MODEL.patch_size) ** 2} image tokens), {PROXY_STEPS} Euler steps, "
+    rep(f"Reference DiT with random weights ({config.depth_double} double + {config.depth_single} single "
+        f"blocks, {(config.image_size // config.patch_size) ** 2} image tokens"
+        f"{f', the {model} model at width {config.hidden}' if model else ''}), {PROXY_STEPS} Euler steps, "
         "CFG 3 (cond and uncond in one call), counted with TorchDispatchMode.")
     rep()
     rows = []
     for name, make in SETTINGS[1:]:
-        c = op_counts(make)
+        c = op_counts(make, config)
         syncs = ", ".join(f"{k} {v}" for k, v in sorted(c["sync_ops"].items())) or "none"
         rows.append([name, f"{c['ops_per_block_call']:.1f}", f"{c['syncs_per_step']:.1f}", syncs])
     rep.table(["setting", "aten ops added per block call", "syncs added per step", "sync ops in the run"], rows)
@@ -422,6 +434,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=cli.positive_int, default=1,
                    help="timed images per setting (median reported; 1 keeps the full GPU run under 6 minutes)")
     p.add_argument("--no-host", action="store_true", help="time the reference DiT's own blocks even with ComfyUI")
+    p.add_argument("--model", choices=sorted(R.MODEL_CONFIGS), default=None,
+                   help="proxy section: a reference model's token grid and blocks (random weights, the proxy's "
+                        "width) instead of the default 32x32-token model")
     p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = p.parse_args(argv)
     if args.sections is None:
@@ -443,7 +458,7 @@ def main(argv=None) -> Report:
     if "flops" in args.sections:
         flops_table(rep)
     if "proxy" in args.sections:
-        proxy_table(rep)
+        proxy_table(rep, args.model)
     if "time" in args.sections:
         time_table(rep, args.device, args.size, args.repeats, not args.no_host)
     rep.write(args.out)

@@ -178,15 +178,13 @@ DEFAULT_MODEL = "64px"
 
 
 def reference_model(name: str = DEFAULT_MODEL):
-    """(model, source): trained weights if present, else random init of the training config."""
-    if REFERENCE_MODELS[name].is_file():
-        return R.build_model(weights=REFERENCE_MODELS[name])
-    try:
-        from tools.train_reference import TRAIN_CONFIG
-        config = R.DiTConfig(**TRAIN_CONFIG)
-    except ImportError:
-        config = R.DiTConfig(image_size=64, patch_size=4)
-    return R.build_model(config, seed=0, weights=None)
+    """(model, source): trained weights if present, else seeded random init of the model's training config,
+    labelled as not trained."""
+    path = REFERENCE_MODELS[name]
+    if path.is_file():
+        return R.build_model(weights=path)
+    model, source = R.build_model(R.MODEL_CONFIGS[name], seed=0, weights=None)
+    return model, f"{source}: the {name} weights are not trained yet (tools/weights/README.md)"
 
 
 def row_steps(row: Row, s: Settings) -> int:

@@ -1,6 +1,6 @@
 """Demo: the same pictures from the embedded reference DiT, unpatched, with each method, and with fewer steps.
 
-    python tools/demo.py [--out DIR] [--model 128px|64px] [--steps N] [--classes 4,5,6] [--seed S]
+    python tools/demo.py [--out DIR] [--model 128px|64px|256px] [--steps N] [--classes 4,5,6] [--seed S]
 
 Runs without ComfyUI, in seconds on a CPU. Each method runs at its node's default preset. Writes
 DIR/demo_side_by_side.png (one labelled row per setting: FLOPs of the transformer blocks relative to
@@ -141,12 +141,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 4:
         p.error(f"--steps must be at least 4 (a method needs steps to skip), got {args.steps}")
-    bad = [c for c in args.classes if not 0 <= c < procedural.NUM_CLASSES]
+    names = procedural.dataset(R.MODEL_CONFIGS[args.model].data).names
+    bad = [c for c in args.classes if not 0 <= c < len(names)]
     if bad:
-        p.error(f"--classes: {', '.join(map(str, bad))} outside 0..{procedural.NUM_CLASSES - 1} "
-                f"({', '.join(f'{i} {n}' for i, n in enumerate(procedural.CLASS_NAMES))})")
+        p.error(f"--classes: {', '.join(map(str, bad))} outside 0..{len(names) - 1} "
+                f"({', '.join(f'{i} {n}' for i, n in enumerate(names))})")
     if not R.MODELS[args.model].is_file():
-        p.error(f"--model {args.model}: no weights file {R.MODELS[args.model]}")
+        p.error(f"--model {args.model}: the {args.model} weights are not trained yet (no {R.MODELS[args.model]}; "
+                "tools/weights/README.md)")
     cli.writable_dir(p, args.out)
     return args
 
@@ -200,7 +202,7 @@ def run(args) -> dict:
         verdict = "BEATS" if best.psnr > fewer.psnr else "DOES NOT BEAT"
         recommendation = f"{best.name} KEEPS CLOSEST TO UNPATCHED AT {best.flops:.2f}X FLOPS AND {verdict} {against}"
     headline = (f"REFERENCE DIT {cfg.image_size} PX, {args.steps} STEPS, CFG {args.cfg:g}, SEED {args.seed}")
-    titles = [procedural.CLASS_NAMES[c].upper() for c in args.classes]
+    titles = [procedural.dataset(cfg.data).names[c].upper() for c in args.classes]
     scale = args.scale or max(1, 128 // cfg.image_size)
     out = Path(args.out)
     png = write_png(out / "demo_side_by_side.png", labelled(rows, titles, headline, recommendation, scale))

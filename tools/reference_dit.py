@@ -38,8 +38,10 @@ from kernels.runtime import Runtime
 from kernels.schedule import ProgressMap, flow_percent_to_sigma
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "reference_dit.safetensors"
-# The trained reference models by name: 64 px (16x16 tokens) and 128 px (32x32 tokens); tools/weights/README.md.
-MODELS = {"64px": WEIGHTS_PATH, "128px": WEIGHTS_PATH.with_name("reference_dit_128.safetensors")}
+# The reference models by name: 64 px (16x16 tokens) and 128 px (32x32 tokens) on the procedural shapes,
+# 256 px (64x64 tokens, Flux-dev's grid at 1024²) on the procedural scenes; tools/weights/README.md.
+MODELS = {"64px": WEIGHTS_PATH, "128px": WEIGHTS_PATH.with_name("reference_dit_128.safetensors"),
+          "256px": WEIGHTS_PATH.with_name("reference_dit_256.safetensors")}
 # Per-call hooks run by `model_call`, this model's analogue of ComfyUI's APPLY_MODEL wrappers.
 APPLY_MODEL_HOOKS_KEY = "reference_apply_model_hooks"
 # Hooks run after it, hook(x, sigma, options, out) -> out (a stateful method such as CAT reuses cached noise).
@@ -62,6 +64,7 @@ class DiTConfig:
     vec_dim: int = 64             # width of the pooled condition before vector_in
     axes_dim: tuple = (16, 24, 24)  # rotary dims per id axis; sums to hidden // heads
     theta: int = 10000
+    data: str = "shapes"          # what the class ids name: a data set of tools/procedural.py (DATASETS)
 
     def __post_init__(self):
         self.axes_dim = tuple(int(a) for a in self.axes_dim)
@@ -85,6 +88,15 @@ class DiTConfig:
     @classmethod
     def from_json(cls, text: str) -> "DiTConfig":
         return cls(**json.loads(text))
+
+
+# The configuration each reference model is trained at (tools/train_reference.py --model NAME). The 256 px
+# model: 4x4 patches give Flux's 64x64 token grid; its width and depth are sized for a few minutes on one GPU
+# (tools/weights/README.md has the arithmetic).
+_SHAPES = dict(patch_size=4, hidden=128, heads=2, depth_double=2, depth_single=4, num_classes=10, axes_dim=(16, 24, 24))
+MODEL_CONFIGS = {"64px": DiTConfig(image_size=64, **_SHAPES), "128px": DiTConfig(image_size=128, **_SHAPES),
+                 "256px": DiTConfig(image_size=256, patch_size=4, hidden=224, heads=4, depth_double=2,
+                                    depth_single=4, num_classes=10, axes_dim=(8, 24, 24), data="scenes")}
 
 
 # ---- attention, as comfy.ldm.modules.attention (wrap_attn + attention_pytorch) -----------------

@@ -52,3 +52,12 @@ def test_the_unpatched_model_adds_nothing(one_torch_thread):
     counts = B.op_counts(lambda: None, steps=2)
     assert counts["ops_per_block_call"] == 0 and counts["syncs_per_step"] == 0
     assert torch.get_num_threads() == 1
+
+
+def test_the_proxy_runs_at_the_256px_models_token_grid(one_torch_thread):
+    """--model 256px: Flux's 64x64 grid and the model's blocks at the proxy's width (two steps keep it short)."""
+    config = B.proxy_config("256px")
+    assert (config.image_size // config.patch_size) ** 2 == 4096 and config.hidden == B.PROXY_MODEL.hidden
+    assert B.parse_args(["--sections", "proxy", "--model", "256px"]).model == "256px"
+    counts = B.op_counts(lambda: density.DensitySchedule(density.DensityConfig()), config, steps=2)
+    assert 0 < counts["ops_per_block_call"] <= MAX_OPS and counts["syncs_per_step"] <= MAX_SYNCS, counts

@@ -21,7 +21,7 @@ import torch
 from kernels.flops import block_flops
 from kernels.runtime import CALL_KEY, RUNS_KEY
 from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
-from tools import demo
+from tools import demo, procedural
 from tools import reference_dit as R
 from tools.comfy_host import PACK_ROOT
 
@@ -309,13 +309,50 @@ def test_demo_end_to_end(tmp_path, capsys):
     (["--classes", "a"], "--classes: a comma-separated list of whole numbers expected, got 'a'"),
     (["--classes", "12"], "--classes: 12 outside 0..9"),
     (["--out", "/proc/x/y"], "--out: cannot write to /proc/x/y"),
-    (["--model", "256px"], "argument --model: invalid choice"),
+    (["--model", "512px"], "argument --model: invalid choice"),
 ])
 def test_demo_refuses_bad_arguments_in_one_line(argv, message):
     res = subprocess.run([sys.executable, str(PACK_ROOT / "tools" / "demo.py"), *argv], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_model_configs_match_the_shipped_weights_and_the_data():
+    for name, config in R.MODEL_CONFIGS.items():
+        assert config.num_classes == len(procedural.dataset(config.data).names), name
+        if R.MODELS[name].is_file():
+            assert R.load_weights(R.MODELS[name]).config == config, name
+
+
+def test_the_256px_model_has_fluxs_token_grid_and_fits_40_mb_in_bf16():
+    config = R.MODEL_CONFIGS["256px"]
+    assert (config.image_size // config.patch_size) ** 2 == 64 * 64 and config.data == "scenes"
+    model = R.ReferenceDiT(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert 2 * n < 16 * 2 ** 20, n  # bf16 bytes: under 40 MB, and under the 16 MiB a GPU session's file may have
+    assert config.hidden // config.heads % 8 == 0  # a head size the flash attention kernels take
+
+
+def test_missing_256px_weights_are_named_not_trained(tmp_path, monkeypatch, capsys):
+    """demo.py refuses in one line (exit 2); compare.py samples seeded random init, labelled so."""
+    from tools import compare
+    monkeypatch.setitem(R.MODELS, "256px", tmp_path / "reference_dit_256.safetensors")
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(["--model", "256px", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--model 256px: the 256px weights are not trained yet" in err
+    model, source = compare.reference_model("256px")
+    assert "random init" in source and "the 256px weights are not trained yet" in source
+    assert model.config == R.MODEL_CONFIGS["256px"]
+    assert compare.parse_args(["--model", "256px"]).model == "256px"
+
+
+def test_demo_validates_classes_against_the_models_data(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--model", "256px", "--classes", "10"])
+    assert "(0 mountains, 1 house, 2 still life" in capsys.readouterr().err
 
 
 def test_matches_comfyui_flux(host, model):

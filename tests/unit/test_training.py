@@ -7,6 +7,8 @@ E|noise - image|^2; a random-init model scores worse than that.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -103,6 +105,94 @@ def test_training_on_cuda_matches_the_cpu_data(tmp_path):
     assert next(result["model"].parameters()).is_cuda and R.weights_metadata(out)["device"] == "cuda"
     assert torch.isfinite(torch.tensor(result["losses"])).all()
     assert R.load_weights(out).config.image_size == 16
+
+
+# ---- the GPU profile, at tiny size on the CPU ------------------------------------------------------------
+
+TINY_256 = '{"image_size": 32, "hidden": 32, "heads": 2, "axes_dim": [4, 6, 6], "depth_double": 1, "depth_single": 2}'
+
+
+def test_gpu_profile_trains_on_scenes_with_workers_bf16_and_compiled_blocks(tmp_path, capsys):
+    """The path a GPU run takes, minus the GPU: --model 256px (the scenes), pictures from a background worker,
+    bf16 autocast, compiled blocks (dynamo with the eager backend: the tracing a GPU compile does), bf16 storage,
+    and the metadata a GPU run records."""
+    from safetensors import safe_open
+    out = tmp_path / "tiny256.safetensors"
+    result = T.train(["--model", "256px", "--config", TINY_256, "--steps", "4", "--batch", "4", "--workers", "1",
+                      "--bf16", "--compile", "eager", "--dtype", "bfloat16", "--out", str(out), "--log-every", "2",
+                      "--save-every", "0"])
+    assert result["steps"] == 4 and result["compile"] == "eager" and len(result["losses"]) == 4
+    assert all(math.isfinite(v) for v in result["losses"])
+    assert isinstance(result["model"].double_blocks[0], R.DoubleStreamBlock), "the eager blocks are put back"
+    meta = R.weights_metadata(out)
+    assert meta["data"] == "tools/procedural.py sample_scenes" and meta["bf16"] == "true" and meta["workers"] == "1"
+    assert meta["compile"] == "eager" and meta["device_name"].startswith("CPU") and int(meta["images_per_second"]) > 0
+    assert "--model 256px" in meta["command"]
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor("img_in.weight").dtype == torch.bfloat16
+    loaded = R.load_weights(out)
+    assert loaded.config.data == "scenes" and loaded.config.image_size == 32 and loaded.config.hidden == 32
+    assert "waited for data" in capsys.readouterr().out
+
+
+def test_worker_pictures_are_reproducible_and_differ_between_workers():
+    a = next(iter(T.PictureStream("scenes", 3, 16, seed=5)))
+    b = next(iter(T.PictureStream("scenes", 3, 16, seed=5)))
+    c = next(iter(T.PictureStream("scenes", 3, 16, seed=6)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_one_line(tmp_path, capsys, monkeypatch):
+    class Broken(torch.nn.Module):  # what a compiler that cannot build the block leaves behind
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("backend compiler failed\nlong traceback")
+
+    monkeypatch.setattr(T.torch, "compile", lambda block, backend: Broken(block))
+    result = T.train(["--config", TINY, "--steps", "2", "--batch", "4", "--compile", "eager",
+                      "--out", str(tmp_path / "w.safetensors"), "--save-every", "0", "--log-every", "1000"])
+    printed = capsys.readouterr().out
+    assert result["steps"] == 2 and result["compile"] == "failed"
+    assert printed.count("failed, training eager: RuntimeError: backend compiler failed") == 1
+    assert R.weights_metadata(tmp_path / "w.safetensors")["compile"] == "failed"
+
+
+def test_evaluation_prints_loss_per_sigma_the_class_probe_and_the_verdict(tmp_path, capsys):
+    out = tmp_path / "tiny256.safetensors"
+    T.train(["--model", "256px", "--config", TINY_256, "--steps", "2", "--batch", "4", "--out", str(out),
+             "--save-every", "0", "--log-every", "1000"])
+    grid = tmp_path / "grid.png"
+    res = T.train(["--model", "256px", "--evaluate", "--out", str(out), "--grid", str(grid), "--probe-steps", "3",
+                   "--samples-per-class", "2"])
+    printed = capsys.readouterr().out
+    assert set(res["table"]) == set(T.SIGMAS) and len(res["per_class"]) == len(P.SCENE_NAMES)
+    for trained, random_init, zero in res["table"].values():
+        assert random_init > zero > 0 and trained > 0  # two steps from the zero init: about the zero predictor
+    assert res["good"] is False and "NOT YET: the bar is a class probe accuracy of at least 80%" in printed
+    assert "class probe:" in printed and "mountains" in printed and grid.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "256px", "--config", '{"num_classes": 3}'], "num_classes 3 does not match the 10 classes"),
+    (["--config", '{"data": "photos"}'], "unknown procedural data set 'photos'"),
+    (["--compile", "max"], "argument --compile: invalid choice"),
+])
+def test_training_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluating_missing_256px_weights_says_they_are_not_trained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(R.MODELS, "256px", tmp_path / "reference_dit_256.safetensors")
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(["--model", "256px", "--evaluate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the 256px weights are not trained yet" in err and len(err.strip().splitlines()) == 1
 
 
 # ---- the shipped weights ---------------------------------------------------------------------------
