@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.methods import SPECS
+from kernels.methods import BY_KEY, SPECS
 from kernels.runtime import MergingMethod
 from tools import benchmark as B
 
@@ -59,5 +59,5 @@ def test_the_proxy_runs_at_the_256px_models_token_grid(one_torch_thread):
     config = B.proxy_config("256px")
     assert (config.image_size // config.patch_size) ** 2 == 4096 and config.hidden == B.PROXY_MODEL.hidden
     assert B.parse_args(["--sections", "proxy", "--model", "256px"]).model == "256px"
-    counts = B.op_counts(lambda: density.DensitySchedule(density.DensityConfig()), config, steps=2)
+    counts = B.op_counts(lambda: BY_KEY["density"].build(), config, steps=2)
     assert 0 < counts["ops_per_block_call"] <= MAX_OPS and counts["syncs_per_step"] <= MAX_SYNCS, counts
