@@ -427,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=cli.positive_int, default=1,
                    help="timed images per setting (median reported; 1 keeps the full GPU run under 6 minutes)")
     p.add_argument("--no-host", action="store_true", help="time the reference DiT's own blocks even with ComfyUI")
-    p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    p.add_argument("--out", type=cli.out_file, help="also write the report (markdown) to this file")
     args = p.parse_args(argv)
     if args.sections is None:
         args.sections = list(SECTIONS) if args.device.startswith("cuda") else ["flops", "proxy"]

@@ -58,6 +58,24 @@ def choice_list(valid):
     return parse
 
 
+def out_file(text: str) -> Path:
+    """An --out file: an empty name, or a name of an existing folder, is refused when the arguments are read."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a file name expected, got an empty string")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file to write")
+    return Path(text)
+
+
+def out_dir(text: str) -> Path:
+    """An --out folder: an empty name, or a name of an existing file, is refused when the arguments are read."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a folder name expected, got an empty string")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; name a folder to write into")
+    return Path(text)
+
+
 def writable_dir(parser: argparse.ArgumentParser, path: Path, what: str = "--out"):
     """Create `path` if needed and make sure a file can be written there, before any work starts."""
     try:

@@ -133,7 +133,7 @@ def labelled(rows: list[Row], titles: list[str], headline: str, footer: str, sca
 
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "out", help="output folder (default: <repo>/out)")
+    p.add_argument("--out", type=cli.out_dir, default=ROOT / "out", help="output folder (default: <repo>/out)")
     p.add_argument("--model", choices=sorted(R.MODELS), default="128px", help="which trained reference model")
     p.add_argument("--steps", type=cli.positive_int, default=10, help="Euler sampling steps (at least 4)")
     p.add_argument("--classes", type=cli.int_list, default=[4, 5, 6],

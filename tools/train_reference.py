@@ -47,7 +47,7 @@ TRAIN_CONFIG = dict(image_size=64, patch_size=4, hidden=128, heads=2, depth_doub
 
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=R.WEIGHTS_PATH, help="weights file to write (EMA weights)")
+    p.add_argument("--out", type=cli.out_file, default=R.WEIGHTS_PATH, help="weights file to write (EMA weights)")
     p.add_argument("--steps", type=cli.positive_int, default=20000, help="maximum optimizer steps")
     p.add_argument("--minutes", type=cli.non_negative_float, default=0.0, help="wall-clock budget; stops early (0 = no limit)")
     p.add_argument("--batch", type=cli.positive_int, default=32, help="images per step")
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from this weights file (its weights and config; fresh optimizer, steps add up)")
     p.add_argument("--evaluate", action="store_true", help="evaluate --out instead of training")
-    p.add_argument("--grid", type=Path, default=ROOT / "out" / "reference_samples.png",
+    p.add_argument("--grid", type=cli.out_file, default=ROOT / "out" / "reference_samples.png",
                    help="with --evaluate: PNG of samples, one row per class")
     p.add_argument("--config", default=None,
                    help="JSON DiTConfig overrides (default: the shipped 64 px / patch 4 / hidden 128 config)")
