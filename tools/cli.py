@@ -91,6 +91,18 @@ def writable_file(parser: argparse.ArgumentParser, path: Path | None, what: str 
         writable_dir(parser, path.parent if str(path.parent) else Path(os.curdir), what)
 
 
+def weights_file(parser: argparse.ArgumentParser, path: Path, what: str):
+    """Refuse, in one line, a reference-model weights file that is missing or cannot be loaded (truncated, not
+    safetensors, another model's), before any work starts."""
+    from tools import reference_dit
+    if not Path(path).is_file():
+        parser.error(f"{what}: no weights file {path}")
+    try:
+        reference_dit.load_weights(path)
+    except reference_dit.WeightsError as e:
+        parser.error(f"{what}: {e}")
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's CPU threads set to `n` (0: torch's default) for the block, and restored after it."""

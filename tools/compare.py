@@ -668,6 +668,8 @@ def parse_args(argv=None):
         p.error(f"--steps must be at least 2, got {args.steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch here")
+    if "reference" in args.sections and REFERENCE_MODELS[args.model].is_file():  # else: random init, said so
+        cli.weights_file(p, REFERENCE_MODELS[args.model], f"--model {args.model}")
     cli.writable_file(p, args.out)
     return args
 

@@ -150,8 +150,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--classes: {', '.join(map(str, bad))} outside 0..{procedural.NUM_CLASSES - 1} "
                 f"({', '.join(f'{i} {n}' for i, n in enumerate(procedural.CLASS_NAMES))})")
-    if not R.MODELS[args.model].is_file():
-        p.error(f"--model {args.model}: no weights file {R.MODELS[args.model]}")
+    cli.weights_file(p, R.MODELS[args.model], f"--model {args.model}")
     cli.writable_dir(p, args.out)
     return args
 

@@ -146,6 +146,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 3:
         p.error(f"--steps must be at least 3, got {args.steps}")
+    if C.REFERENCE_MODELS[args.model].is_file():  # else: random init, said so in the report
+        cli.weights_file(p, C.REFERENCE_MODELS[args.model], f"--model {args.model}")
     cli.writable_file(p, args.out)
     with cli.torch_threads(args.threads):
         model, source = C.reference_model(args.model)

@@ -85,11 +85,10 @@ def parse_args(argv=None):
             R.DiTConfig(**{**TRAIN_CONFIG, **overrides})
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             p.error(f"--config: not a valid DiTConfig in JSON: {e}")
-    if args.init_from is not None and not args.init_from.is_file():
-        p.error(f"--init-from: no file {args.init_from}")
+    if args.init_from is not None:
+        cli.weights_file(p, args.init_from, "--init-from")
     if args.evaluate:
-        if not args.out.is_file():
-            p.error(f"--evaluate: no weights file {args.out}")
+        cli.weights_file(p, args.out, "--evaluate --out")
         cli.writable_file(p, args.grid, "--grid")
     else:
         cli.writable_file(p, args.out)

@@ -46,3 +46,65 @@ def test_a_wrong_out_is_refused_in_one_line(name, case, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "argument --out:" in err and ("empty string" if case == "empty" else out) in err, err
     assert a_file.read_text() == "x" and sorted(tmp_path.iterdir()) == [a_file], "nothing written"
+
+
+# ---- corrupt weights: one line from reference_dit.load_weights, and from every tool that loads weights --------
+
+def corrupt_weights(kind: str, folder: Path) -> Path:
+    from tools import reference_dit as R
+    path = folder / f"{kind.replace(' ', '_')}.safetensors"
+    if kind == "truncated":
+        path.write_bytes(R.WEIGHTS_PATH.read_bytes()[:100_000])
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif kind == "another model's":
+        import torch
+        from safetensors.torch import save_file
+        save_file({"weight": torch.zeros(3)}, str(path))
+    return path
+
+
+KINDS = ["truncated", "garbage", "another model's"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_corrupt_weights_file_gives_one_line(kind, tmp_path):
+    from tools import reference_dit as R
+    path = corrupt_weights(kind, tmp_path)
+    for load in (R.load_weights, lambda p: R.build_model(weights=p)):
+        with pytest.raises(R.WeightsError) as e:
+            load(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# (tool, its arguments, the weights it loads: a key of reference_dit.MODELS or an argument that names a file)
+WEIGHT_USERS = [
+    ("demo", ["--model", "64px"], "64px"),
+    ("compare", ["--model", "64px", "--sections", "reference"], "64px"),
+    ("merge_error", ["--model", "64px"], "64px"),
+    ("train_reference", ["--init-from"], "argument"),
+    ("train_reference", ["--evaluate", "--out"], "argument"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name, argv, weights", WEIGHT_USERS)
+def test_every_tool_that_loads_weights_refuses_a_corrupt_file_in_one_line(name, argv, weights, kind, tmp_path,
+                                                                        capsys, monkeypatch):
+    from tools import reference_dit as R
+    path = corrupt_weights(kind, tmp_path)
+    if weights == "argument":
+        argv = [*argv, str(path)]
+    else:
+        monkeypatch.setitem(R.MODELS, weights, path)
+    code, err = run_tool(name, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and "not a reference-model safetensors file" in err, err
+
+
+def test_the_tools_that_load_weights_are_all_covered():
+    """Every tool that loads the reference model's weights checks them with cli.weights_file, and is tested above."""
+    loaders = {p.stem for p in TOOLS.glob("*.py") if p.stem not in ("reference_dit", "cli")
+               and re.search(r"load_weights|build_model|reference_model\(", p.read_text())}
+    assert loaders == {n for n, _, _ in WEIGHT_USERS}, loaders
+    assert all("cli.weights_file(" in (TOOLS / f"{n}.py").read_text() for n in loaders)
