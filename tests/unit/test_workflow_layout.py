@@ -22,3 +22,18 @@ def test_sizes_as_drawn_change_nothing():
     wf = _wf()
     assert not fit_sizes(wf, {n["id"]: list(n["size"]) for n in wf["nodes"]})
     assert wf == _wf()
+
+
+def test_notes_name_no_frontend_element_that_differs_across_the_supported_hosts():
+    """Missing model files: ComfyUI 0.3.64 lists them in a dialog, 0.33 in a side panel; the notes say what both
+    do (list each missing file with its download) and name neither."""
+    import json
+    from pathlib import Path
+    for path in sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json")):
+        notes = [n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"]
+                 if n["type"] in ("Note", "MarkdownNote")]
+        assert notes, path.name
+        for text in notes:
+            assert not any(word in text.lower() for word in ("dialog", "side panel", "sidebar")), path.name
+            if "**Models**" in text:
+                assert "ComfyUI lists any missing one with its download" in text, path.name
