@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import urllib.parse  # noqa: E402
 
 from kernels.registry import METHODS, REGISTRY, TESTED_COMFYUI  # noqa: E402
 
@@ -31,7 +32,7 @@ def support_matrix() -> str:
             cells = [f"no: {e.refused}"] + ["no"] * (len(METHODS) - 1)
         else:
             cells = [f"no: {e.refused_methods[k]}" if k in e.refused_methods else "yes" for k in METHODS]
-        workflow = f"[`{e.workflow}`](workflows/{e.workflow})" if e.workflow else ""
+        workflow = f"[`{e.workflow}`](workflows/{urllib.parse.quote(e.workflow)})" if e.workflow else ""
         rows.append(f"| {e.label} | " + " | ".join(cells) + f" | {workflow} |")
     rows.append("")
     rows.append(f"Tested on ComfyUI {' and '.join(TESTED_COMFYUI)}, the oldest and the newest this pack supports.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 
 from tools import docs
@@ -26,7 +27,7 @@ def test_every_relative_link_resolves():
     broken = []
     for path in docs.DOCS:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
-            if not re.match(r"[a-z]+:", target) and not (path.parent / target).exists():
+            if not re.match(r"[a-z]+:", target) and not (path.parent / urllib.parse.unquote(target)).exists():
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
     assert not broken, broken
 
