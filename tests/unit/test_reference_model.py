@@ -326,7 +326,8 @@ def test_demo_picture_keeps_every_text_inside_it(classes, scale, monkeypatch):
         assert 0 <= x and x + demo.text_width(text, text_scale) <= w and 0 <= y and y + 5 * text_scale <= h, \
             (text, x, y, w, h)
     texts = [t for t, *_ in drawn]  # the caption is drawn last, in lines
-    lines = next(k for k in range(1, len(texts) + 1) if "".join(texts[-k:]).replace(" ", "") == caption.replace(" ", ""))
+    caption_letters = caption.replace(" ", "")
+    lines = next(k for k in range(1, len(texts) + 1) if "".join(texts[-k:]).replace(" ", "") == caption_letters)
     assert lines > 1
 
 

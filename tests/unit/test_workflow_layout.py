@@ -26,7 +26,7 @@ def test_sizes_as_drawn_change_nothing():
 
 def test_notes_name_no_frontend_element_that_differs_across_the_supported_hosts():
     """Missing model files: ComfyUI 0.3.64 lists them in a dialog, 0.33 in a side panel; the notes say what both
-    do (list each missing file with its download) and name neither."""
+    do (report each missing file and offer its download) and name neither."""
     import json
     from pathlib import Path
     for path in sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json")):
@@ -36,7 +36,8 @@ def test_notes_name_no_frontend_element_that_differs_across_the_supported_hosts(
         for text in notes:
             assert not any(word in text.lower() for word in ("dialog", "side panel", "sidebar")), path.name
             if "**Models**" in text:
-                assert "ComfyUI lists any missing one with its download" in text, path.name
+                assert "ComfyUI reports any missing one when the workflow opens and offers its download" in text, \
+                    path.name
 
 
 def test_workflow_names_are_titles_and_the_quick_start_is_the_readmes():
