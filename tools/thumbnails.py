@@ -16,7 +16,6 @@ workflow (nodes grow when an input is added); --cards-only skips that and only d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools import comfy_host, frontend, workflows  # noqa: E402
+from tools import cli, comfy_host, frontend, workflows  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
 SIZE = (512, 512)    # the browser shows a square
@@ -175,7 +174,7 @@ def fit_sizes_in_frontend(paths: list[Path]) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="only these workflows (file names without .json; default: all)")
     p.add_argument("--cards-only", action="store_true", help="draw the cards without fitting node sizes first")
     args = p.parse_args(argv)
