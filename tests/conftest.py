@@ -1,4 +1,38 @@
+import importlib
+import re
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def missing_requirements() -> list[str]:
+    """The packages of requirements.txt and requirements-dev.txt this Python cannot import (each of them is
+    imported under its own name)."""
+    names = []
+    for req in ("requirements.txt", "requirements-dev.txt"):
+        for line in (ROOT / req).read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                names.append(re.split(r"[\s<>=!~;\[]", line.strip(), maxsplit=1)[0])
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def pytest_configure(config):
+    """Without the pack's requirements every test module fails to import: say so once, in one line."""
+    missing = missing_requirements()
+    if missing:
+        raise pytest.UsageError(
+            f"{sys.executable} has no {', '.join(missing)}: run the tests with the Python of the venv that the "
+            "README's first command makes (.venv/bin/python), or install requirements.txt and requirements-dev.txt "
+            "into this one")
 
 
 @pytest.fixture(scope="session")

@@ -437,7 +437,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(R.MODEL_CONFIGS), default=None,
                    help="proxy section: a reference model's token grid and blocks (random weights, the proxy's "
                         "width) instead of the default 32x32-token model")
-    p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    p.add_argument("--out", type=cli.out_file, help="also write the report (markdown) to this file")
     args = p.parse_args(argv)
     if args.sections is None:
         args.sections = list(SECTIONS) if args.device.startswith("cuda") else ["flops", "proxy"]

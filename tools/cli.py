@@ -58,6 +58,24 @@ def choice_list(valid):
     return parse
 
 
+def out_file(text: str) -> Path:
+    """An --out file: an empty name, or a name of an existing folder, is refused when the arguments are read."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a file name expected, got an empty string")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file to write")
+    return Path(text)
+
+
+def out_dir(text: str) -> Path:
+    """An --out folder: an empty name, or a name of an existing file, is refused when the arguments are read."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a folder name expected, got an empty string")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; name a folder to write into")
+    return Path(text)
+
+
 def writable_dir(parser: argparse.ArgumentParser, path: Path, what: str = "--out"):
     """Create `path` if needed and make sure a file can be written there, before any work starts."""
     try:
@@ -71,6 +89,18 @@ def writable_dir(parser: argparse.ArgumentParser, path: Path, what: str = "--out
 def writable_file(parser: argparse.ArgumentParser, path: Path | None, what: str = "--out"):
     if path is not None:
         writable_dir(parser, path.parent if str(path.parent) else Path(os.curdir), what)
+
+
+def weights_file(parser: argparse.ArgumentParser, path: Path, what: str):
+    """Refuse, in one line, a reference-model weights file that is missing or cannot be loaded (truncated, not
+    safetensors, another model's), before any work starts."""
+    from tools import reference_dit
+    if not Path(path).is_file():
+        parser.error(f"{what}: no weights file {path}")
+    try:
+        reference_dit.load_weights(path)
+    except reference_dit.WeightsError as e:
+        parser.error(f"{what}: {e}")
 
 
 @contextlib.contextmanager

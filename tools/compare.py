@@ -638,12 +638,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=cli.non_negative_int, default=1,
                    help="torch CPU threads (default 1: steadier timings on a shared CPU; 0 = torch's default)")
     p.add_argument("--no-host", action="store_true", help="skip the tiny ComfyUI models")
-    p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    p.add_argument("--out", type=cli.out_file, help="also write the report (markdown) to this file")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error(f"--steps must be at least 2, got {args.steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch here")
+    if "reference" in args.sections and REFERENCE_MODELS[args.model].is_file():  # else: random init, said so
+        cli.weights_file(p, REFERENCE_MODELS[args.model], f"--model {args.model}")
     cli.writable_file(p, args.out)
     return args
 

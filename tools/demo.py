@@ -89,46 +89,51 @@ class Row:
 
 
 def wrap(text: str, width: int, scale: int) -> list[str]:
-    """Words of `text` in lines no wider than `width` pixels (a longer word gets a line of its own)."""
+    """`text` in lines no wider than `width` pixels: whole words where they fit, a longer word cut across lines."""
+    per_line = max(1, (width + scale) // (4 * scale))  # characters of the 3x5 font (4 columns each) in `width`
     lines: list[str] = []
     for word in text.split():
         if lines and text_width(lines[-1] + " " + word, scale) <= width:
             lines[-1] += " " + word
         else:
-            lines.append(word)
+            lines += [word[i:i + per_line] for i in range(0, len(word), per_line)]
     return lines
 
 
 def labelled(rows: list[Row], titles: list[str], headline: str, footer: str, scale: int, pad: int = 6) -> np.ndarray:
-    """The images of each row with its label on the left, class names above, headline and footer."""
+    """The images of each row with its label on the left, class names above, headline and footer; every text
+    wraps inside the picture, whose width the images and their labels set."""
     text, gap = 2, 3 * 2  # font scale, line height extra
+    line_h = 5 * text + gap
     grid = side_by_side([r.images for r in rows], scale=scale, pad=pad)
     tile = rows[0].images.shape[-1] * scale
     label_w = max(text_width(line, text) for r in rows for line in r.label()) + 2 * pad
+    w = label_w + grid.shape[1]
+    head, foot = wrap(headline, w - 2 * pad, text), wrap(footer, w - 2 * pad, text)
     wrapped = [wrap(t, tile, text) for t in titles]
-    lines = max(len(t) for t in wrapped)
-    top = (1 + lines) * (5 * text + gap) + pad
-    bottom = 5 * text + 2 * pad
-    h, w = grid.shape[0] + top + bottom, max(grid.shape[1] + label_w, text_width(footer, text) + 2 * pad)
+    top = pad + (len(head) + max(len(t) for t in wrapped)) * line_h
+    h = top + grid.shape[0] + len(foot) * line_h + pad
     canvas = torch.ones(h, w, 3)
-    canvas[top:top + grid.shape[0], label_w:label_w + grid.shape[1]] = torch.from_numpy(grid).float() / 255
+    canvas[top:top + grid.shape[0], label_w:] = torch.from_numpy(grid).float() / 255
     ink = (0.1, 0.1, 0.1)
-    draw_text(canvas, headline, pad, pad, text, ink)
+    for k, line in enumerate(head):
+        draw_text(canvas, line, pad, pad + k * line_h, text, ink)
     for j, title in enumerate(wrapped):
         x = label_w + pad + j * (tile + pad)
         for k, line in enumerate(title):
-            draw_text(canvas, line, x, top - (len(title) - k) * (5 * text + gap), text, ink)
+            draw_text(canvas, line, x, top - (len(title) - k) * line_h, text, ink)
     for i, r in enumerate(rows):
         y = top + pad + i * (tile + pad)
         for k, line in enumerate(r.label()):
-            draw_text(canvas, line, pad, y + k * (5 * text + gap), text, ink)
-    draw_text(canvas, footer, pad, h - bottom + pad, text, ink)
+            draw_text(canvas, line, pad, y + k * line_h, text, ink)
+    for k, line in enumerate(foot):
+        draw_text(canvas, line, pad, top + grid.shape[0] + k * line_h, text, ink)
     return (canvas * 255).round().to(torch.uint8).numpy()
 
 
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "out", help="output folder (default: <repo>/out)")
+    p.add_argument("--out", type=cli.out_dir, default=ROOT / "out", help="output folder (default: <repo>/out)")
     p.add_argument("--model", choices=sorted(R.MODELS), default="128px", help="which trained reference model")
     p.add_argument("--steps", type=cli.positive_int, default=10, help="Euler sampling steps (at least 4)")
     p.add_argument("--classes", type=cli.int_list, default=[4, 5, 6],
@@ -149,6 +154,7 @@ def parse_args(argv=None):
     if not R.MODELS[args.model].is_file():
         p.error(f"--model {args.model}: the {args.model} weights are not trained yet (no {R.MODELS[args.model]}; "
                 "tools/weights/README.md)")
+    cli.weights_file(p, R.MODELS[args.model], f"--model {args.model}")
     cli.writable_dir(p, args.out)
     return args
 

@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import urllib.parse  # noqa: E402
 
 from kernels.methods import BY_KEY, SPECS  # noqa: E402
 from kernels.registry import REGISTRY, TESTED_COMFYUI  # noqa: E402
@@ -30,7 +31,7 @@ def support_matrix() -> str:
             "|---|" + "---|" * len(columns) + "---|"]
     for e in REGISTRY:
         cells = [f"no: {e.refused}"] + ["no"] * (len(columns) - 1) if e.refused else ["yes"] * len(columns)
-        workflow = f"[`{e.workflow}`](workflows/{e.workflow})" if e.workflow else ""
+        workflow = f"[`{e.workflow}`](workflows/{urllib.parse.quote(e.workflow)})" if e.workflow else ""
         rows.append(f"| {e.label} | " + " | ".join(cells) + f" | {workflow} |")
     rows.append("")
     rows.append(f"Tested on ComfyUI {' and '.join(TESTED_COMFYUI)}, the oldest and the newest this pack supports.")

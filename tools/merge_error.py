@@ -140,10 +140,12 @@ def main(argv=None):
     p.add_argument("--model", choices=sorted(C.REFERENCE_MODELS), default=C.DEFAULT_MODEL,
                    help="which trained reference model to sample")
     p.add_argument("--threads", type=cli.non_negative_int, default=1, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    p.add_argument("--out", type=cli.out_file, help="also write the report (markdown) here")
     args = p.parse_args(argv)
     if args.steps < 3:
         p.error(f"--steps must be at least 3, got {args.steps}")
+    if C.REFERENCE_MODELS[args.model].is_file():  # else: random init, said so in the report
+        cli.weights_file(p, C.REFERENCE_MODELS[args.model], f"--model {args.model}")
     cli.writable_file(p, args.out)
     with cli.torch_threads(args.threads):
         model, source = C.reference_model(args.model)

@@ -21,6 +21,7 @@ v = noise - image for x_sigma = (1 - sigma) * image + sigma * noise.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -417,19 +418,42 @@ def save_weights(model: ReferenceDiT, path=WEIGHTS_PATH, metadata: dict | None =
     tmp.replace(path)  # atomic: a reader never sees a half-written file
 
 
+class WeightsError(ValueError):
+    """A weights file the reference model cannot be loaded from; the message is one line naming the file."""
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turns whatever reading `path` raises (missing, truncated, not safetensors, another model's tensors) into
+    one WeightsError line."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        reason = " ".join(str(e).replace("Error while deserializing header: ", "").split())[:200]
+        shipped = Path(path).resolve().parent == WEIGHTS_PATH.parent
+        restore = f"; restore it with `git checkout -- tools/weights/{Path(path).name}`" if shipped else ""
+        raise WeightsError(f"{path} is not a reference-model safetensors file ({reason}){restore}") from None
+
+
 def weights_metadata(path=WEIGHTS_PATH) -> dict:
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
+    with _reading(path), safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
 def load_weights(path=WEIGHTS_PATH) -> ReferenceDiT:
-    """The stored model in float32 (whatever the storage dtype), in eval mode."""
+    """The stored model in float32 (whatever the storage dtype), in eval mode; WeightsError, one line, for a
+    file it cannot be loaded from."""
     from safetensors.torch import load_file
     meta = weights_metadata(path)
-    config = DiTConfig.from_json(meta["config"]) if "config" in meta else DiTConfig()
-    model = ReferenceDiT(config)
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    with _reading(path):
+        model = ReferenceDiT(DiTConfig.from_json(meta["config"]) if "config" in meta else DiTConfig())
+        state, wanted = load_file(str(path)), model.state_dict()
+        if set(state) != set(wanted):
+            raise ValueError(f"{len(set(wanted) - set(state))} of the model's {len(wanted)} tensors missing, "
+                             f"{len(set(state) - set(wanted))} tensors not the model's")
+        model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
 
 

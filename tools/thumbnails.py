@@ -1,45 +1,41 @@
-"""Thumbnails of the example workflows for ComfyUI's template browser: workflows/<stem>.jpg.
+"""Thumbnails of the example workflows for ComfyUI's template browser: workflows/<name>.jpg.
 
-The template browser (Templates -> Extensions -> the pack's folder) shows `<stem>.jpg`, next to
-`<stem>.json`, as the picture of that workflow's card. Each thumbnail is a screenshot of the workflow
-in the real frontend (tools/frontend.py: ComfyUI on 127.0.0.1 and headless Chromium), the whole graph
-fitted into a 1600x1000 window with the frontend's panels hidden, cropped to the graph; it is saved as a
-small JPEG
-whose comment holds the sha256 of the workflow file it shows (tests/host/test_workflows.py checks that
-each is current).
+The template browser shows `<name>.jpg`, next to `<name>.json`, as the picture of that workflow's card, in a
+square about 260 px wide (frontends 1.27 and 1.49), under the file name as the card's title; it reads no
+description from a pack (1.49 shows none, 1.27 repeats the name). So each picture is a card that says what the
+workflow is about in type that reads at that size: the model family, the pack's nodes in it (their display
+names), what it makes, the ComfyUI it needs when that is newer than the oldest supported, and, on the quick
+start, "start here". Its JPEG comment holds that text; tests/host/test_workflows.py checks that every picture
+shows its workflow's current text.
 
-    COMFYUI_PATH=~/ComfyUI <host venv>/bin/python tools/thumbnails.py [stem ...]
+    COMFYUI_PATH=~/ComfyUI <host venv>/bin/python tools/thumbnails.py [--cards-only] [name ...]
 
-Run it with the newest supported host: it loads every workflow. It first saves the node sizes the frontend
-draws back into each workflow (nodes grow when an input is added), so the files and pictures agree.
+Run it with the newest supported host. It first loads every workflow in the real frontend (tools/frontend.py:
+ComfyUI on 127.0.0.1 and headless Chromium) and saves the node sizes the frontend draws back into the
+workflow (nodes grow when an input is added); --cards-only skips that and only draws the cards.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import io
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools import comfy_host, frontend, workflows  # noqa: E402
+from tools import cli, comfy_host, frontend, workflows  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
-SIZE = (640, 400)    # the thumbnail, from the 1600x1000 window
-QUALITY = 80
-# The frontend's panels off and its text drawn at any zoom, so that the picture is the graph.
-SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False, "Comfy.Graph.CanvasMenu": False,
-            "LiteGraph.Canvas.MinFontSizeForLOD": 1}
-COMMENT = "workflow sha256 "
-
-
-def workflow_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+SIZE = (512, 512)    # the browser shows a square
+QUALITY = 88
+COMMENT = "card: "
+QUICK_START = "(start here)"   # the quick start's name ends so (web/templates.js puts it first)
+# Each card's colour: that of the first of these node types in the workflow.
+ACCENT = {"CATPruningPatchModel": (64, 196, 170), "SDTMPatchModel": (150, 120, 240),
+          "TokenDensityPatchModel": (236, 170, 60)}
+VIDEO_OUTPUTS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM", "CreateVideo"}
+IMAGE_INPUTS = {"LoadImage", "LoadVideo"}
 
 
 def jpeg_comment(data: bytes) -> str | None:
@@ -55,17 +51,98 @@ def jpeg_comment(data: bytes) -> str | None:
     return None
 
 
-# JS: the screen rectangle [left, top, right, bottom] around every node, title bars included.
-GRAPH_BOUNDS = """(() => {
-    const ds = app.canvas.ds, t = LiteGraph.NODE_TITLE_HEIGHT, b = [Infinity, Infinity, -Infinity, -Infinity];
-    for (const n of app.graph._nodes) {
-        b[0] = Math.min(b[0], (n.pos[0] + ds.offset[0]) * ds.scale);
-        b[1] = Math.min(b[1], (n.pos[1] - t + ds.offset[1]) * ds.scale);
-        b[2] = Math.max(b[2], (n.pos[0] + n.size[0] + ds.offset[0]) * ds.scale);
-        b[3] = Math.max(b[3], (n.pos[1] + n.size[1] + ds.offset[1]) * ds.scale);
-    }
-    return b;
-})()"""
+def pack_display_names() -> dict[str, str]:
+    """{node type: display name} of the pack's nodes (needs the host imported)."""
+    return {t: cls.define_schema().display_name for t, cls in comfy_host.pack_nodes().items()}
+
+
+def card(path: Path, display_names: dict[str, str]) -> dict:
+    """What the card of the workflow at `path` says, from its name (`<family> - <what it shows>`) and nodes;
+    `display_names`: {node type: display name} of the pack's nodes."""
+    wf = json.loads(path.read_text())
+    types = [n["type"] for n in wf["nodes"]]
+    pack = list(dict.fromkeys(t for t in types if t in display_names))
+    source = "image" if IMAGE_INPUTS & set(types) else "text"
+    target = "video" if VIDEO_OUTPUTS & set(types) else "image"
+    needs = wf.get("extra", {}).get("requires_comfyui", "")
+    return {"family": path.stem.split(" - ")[0], "nodes": [display_names[t] for t in pack],
+            "makes": f"{source} to {target}", "needs": f"needs ComfyUI {needs.lstrip('>=')} or newer" if needs else "",
+            "start_here": path.stem.endswith(QUICK_START),
+            "accent": next((ACCENT[t] for t in ACCENT if t in pack), (120, 160, 220))}
+
+
+def card_text(c: dict) -> str:
+    """The card's text in one line (its JPEG comment)."""
+    return " | ".join([c["family"], " + ".join(c["nodes"]), c["makes"], c["needs"], "start here" * c["start_here"]])
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _fit(draw, texts: list[str], width: int, height: int, sizes: range, spacing: float):
+    """(font, lines): the largest of `sizes` at which `texts`, each wrapped at spaces to `width`, fit in
+    `height` (the smallest size regardless)."""
+    from PIL import ImageFont
+    for size in sizes:
+        font = ImageFont.load_default(size=size)
+        lines = [line for text in texts for line in _wrap(draw, text, font, width)]
+        if len(lines) * size * spacing <= height and all(draw.textlength(x, font=font) <= width for x in lines):
+            break
+    return font, lines
+
+
+def draw_card(c: dict):
+    """The card as a PIL image: the family in large type, the nodes (one a line) in the card's colour, what it
+    makes and the ComfyUI it needs."""
+    from PIL import Image, ImageDraw, ImageFont, features
+    if not features.check("freetype2"):
+        raise RuntimeError("Pillow without FreeType cannot draw the cards' type")
+    w, h = SIZE
+    foot = ImageFont.load_default(size=24)
+    margin, accent, muted, white = 36, c["accent"], (150, 156, 168), (240, 242, 246)
+    img = Image.new("RGB", SIZE, (22, 24, 30))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, w, 14], fill=accent)
+    small = ImageFont.load_default(size=28)
+    # The top left stays free of text: frontend 1.49 lays its "Node graph" badge over it.
+    if c["start_here"]:
+        label = "START HERE"
+        right = w - margin
+        left = right - draw.textlength(label, font=small) - 28
+        draw.rounded_rectangle([left, 40, right, 88], radius=24, fill=accent)
+        draw.text((left + 14, 48), label, font=small, fill=(16, 18, 22))
+    footer = [x for x in (c["makes"].upper(), c["needs"], "Token Reduction") if x]
+    bottom = h - margin - 32 * len(footer)
+    # The family on one line if it reads large enough so, else on two.
+    font, lines = _fit(draw, [c["family"]], w - 2 * margin, 110, range(104, 63, -4), 1.15)
+    if len(lines) > 1:
+        font, lines = _fit(draw, [c["family"]], w - 2 * margin, 220, range(104, 47, -4), 1.15)
+    y = 112
+    for line in lines:
+        draw.text((margin, y), line, font=font, fill=white, stroke_width=2, stroke_fill=white)
+        y += round(font.size * 1.15)
+    y += 16
+    font, lines = _fit(draw, c["nodes"], w - 2 * margin, bottom - y, range(44, 23, -2), 1.25)
+    for line in lines:
+        draw.text((margin, y), line, font=font, fill=accent)
+        y += round(font.size * 1.25)
+    for k, line in enumerate(footer):
+        draw.text((margin, h - margin - 32 * (len(footer) - k) + 4), line, font=small if k == 0 else foot, fill=muted)
+    return img
+
+
+def save_card(path: Path, display_names: dict[str, str]) -> Path:
+    c = card(path, display_names)
+    out = path.with_suffix(".jpg")
+    draw_card(c).save(out, "JPEG", quality=QUALITY, optimize=True, comment=(COMMENT + card_text(c)).encode("ascii"))
+    return out
 
 
 def load_fitted(page, path: Path) -> bool:
@@ -81,62 +158,46 @@ def load_fitted(page, path: Path) -> bool:
     return True
 
 
-def shoot(page, path: Path):
-    """(screenshot PNG bytes, the graph's screen bounds) of the workflow just loaded, fitted into view."""
-    page.close_dialogs()
-    page.eval("(async () => { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); "
-              "app.graph.setDirtyCanvas(true, true); return true; })()")
-    time.sleep(1.0)  # a few frames: DOM widgets follow the canvas
-    return page.screenshot(ROOT / "out" / "thumbnails" / f"{path.stem}.png"), page.eval(GRAPH_BOUNDS)
-
-
-def frame(bounds, width: int, height: int, margin: int = 16):
-    """A crop box around `bounds` with the thumbnail's aspect, inside the width x height screenshot."""
-    left, top, right, bottom = bounds[0] - margin, bounds[1] - margin, bounds[2] + margin, bounds[3] + margin
-    aspect = SIZE[0] / SIZE[1]
-    w, h = right - left, bottom - top
-    if w / h < aspect:
-        w = h * aspect
-    else:
-        h = w / aspect
-    w, h = min(w, width), min(h, height)
-    cx, cy = (left + right) / 2, (top + bottom) / 2
-    x0 = min(max(cx - w / 2, 0), width - w)
-    y0 = min(max(cy - h / 2, 0), height - h)
-    return round(x0), round(y0), round(x0 + w), round(y0 + h)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stems", nargs="*", help="only these workflows (default: all)")
-    args = p.parse_args(argv)
-    from PIL import Image
-
-    paths = [WORKFLOWS / f"{s}.json" for s in args.stems] if args.stems else sorted(WORKFLOWS.glob("*.json"))
-    too_new = [f"{q.name} {why}" for q in paths if (why := comfy_host.workflow_needs_newer_host(json.loads(q.read_text())))]
-    if too_new:
-        print("this host cannot load every workflow; run with the newest one:\n" + "\n".join(too_new), file=sys.stderr)
-        return 1
+def fit_sizes_in_frontend(paths: list[Path]) -> int:
+    """Load each workflow in the real frontend and save the sizes it draws back; 1 when that cannot run."""
     chromium = frontend.chromium()
     comfy_root = comfy_host.find_comfyui()[0]
     if chromium is None or comfy_root is None:
-        print("needs Chromium and a ComfyUI checkout (COMFYUI_PATH)", file=sys.stderr)
+        print("fitting node sizes needs Chromium and a ComfyUI checkout (COMFYUI_PATH); --cards-only skips it",
+              file=sys.stderr)
         return 1
     with frontend.comfy_server(comfy_root) as server, frontend.open_page(server["url"], chromium) as page:
-        page.eval("(async () => { for (const [k, v] of Object.entries(%s)) await app.extensionManager.setting.set(k, v); "
-                  "await app.extensionManager.command.execute('Workspace.ToggleFocusMode'); return true; })()"
-                  % json.dumps(SETTINGS))
-        time.sleep(0.5)
         for path in paths:
             if load_fitted(page, path):
                 print(f"{path.relative_to(ROOT)}: node sizes now as drawn")
-            png, bounds = shoot(page, path)
-            picture = Image.open(io.BytesIO(png)).convert("RGB")
-            picture = picture.crop(frame(bounds, *picture.size)).resize(SIZE, Image.LANCZOS)
-            out = path.with_suffix(".jpg")
-            picture.save(out, "JPEG", quality=QUALITY, optimize=True,
-                         comment=(COMMENT + workflow_digest(path)).encode("ascii"))
-            print(f"{out.relative_to(ROOT)}: {out.stat().st_size // 1024} KiB")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help="only these workflows (file names without .json; default: all)")
+    p.add_argument("--cards-only", action="store_true", help="draw the cards without fitting node sizes first")
+    args = p.parse_args(argv)
+    paths = [WORKFLOWS / f"{n}.json" for n in args.names] if args.names else sorted(WORKFLOWS.glob("*.json"))
+    missing = [q.name for q in paths if not q.is_file()]
+    if missing:
+        p.error(f"no workflow {', '.join(missing)} in {WORKFLOWS}")
+    err = comfy_host.import_host()
+    if err:
+        p.error(f"needs the ComfyUI host (the pack's node names): {err}")
+    if not args.cards_only:
+        too_new = [f"{q.name} {why}" for q in paths
+                   if (why := comfy_host.workflow_needs_newer_host(json.loads(q.read_text())))]
+        if too_new:
+            print("this host cannot load every workflow; run with the newest one:\n" + "\n".join(too_new),
+                  file=sys.stderr)
+            return 1
+        if fit_sizes_in_frontend(paths):
+            return 1
+    names = pack_display_names()
+    for path in paths:
+        out = save_card(path, names)
+        print(f"{out.relative_to(ROOT)}: {out.stat().st_size // 1024} KiB")
     return 0
 
 

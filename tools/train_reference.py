@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(R.MODEL_CONFIGS), default="64px",
                    help="reference model: its configuration, data set and default --out (default 64px)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=cli.out_file, default=None,
                    help="weights file to write (EMA weights), or to read with --evaluate (default: the model's file)")
     p.add_argument("--steps", type=cli.positive_int, default=20000, help="maximum optimizer steps")
     p.add_argument("--minutes", type=cli.non_negative_float, default=0.0, help="wall-clock budget; stops early (0 = no limit)")
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from this weights file (its weights and config; fresh optimizer, steps add up)")
     p.add_argument("--evaluate", action="store_true", help="evaluate --out instead of training")
-    p.add_argument("--grid", type=Path, default=ROOT / "out" / "reference_samples.png",
+    p.add_argument("--grid", type=cli.out_file, default=ROOT / "out" / "reference_samples.png",
                    help="with --evaluate: PNG of samples, one row per class")
     p.add_argument("--probe-steps", type=cli.positive_int, default=400,
                    help="with --evaluate: training steps of the class probe (tools/class_probe.py)")
@@ -122,8 +122,8 @@ def parse_args(argv=None):
         if config.num_classes != len(names):
             p.error(f"--config: num_classes {config.num_classes} does not match the {len(names)} classes of the "
                     f"{config.data!r} data")
-    if args.init_from is not None and not args.init_from.is_file():
-        p.error(f"--init-from: no file {args.init_from}")
+    if args.init_from is not None:
+        cli.weights_file(p, args.init_from, "--init-from")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch here")
     cuda = args.device.startswith("cuda")
@@ -132,8 +132,7 @@ def parse_args(argv=None):
             p.error(f"--evaluate: the {args.model} weights are not trained yet (no {R.MODELS[args.model]}; "
                     "tools/weights/README.md)")
         args.out = args.out or R.MODELS[args.model]
-        if not args.out.is_file():
-            p.error(f"--evaluate: no weights file {args.out}")
+        cli.weights_file(p, args.out, "--evaluate --out")
         cli.writable_file(p, args.grid, "--grid")
     else:
         args.out = args.out or R.MODELS[args.model]

@@ -24,7 +24,7 @@ import pytest
 
 from tools import frontend
 from tools.comfy_host import PACK_ROOT, workflow_needs_newer_host
-from tools.thumbnails import SIZE as THUMBNAIL_SIZE
+from tools.thumbnails import QUICK_START, SIZE as THUMBNAIL_SIZE
 
 OUT = PACK_ROOT / "out" / "browser"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
@@ -422,7 +422,8 @@ def test_template_browser_lists_every_workflow_with_its_thumbnail(comfy_server):
 
 
 def test_template_browser_shows_the_pack_cards(page):
-    """Templates -> Extensions -> the pack: one card per workflow, each with its picture loaded."""
+    """Templates -> Extensions -> the pack: one card per workflow, each with its picture loaded and its name
+    as its title, not cut off; the quick start first (web/templates.js), then by name, so by model family."""
     page.eval("(async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); return true; })()")
     page.wait_for("[...document.querySelectorAll('.p-dialog *')].some(e => e.children.length === 0 && "
                   f"e.textContent.trim() === '{frontend.PACK_DIR_NAME}')", 30, "the pack in the template browser")
@@ -430,14 +431,20 @@ def test_template_browser_shows_the_pack_cards(page):
         && e.textContent.trim() === '%s'); (e.closest('[role=button], button, a, li, [role=option]') || e).click();
         return true; })()""" % frontend.PACK_DIR_NAME)
     # The cards render, and load their pictures, as they scroll into view: scroll through the list, a
-    # step per poll, and note each card seen with its picture loaded.
-    scan = """(() => { const stems = %s, seen = (window.__trSeen ??= new Set());
+    # step per poll, and note each card seen with its picture loaded, the order the titles come in, and
+    # any title drawn narrower than its text.
+    names = [p.stem for p in WORKFLOWS]
+    scan = """(() => { const names = %s, seen = (window.__trSeen ??= new Set()), order = (window.__trOrder ??= []);
+        const cut = (window.__trCut ??= new Set());
         const leaves = [...document.querySelectorAll('.p-dialog *')].filter(e => e.children.length === 0
-            && stems.includes(e.textContent.trim()));
+            && names.includes(e.textContent.trim()));
         for (const t of leaves) {
+            const name = t.textContent.trim();
+            if (!order.includes(name)) order.push(name);
+            if (t.scrollWidth > t.clientWidth + 1) cut.add(name);
             let c = t; while (c && !c.querySelector('img')) c = c.parentElement;
             const imgs = c ? c.querySelectorAll('img') : [];
-            if (imgs.length === 1 && imgs[0].complete && imgs[0].naturalWidth === %d) seen.add(t.textContent.trim());
+            if (imgs.length === 1 && imgs[0].complete && imgs[0].naturalWidth === %d) seen.add(name);
         }
         let box = leaves[0]?.parentElement;
         while (box && !(box.scrollHeight > box.clientHeight + 4 && /auto|scroll/.test(getComputedStyle(box).overflowY)))
@@ -445,8 +452,8 @@ def test_template_browser_shows_the_pack_cards(page):
         // Down half a view per poll; at the bottom wait for more cards while some are missing, then start over.
         const bottom = box && box.scrollTop >= box.scrollHeight - box.clientHeight - 2;
         if (box && !bottom) box.scrollTop += box.clientHeight / 2;
-        else if (box && leaves.length === stems.length) box.scrollTop = 0;
-        return seen.size === stems.length; })()""" % (json.dumps([p.stem for p in WORKFLOWS]), THUMBNAIL_SIZE[0])
+        else if (box && leaves.length === names.length) box.scrollTop = 0;
+        return seen.size === names.length; })()""" % (json.dumps(names), THUMBNAIL_SIZE[0])
     page.wait_for("(() => { const e = [...document.querySelectorAll('.p-dialog img')]; return e.some(i => i.complete "
                   f"&& i.naturalWidth === {THUMBNAIL_SIZE[0]}); }})()", 30, "the first card pictures")
     time.sleep(1)
@@ -456,7 +463,12 @@ def test_template_browser_shows_the_pack_cards(page):
     except AssertionError:
         page.screenshot(OUT / "templates_dialog_timeout.png", close_dialogs=False)
         raise AssertionError(f"cards seen with their picture: {page.eval('[...window.__trSeen]')}") from None
+    order, cut = page.eval("window.__trOrder"), page.eval("[...window.__trCut]")
     page.close_dialogs()
+    quick = [n for n in names if n.endswith(QUICK_START)]
+    # The browser sorts with localeCompare, which orders these ASCII names as casefold does.
+    assert order == quick + sorted(set(names) - set(quick), key=str.casefold), order
+    assert cut == [], f"titles cut off on their card: {cut}"
     assert unexplained(page.new_errors()) == []
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from kernels.registry import SUPPORTED, TESTED_COMFYUI
 from tools.comfy_host import PACK_ROOT, parse_requirement, workflow_needs_newer_host
-from tools.thumbnails import COMMENT, SIZE, jpeg_comment, workflow_digest
+from tools.thumbnails import COMMENT, SIZE, card, card_text, jpeg_comment, pack_display_names
 
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 IDS = [p.name for p in WORKFLOWS]
@@ -190,16 +190,22 @@ def test_required_comfyui_is_a_tested_version(path):
         assert extra.get("requires_comfyui_reason"), f"{path.name}: say why it needs {extra['requires_comfyui']}"
 
 
+@pytest.fixture(scope="module")
+def display_names(host):
+    return pack_display_names()
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
-def test_thumbnail_is_current(path):
-    """The template browser shows <stem>.jpg as the workflow's picture: a small JPEG that tools/thumbnails.py
-    took of this very file (its comment holds the file's sha256)."""
+def test_thumbnail_is_current(path, display_names):
+    """The template browser shows <name>.jpg as the workflow's picture: a small square JPEG card that
+    tools/thumbnails.py drew for this very workflow (its comment holds the card's text: family, the pack's
+    nodes in it, what it makes, the ComfyUI it needs)."""
     jpg = path.with_suffix(".jpg")
     assert jpg.is_file(), f"no {jpg.name}: run tools/thumbnails.py"
     data = jpg.read_bytes()
     assert data[:3] == b"\xff\xd8\xff" and len(data) < 64 * 1024, f"{jpg.name} is not a small JPEG"
-    assert jpeg_comment(data) == COMMENT + workflow_digest(path), f"{jpg.name} shows an older {path.name}: run " \
-        f"tools/thumbnails.py {path.stem}"
+    assert jpeg_comment(data) == COMMENT + card_text(card(path, display_names)), \
+        f"{jpg.name} shows an older {path.name}: run tools/thumbnails.py --cards-only '{path.stem}'"
     sof = re.search(rb"\xff[\xc0\xc2]..\x08(..)(..)", data, re.S)
     assert sof and (int.from_bytes(sof[2], "big"), int.from_bytes(sof[1], "big")) == SIZE, jpg.name
 

@@ -302,6 +302,35 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo_table.md").read_text().startswith("| setting |")
 
 
+@pytest.mark.parametrize("classes, scale", [(1, 1), (3, 2)])
+def test_demo_picture_keeps_every_text_inside_it(classes, scale, monkeypatch):
+    """Headline, class names, row labels and the caption under the pictures all lie inside the picture, however
+    long: they wrap (a word too long for a line is cut), and the caption never widens the picture."""
+    drawn = []
+
+    def draw_text(img, text, x, y, text_scale=1, colour=None):
+        drawn.append((text, x, y, text_scale, img.shape))
+        demo_draw_text(img, text, x, y, text_scale, colour)
+
+    demo_draw_text = demo.draw_text
+    monkeypatch.setattr(demo, "draw_text", draw_text)
+    rows = [demo.Row(name, torch.rand(classes, 3, 64, 64) * 2 - 1, 0.5, 0.1, 30.0, 1.0)
+            for name in ("UNPATCHED", "DENSITY SCHEDULE", "9 STEPS, NOT 10")]
+    caption = "SDTM, DENSITY SCHEDULE AND CAT STAY WITHIN 0.3 DB OF EACH OTHER, " * 3 + "X" * 90
+    titles = ["HORIZONTAL STRIPES", "CHECKERBOARD", "RADIAL GRADIENT WITH NOISE"][:classes]
+    canvas = demo.labelled(rows, titles, "REFERENCE DIT 128 PX, 10 STEPS, CFG 3, SEED 0 " * 2, caption, scale)
+    h, w = canvas.shape[:2]
+    assert w < demo.text_width(caption, 2) and drawn
+    for text, x, y, text_scale, shape in drawn:
+        assert shape[:2] == (h, w)
+        assert 0 <= x and x + demo.text_width(text, text_scale) <= w and 0 <= y and y + 5 * text_scale <= h, \
+            (text, x, y, w, h)
+    texts = [t for t, *_ in drawn]  # the caption is drawn last, in lines
+    caption_letters = caption.replace(" ", "")
+    lines = next(k for k in range(1, len(texts) + 1) if "".join(texts[-k:]).replace(" ", "") == caption_letters)
+    assert lines > 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps: must be at least 1, got 0"),
     (["--steps", "2"], "--steps must be at least 4"),

@@ -22,3 +22,37 @@ def test_sizes_as_drawn_change_nothing():
     wf = _wf()
     assert not fit_sizes(wf, {n["id"]: list(n["size"]) for n in wf["nodes"]})
     assert wf == _wf()
+
+
+def test_notes_name_no_frontend_element_that_differs_across_the_supported_hosts():
+    """Missing model files: ComfyUI 0.3.64 lists them in a dialog, 0.33 in a side panel; the notes say what both
+    do (report each missing file and offer its download) and name neither."""
+    import json
+    from pathlib import Path
+    for path in sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json")):
+        notes = [n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"]
+                 if n["type"] in ("Note", "MarkdownNote")]
+        assert notes, path.name
+        for text in notes:
+            assert not any(word in text.lower() for word in ("dialog", "side panel", "sidebar")), path.name
+            if "**Models**" in text:
+                assert "ComfyUI reports any missing one when the workflow opens and offers its download" in text, \
+                    path.name
+
+
+def test_workflow_names_are_titles_and_the_quick_start_is_the_readmes():
+    """The template browser shows a pack's workflows under their file names and reads nothing else from the
+    pack: each name is a title, `<model family> - <what it shows>`; web/templates.js puts the one whose name
+    ends in "(start here)" first, and the README's quick start names that one."""
+    import re
+    from pathlib import Path
+    from tools import thumbnails
+    root = Path(__file__).resolve().parents[2]
+    names = sorted(p.stem for p in (root / "workflows").glob("*.json"))
+    assert names and all(re.fullmatch(r"[A-Z][\w.\- ]*[\w.] - \w.*", n) for n in names), names
+    assert sorted(p.stem for p in (root / "workflows").glob("*.jpg")) == names
+    quick = [n for n in names if n.endswith(thumbnails.QUICK_START)]
+    assert len(quick) == 1, quick
+    assert f'const QUICK_START = "{thumbnails.QUICK_START}";' in (root / "web" / "templates.js").read_text()
+    quick_start = (root / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    assert f"**{quick[0]}**" in quick_start
