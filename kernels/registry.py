@@ -12,7 +12,7 @@ from .families import (Family, flux_family, hunyuan_video_family, mmdit_family, 
                        wan_family)
 
 METHODS = {"sdtm": "SDTM", "cat": "CAT", "density": "Density", "maps": "Maps"}  # key -> support-matrix column
-TESTED_COMFYUI = ("0.3.64", "0.3.75")  # the host tests run against both ends of the supported range
+TESTED_COMFYUI = ("0.3.64", "0.33.0")  # the host tests run against both ends of the supported range
 
 
 class UnsupportedModelError(ValueError):
