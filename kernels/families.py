@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .attention import key_bias_hook, override_attention, size_weighted_hook
+from .attention import key_bias_hook, override_attention, seq_dim, size_weighted_hook
 from .token_ops import MergePlan
 
 
@@ -163,29 +163,85 @@ def single_stream_text_first(seq: torch.Tensor, txt_stream, n_txt: int) -> bool 
     return "the single-stream sequence has the text stream at neither end"
 
 
+class _QueriesSeen(Exception):
+    """Stops a probed block at its first attention: the queries are all the probe needs."""
+
+
+def probe_text_first(args: dict, host_block: Callable, family: Family) -> bool | str:
+    """Whether a double block's joint attention puts the text before the image stream, as the host's own
+    block shows. The block runs twice on one text and one image token, up to its first attention: the first
+    time as given, the second with the image token changed; the query that moves is the image's, second
+    (True) or first (False). Rotary table and key mask are cut to two entries (which entries does not
+    matter: only which query moves is read)."""
+    img, txt = args["img"], args["txt"]
+    length = txt.shape[1] + img.shape[1]
+    probe = dict(args, img=img[:, :1], txt=txt[:, :1])
+    pe = args.get("pe")
+    if family.has_rope and isinstance(pe, torch.Tensor):
+        d = next((d for d in (family.pe_token_dim, 3 - family.pe_token_dim) if pe.ndim > d and pe.shape[d] == length),
+                 None)
+        if d is None:
+            return f"rotary table of shape {tuple(pe.shape)} has no axis of the {length} attention tokens"
+        probe["pe"] = pe.narrow(d, 0, 2)
+    mask = args.get(family.key_mask_arg) if family.key_mask_arg else None
+    if isinstance(mask, torch.Tensor):
+        probe[family.key_mask_arg] = mask[..., :2]
+    queries = []
+
+    def capture(ordinal, a, kw):
+        queries.append(a[0].detach().movedim(seq_dim(kw), 1).flatten(2))
+        raise _QueriesSeen
+
+    bump = torch.randn(img.shape[0], 1, img.shape[2], generator=torch.Generator().manual_seed(0)).to(img)
+    for image in (probe["img"].clone(), probe["img"] + bump):
+        to = override_attention(args.get("transformer_options") or {}, capture, first_call_only=True)
+        try:
+            with torch.no_grad():
+                host_block(dict(probe, img=image, txt=probe["txt"].clone(), transformer_options=to))
+        except _QueriesSeen:
+            pass
+    if len(queries) != 2 or queries[0].shape[1] != 2:
+        return "the double block's joint attention could not be observed"
+    moved = torch.nonzero((queries[0] != queries[1]).any(dim=2).any(dim=0)).flatten().tolist()
+    if moved in ([1], [0]):
+        return moved == [1]
+    return f"changing the image token moved the joint attention's queries {moved}"
+
+
 class TextOrder:
     """Where the text sits in the joint sequences of a family whose host joins a text and an image stream
-    for its single-stream blocks (Family.text_order_from_calls): verified at the first single block of each
-    call (single_stream_text_first). Double blocks share the single blocks' rotary table, so they share
-    their order: a double block learns it from an earlier call of the same text and joint lengths, and runs
-    unreduced until then. Per-call state lives on the call (`txt_stream`, `text_first`)."""
+    for its single-stream blocks (Family.text_order_from_calls), read from the calls.
+
+    Double blocks: probe_text_first on the host's own block, once per text and joint length (two runs on two
+    tokens, up to the first attention). Single blocks: verified at the first one of every call
+    (single_stream_text_first); a call that disagrees with its double blocks runs unreduced, and so do the
+    double blocks of later calls of that shape. Per-call state lives on the call (`txt_stream`, `text_first`)."""
 
     def __init__(self, family: Family):
         self.family = family
         self.known: dict = {}  # (text tokens, joint tokens) -> True, False, or why it is unverified
 
-    def of(self, spec: BlockSpec, args: dict, call) -> bool | str | None:
-        """True / False: the text comes first / last; a string: unverified, why; None: not known yet."""
+    def of(self, spec: BlockSpec, args: dict, call, host_block: Callable | None = None) -> bool | str | None:
+        """True / False: the text comes first / last; a string: unverified, why; None: not known (no host block
+        to probe)."""
         if not self.family.text_order_from_calls or spec.cross_attention:
             return True
         if spec.text_in_img:
             if call.text_first is None:
-                call.text_first = single_stream_text_first(args["img"], call.txt_stream, call.n_txt)
-                call.txt_stream = None
-                self.known[(call.n_txt, args["img"].shape[1])] = call.text_first
+                key = (call.n_txt, args["img"].shape[1])
+                seen = single_stream_text_first(args["img"], call.txt_stream, call.n_txt)
+                doubles = self.known.get(key)
+                if isinstance(seen, bool) and isinstance(doubles, bool) and seen is not doubles:
+                    seen = "the single-stream blocks put the text elsewhere than the double blocks"
+                if isinstance(seen, str):
+                    self.known[key] = seen
+                call.text_first, call.txt_stream = seen, None
             return call.text_first
         n_txt = args["txt"].shape[1] if args.get("txt") is not None else 0
-        return self.known.get((n_txt, n_txt + args["img"].shape[1]))
+        key = (n_txt, n_txt + args["img"].shape[1])
+        if key not in self.known and host_block is not None and n_txt:
+            self.known[key] = probe_text_first(args, host_block, self.family)
+        return self.known.get(key, True if not n_txt else None)
 
     def block_done(self, spec: BlockSpec, out: dict, call):
         if self.family.text_order_from_calls and not spec.text_in_img:

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -252,7 +251,6 @@ class ActiveCall:
     computed: dict = field(default_factory=dict)   # block -> mask row
     txt_stream: torch.Tensor | None = None         # families.TextOrder's per-call state
     text_first: bool | str | None = None
-    pending: dict = field(default_factory=dict)    # (text first?, kind, step, block) -> map, until the order shows
 
     # -- the runtime's observer interface --
     def plan(self, block: int, plan):
@@ -303,21 +301,13 @@ def _recorder_replace(spec, family, previous, text_order):
             return chained(original, previous)(args)
         if not spec.text_in_img and args.get("txt") is not None:
             call.n_txt = args["txt"].shape[1]
-        text_first = text_order.of(spec, args, call)
-        if call.pending and text_first is not None:  # the order is verified (or not): keep the right maps
-            for (order, kind, step, block), m in call.pending.items():
-                if order is text_first:
-                    call.store.put(kind, step, block, m)
-            call.pending.clear()
-        # Until this call shows the text order, a double block is probed for both; its counts do not depend on it.
-        orders = (True, False) if text_first is None else (text_first,)
-        spans = {} if isinstance(text_first, str) else \
-            {order: image_span(spec, args, call.n_img, call.n_txt, family, order) for order in orders}
-        if not spans or any(s is None or isinstance(s, str) for s in spans.values()):
+        text_first = text_order.of(spec, args, call, original)
+        span = text_first if text_first is None or isinstance(text_first, str) else \
+            image_span(spec, args, call.n_img, call.n_txt, family, text_first)
+        if span is None or isinstance(span, str):
             out = chained(original, previous)(args)
             text_order.block_done(spec, out, call)
             return out
-        span = spans[orders[0]]
         store, step, block = call.store, call.step, spec.index
         full_len = args["img"].shape[1]
         seen = {"n": 0}
@@ -329,12 +319,9 @@ def _recorder_replace(spec, family, previous, text_order):
         new_args = args
         if store.wants_attention(step, block) and (("attention_image", step, block) not in store.maps):
             new_args = dict(args)
-            to = args.get("transformer_options") or {}
-            for order, s in spans.items():
-                put = store.put if text_first is not None else \
-                    (lambda kind, st, bl, m, order=order: call.pending.setdefault((order, kind, st, bl), m))
-                to = override_attention(to, _attention_probe(call, block, s, s.n_txt + full_len + s.n_txt_after, put))
-            new_args["transformer_options"] = to
+            new_args["transformer_options"] = override_attention(
+                args.get("transformer_options") or {},
+                _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after))
         out = chained(counting, previous)(new_args)
         text_order.block_done(spec, out, call)
         if (step, block) not in store.counts and store.refused is None:
@@ -346,15 +333,14 @@ def _recorder_replace(spec, family, previous, text_order):
     return replace
 
 
-def _attention_probe(call: ActiveCall, block: int, span, full_len: int, put: Callable):
-    """An attention hook that records, through `put(kind, step, block, map)`, the attention the image keys
-    receive (once per block call)."""
+def _attention_probe(call: ActiveCall, block: int, span, full_len: int):
+    """An attention hook that records the attention the image keys receive (once per block call)."""
     done = {"v": False}
 
     def probe(ordinal, args, kwargs):
         if not done["v"]:
             try:
-                done["v"] = _probe(call, block, span.key_offset, span, full_len, args, kwargs, put)
+                done["v"] = _probe(call, block, span.key_offset, span, full_len, args, kwargs)
             except Exception as e:  # a map is never worth a failed generation
                 done["v"] = True
                 log.warning("Token Map Recorder: attention map of block %d skipped: %s: %s", block,
@@ -364,7 +350,7 @@ def _attention_probe(call: ActiveCall, block: int, span, full_len: int, put: Cal
     return probe
 
 
-def _probe(call, block, offset, span, full_len, args, kwargs, put) -> bool:
+def _probe(call, block, offset, span, full_len, args, kwargs) -> bool:
     n_img = span.n_img
     q, k = args[0], args[1]
     heads = args[3] if len(args) > 3 else kwargs.get("heads")
@@ -414,7 +400,7 @@ def _probe(call, block, offset, span, full_len, args, kwargs, put) -> bool:
             full = torch.zeros(n_img, device=q.device, dtype=m.dtype)
             full[expand[1].bool()] = m
             m = full
-        put(name, call.step, block, m.to(torch.float16))
+        call.store.put(name, call.step, block, m.to(torch.float16))
     return True
 
 

@@ -397,15 +397,17 @@ class Runtime:
             if call is None:
                 return original(args)
             call.release_previous_output()
-            out = run(args, original, call, to)
+            out = run(args, original, extra["original_block"], call, to)
             call.previous_output = out
             return out
 
-        def run(args, original, call, to):
+        def run(args, original, host_block, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
             out = None
-            span = locate(spec, args, call, family, text_order)
+            text_first = text_order.of(spec, args, call, host_block)
+            span = text_first if text_first is None or isinstance(text_first, str) else \
+                image_span(spec, args, call.n_img, call.n_txt, family, text_first)
             if isinstance(span, str):  # the call does not look as the family describes it
                 warn_once((family.name, span), f"{method.name}: {family.name} block call not recognised ({span}); "
                                                "such calls run unreduced")
@@ -417,14 +419,6 @@ class Runtime:
             return out
 
         return replace
-
-
-def locate(spec: BlockSpec, args: dict, call, family: Family, text_order: TextOrder) -> ImageSpan | str | None:
-    """families.image_span with the text order this call shows; None also while the order is not known."""
-    text_first = text_order.of(spec, args, call)
-    if text_first is None or isinstance(text_first, str):
-        return text_first
-    return image_span(spec, args, call.n_img, call.n_txt, family, text_first)
 
 
 def keeping_ranges(original: Callable, args: dict, span: ImageSpan) -> Callable:

@@ -196,18 +196,19 @@ def host_noise(message: str) -> str | None:
 
 
 def unexplained(errors: list, model_urls=(), input_files=()) -> list:
-    """The errors that are neither host noise nor explained by the workflow just loaded: its model download
+    """The errors that are neither host noise nor explained by the workflows loaded: their model download
     hints (`model_urls`: the missing-models dialog asks each for its size, refused by the CSP or offline,
-    and logs one "Error fetching file size" per hint) and the LoadImage example files the user supplies
-    (`input_files`: their previews are 404s)."""
+    and may log one "Error fetching file size" per refused request) and the LoadImage example files the user
+    supplies (`input_files`: their previews are 404s)."""
+    refused = [e for e in errors if model_urls and not ours(e) and _refused_call(e, tuple(model_urls))]
     left, sizes = [], 0
     for e in errors:
         if host_noise(e):
             continue
         if not ours(e):
-            if model_urls and _refused_call(e, tuple(model_urls)):
+            if e in refused:
                 continue
-            if e.startswith(SIZE_FETCH) and _in_host_bundle(e) and sizes < len(model_urls):
+            if e.startswith(SIZE_FETCH) and _in_host_bundle(e) and sizes < len(refused):
                 sizes += 1
                 continue
             if any(e.startswith(_404) and re.search(_LOCAL + r"/api/view\?type=input&filename="
@@ -516,7 +517,7 @@ def test_workflow_allowances_are_bounded():
     refused = f"console error: network: Failed to load resource: net::ERR_NAME_NOT_RESOLVED {_HF}"
     preview = _404 + f"{_L}/api/view?type=input&filename=example.png&subfolder=&rand=0.71"
     assert unexplained([refused, size, preview], [_HF], ["example.png"]) == []
-    assert unexplained([size, size], [_HF]) == [size]              # one size request per hint
+    assert unexplained([refused, size, size], [_HF]) == [size]     # one size error per refused request
     assert unexplained([refused]) == [refused]                      # not a hint of this workflow
     assert unexplained([preview], [], ["other.png"]) == [preview]   # not an input of this workflow
     assert unexplained([size + _PACK_FRAME], [_HF]) == [size + _PACK_FRAME]

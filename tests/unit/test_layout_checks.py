@@ -10,6 +10,7 @@ import torch
 
 from kernels import families
 from kernels.families import TextOrder, flux_family, image_span, modulation_mismatch, nextdit_family, shift_ranges
+from kernels.attention import ATTENTION_OVERRIDE_KEY
 from kernels.runtime import CALL_KEY, Runtime, TokenMethod
 
 N_TXT, N_IMG, C = 4, 16, 8
@@ -29,8 +30,20 @@ class Recorder(TokenMethod):
         return block.original(block.args)
 
 
-def _double_then_single(rt, to, text_first: bool, tamper: bool = False):
-    """One model call of a Flux-like host: a double block, then a single block over the joined streams."""
+def _joint_block(text_first: bool):
+    """A double block of a host whose joint attention puts the text first or last (queries as keys)."""
+    def block(a):
+        seq = torch.cat([a["txt"], a["img"]] if text_first else [a["img"], a["txt"]], 1)
+        attention = lambda q, k, v, heads, **kw: q  # noqa: E731
+        override = (a.get("transformer_options") or {}).get(ATTENTION_OVERRIDE_KEY)
+        override(attention, seq, seq, seq, 1) if override else attention(seq, seq, seq, 1)
+        return {"img": a["img"], "txt": a["txt"]}
+    return block
+
+
+def _double_then_single(rt, to, text_first: bool, tamper: bool = False, single_text_first: bool | None = None):
+    """One model call of a Flux-like host: a double block, then a single block over the joined streams (in
+    `single_text_first` order: by default the double block's)."""
     g = torch.Generator().manual_seed(0)
     call_to = dict(to)
     rt.begin_call(call_to, torch.zeros(1, 16, 8, 8), 0.5, 0.5, N_TXT)
@@ -38,30 +51,41 @@ def _double_then_single(rt, to, text_first: bool, tamper: bool = False):
     pe = torch.randn(1, 1, N_TXT + N_IMG, 2, 2, 2, generator=g)
     replaces = rt.block_replaces()
     out = replaces[("double_block", 0)]({"img": img, "txt": txt, "vec": torch.zeros(1, C), "pe": pe,
-                                         "transformer_options": call_to},
-                                        {"original_block": lambda a: {"img": a["img"], "txt": a["txt"]}})
+                                         "transformer_options": call_to}, {"original_block": _joint_block(text_first)})
     streams = [out["txt"] + tamper, out["img"]]
-    seq = torch.cat(streams if text_first else streams[::-1], 1)
+    seq = torch.cat(streams if (text_first if single_text_first is None else single_text_first) else streams[::-1], 1)
     replaces[("single_block", 0)]({"img": seq, "vec": torch.zeros(1, C), "pe": pe, "transformer_options": call_to},
                                   {"original_block": lambda a: {"img": a["img"]}})
     return call_to[CALL_KEY]
 
 
 @pytest.mark.parametrize("text_first", [True, False])
-def test_the_text_order_is_read_from_the_single_blocks_and_then_serves_the_double_blocks(text_first):
+def test_the_text_order_is_read_from_the_hosts_own_blocks(text_first):
+    """The double block's order comes from the host's block (probe_text_first, from the first call on), the
+    single block's from its sequence, in every call."""
     method = Recorder()
     rt = Runtime(method, FLUX, 2, "k")
     to = {}
     rt.start_run(to)
-    _double_then_single(rt, to, text_first)
-    assert [key for key, _ in method.spans] == [("single_block", 0)], "the double block waits for the order"
-    single = method.spans[0][1]
-    assert single.img_start == (N_TXT if text_first else 0) and single.text_first is text_first
-    method.spans.clear()
-    _double_then_single(rt, to, text_first)
-    double = dict(method.spans)[("double_block", 0)]
-    assert (double.n_txt, double.n_txt_after) == ((N_TXT, 0) if text_first else (0, N_TXT))
-    assert double.key_offset == (N_TXT if text_first else 0)
+    for _ in range(2):
+        method.spans.clear()
+        _double_then_single(rt, to, text_first)
+        spans = dict(method.spans)
+        double, single = spans[("double_block", 0)], spans[("single_block", 0)]
+        assert (double.n_txt, double.n_txt_after) == ((N_TXT, 0) if text_first else (0, N_TXT))
+        assert double.key_offset == (N_TXT if text_first else 0)
+        assert single.img_start == (N_TXT if text_first else 0) and single.text_first is text_first
+
+
+def test_single_blocks_that_disagree_with_the_double_blocks_run_unreduced():
+    method = Recorder()
+    rt = Runtime(method, FLUX, 2, "k")
+    to = {}
+    rt.start_run(to)
+    call = _double_then_single(rt, to, True, single_text_first=False)
+    assert [key for key, _ in method.spans] == [("double_block", 0)]
+    assert "elsewhere" in call.text_first
+    assert isinstance(rt.text_order.known[(N_TXT, N_TXT + N_IMG)], str), "later calls' double blocks run whole"
 
 
 def test_a_single_block_without_the_text_stream_at_an_end_runs_unreduced_with_one_warning(caplog):
@@ -72,7 +96,7 @@ def test_a_single_block_without_the_text_stream_at_an_end_runs_unreduced_with_on
     with caplog.at_level(logging.WARNING, logger="token_reduction"):
         for _ in range(3):
             call = _double_then_single(rt, to, True, tamper=True)
-    assert method.spans == [], "neither block may be reduced"
+    assert [key for key, _ in method.spans] == [("double_block", 0)], "the single block may not be reduced"
     assert "neither end" in call.text_first
     warnings = [r.getMessage() for r in caplog.records if "not recognised" in r.getMessage()]
     assert len(warnings) == 1 and "text stream" in warnings[0], warnings
