@@ -2,8 +2,9 @@
 
 A Family says which slice of a block's args["img"] holds the latent's image tokens (text and reference
 tokens are never reduced) and how pe and masks line up; `image_span` checks a call against it. Where the
-text sits in a joint sequence is read from the calls themselves (`TextOrder`), and a modulation that
-differs between token ranges is kept per token or the call runs unreduced (`modulation_ranges`).
+text sits in a joint sequence is read from the calls and the host's own blocks (`TextOrder`); a modulation
+that differs between token ranges follows a reduced call (`shift_ranges`) or the call runs unreduced
+(`modulation_mismatch`).
 """
 from __future__ import annotations
 

@@ -425,7 +425,8 @@ def keeping_ranges(original: Callable, args: dict, span: ImageSpan) -> Callable:
     """`original` for a method to call on reduced args: ranges of a modulation of their own that lie past the
     image tokens follow them back (families.shift_ranges)."""
     end = span.img_start + span.n_img
-    return lambda new_args: original(shift_ranges(args, new_args, end, args["img"].shape[1] - new_args["img"].shape[1]))
+    n = args["img"].shape[1]
+    return lambda new_args: original(shift_ranges(args, new_args, end, n - new_args["img"].shape[1]))
 
 
 def chained(original: Callable, previous: Callable | None) -> Callable:

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels.families import Family
 from ..kernels.registry import SUPPORTED, SUPPORTED_TEXT, ModelInfo, UnsupportedModelError, describe
-from ..kernels.runtime import Runtime, row_keys
+from ..kernels.runtime import Runtime, row_keys, warn_once
 from ..kernels.schedule import ProgressMap
 
 __all__ = ["ModelInfo", "UnsupportedModelError"]
@@ -247,8 +247,8 @@ def _hooked_nextdit_forward(layer, key, masked: dict):
     params = signature.parameters
     missing = [name for name in NEXTDIT_LAYER_ARGS if name not in params]
     if missing:  # a layer the pack cannot read: it runs as the host wrote it, unreduced
-        log.warning("token reduction: %s's layer forward has no %s argument; its layers run unreduced",
-                    type(layer).__name__, ", ".join(missing))
+        warn_once(("layer forward", type(layer).__name__), f"token reduction: {type(layer).__name__}'s layer forward "
+                  f"has no {', '.join(missing)} argument; its layers run unreduced")
         return run
     passed_on = [name for name, p in params.items() if name not in NEXTDIT_LAYER_ARGS
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

@@ -9,8 +9,9 @@
   pack's nodes), every link carries the type its source declares and its target accepts, the
   widgets_values of each node fit the node's widgets in the order the frontend saves them (a DynamicCombo's
   chosen option brings its own; inputs and outputs a newer host added after the saved ones are left to
-  their defaults), and a patch node running a named preset holds that preset's values. A workflow whose extra.requires_comfyui is newer than the
-  host skips there, with that reason (tools.comfy_host.workflow_needs_newer_host).
+  their defaults), and a patch node running a named preset holds that preset's values. A workflow whose
+  extra.requires_comfyui is newer than the host skips there, with that reason
+  (tools.comfy_host.workflow_needs_newer_host).
 """
 from __future__ import annotations
 
