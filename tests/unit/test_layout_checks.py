@@ -171,3 +171,13 @@ def test_a_reduced_block_gets_ranges_that_point_at_the_same_tokens():
     rt.block_replaces()[("layer", 0)](args, {"original_block": layer})
     (length, ranges), = seen
     assert length < 30 and ranges == [(0, 14), (length, length)]
+
+
+def test_a_double_block_whose_attention_cannot_be_seen_runs_unreduced():
+    """probe_text_first needs the block's joint attention through the host's override: without it, unverified."""
+    args = {"img": torch.randn(1, N_IMG, C), "txt": torch.randn(1, N_TXT, C), "vec": torch.zeros(1, C),
+            "pe": torch.randn(1, 1, N_TXT + N_IMG, 2, 2, 2), "transformer_options": {}}
+    assert families.probe_text_first(args, _joint_block(True), FLUX) is True
+    assert families.probe_text_first(args, _joint_block(False), FLUX) is False
+    why = families.probe_text_first(args, lambda a: {"img": a["img"], "txt": a["txt"]}, FLUX)
+    assert isinstance(why, str) and "could not be observed" in why
