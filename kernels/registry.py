@@ -11,7 +11,7 @@ from typing import Callable
 from .families import (Family, flux_family, hunyuan_video_family, mmdit_family, nextdit_family, qwen_image_family,
                        wan_family)
 
-TESTED_COMFYUI = ("0.3.64", "0.3.75")  # the host tests run against both ends of the supported range
+TESTED_COMFYUI = ("0.3.64", "0.33.0")  # the host tests run against both ends of the supported range
 
 
 class UnsupportedModelError(ValueError):

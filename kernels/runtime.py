@@ -16,7 +16,7 @@ import torch
 
 from .attention import override_attention
 from .block_runners import run_block_merged
-from .families import BlockSpec, Family, ImageSpan, image_span, split_tokens
+from .families import BlockSpec, Family, ImageSpan, TextOrder, image_span, shift_ranges, split_tokens
 from .flops import matmul_flops
 from .token_ops import MergePlan
 
@@ -74,6 +74,8 @@ class CallInfo:
     shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
     observer: object = field(default=None, repr=False, compare=False)  # the Observer's per-call listener
     previous_output: dict | None = field(default=None, repr=False, compare=False)
+    txt_stream: torch.Tensor | None = field(default=None, repr=False, compare=False)  # families.TextOrder's
+    text_first: bool | str | None = None  # this call's single-stream order (families.TextOrder)
 
     def release_previous_output(self):
         """Empty the dict the previous block returned: the host (Flux's forward_orig) holds it until the next
@@ -401,6 +403,7 @@ class Runtime:
     def __init__(self, method: TokenMethod, family: Family, patch_size: int, key: str, observer: Observer | None = None):
         self.method, self.family, self.patch, self.key = method, family, int(patch_size), key
         self.observer = observer
+        self.text_order = TextOrder(family)
 
     def start_run(self, transformer_options: dict, sigmas=None, latent_shape=None) -> Run:
         """A fresh run; `sigmas` (the sampler's) and `latent_shape` start the observer's run."""
@@ -469,7 +472,7 @@ class Runtime:
         return {spec.key: self._block_replace(spec, existing.get(spec.key)) for spec in self.family.blocks}
 
     def _block_replace(self, spec: BlockSpec, previous):
-        method, family, key = self.method, self.family, self.key
+        method, family, key, text_order = self.method, self.family, self.key, self.text_order
 
         def replace(args, extra):
             original = chained(extra["original_block"], previous)
@@ -478,30 +481,41 @@ class Runtime:
             if call is None or self.steps_aside(to):
                 return original(args)
             call.release_previous_output()
-            out = run(args, original, call, to)
+            out = run(args, original, extra["original_block"], call, to)
             call.previous_output = out
             return out
 
-        def run(args, original, call, to):
+        def run(args, original, host_block, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
-            span = image_span(spec, args, call.n_img, call.n_txt, family)
+            out = None
+            text_first = text_order.of(spec, args, call, host_block)
+            span = text_first if text_first is None or isinstance(text_first, str) else \
+                image_span(spec, args, call.n_img, call.n_txt, family, text_first)
             if isinstance(span, str):  # the call does not look as the family describes it
                 warn_once((family.name, span), f"{method.name}: {family.name} block call not recognised ({span}); "
                                                "such calls run unreduced")
-                return original(args)
-            if span is None:
-                return original(args)
-            if call.observer is not None:
-                hook = call.observer.attention_hook(spec.index, span,
-                                                    span.n_txt + args["img"].shape[1] + span.n_txt_after)
-                if hook is not None:
-                    args = dict(args)
-                    args["transformer_options"] = override_attention(to, hook)
-            return method.run_block(BlockCall(args, original, spec, family, span, call,
-                                              (to.get(RUNS_KEY) or {}).get(key)))
+            elif span is not None:
+                if call.observer is not None:
+                    hook = call.observer.attention_hook(spec.index, span,
+                                                        span.n_txt + args["img"].shape[1] + span.n_txt_after)
+                    if hook is not None:
+                        args = {**args, "transformer_options": override_attention(to, hook)}
+                out = method.run_block(BlockCall(args, keeping_ranges(original, args, span), spec, family, span, call,
+                                                 (to.get(RUNS_KEY) or {}).get(key)))
+            out = original(args) if out is None else out
+            text_order.block_done(spec, out, call)
+            return out
 
         return replace
+
+
+def keeping_ranges(original: Callable, args: dict, span: ImageSpan) -> Callable:
+    """`original` for a method to call on reduced args: ranges of a modulation of their own that lie past the
+    image tokens follow them back (families.shift_ranges)."""
+    end = span.img_start + span.n_img
+    n = args["img"].shape[1]
+    return lambda new_args: original(shift_ranges(args, new_args, end, n - new_args["img"].shape[1]))
 
 
 def chained(original: Callable, previous: Callable | None) -> Callable:

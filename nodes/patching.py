@@ -6,6 +6,7 @@ leaks nothing), and a `patches_replace["dit"]` entry per block, chained over any
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -19,7 +20,7 @@ import torch
 
 from ..kernels.families import Family
 from ..kernels.registry import SUPPORTED, SUPPORTED_TEXT, ModelInfo, UnsupportedModelError, describe
-from ..kernels.runtime import METHODS_KEY, OBSERVER_KEY, Installed, Runtime, row_keys
+from ..kernels.runtime import METHODS_KEY, OBSERVER_KEY, Installed, Runtime, row_keys, warn_once
 from ..kernels.schedule import ProgressMap
 
 __all__ = ["ModelInfo", "UnsupportedModelError"]
@@ -80,6 +81,20 @@ def show_on_node(node_id, text: str):
         server.send_progress_text(text, node_id)
 
 
+_signatures: dict = {}
+
+
+def call_arguments(executor, args: tuple, kwargs: dict) -> dict:
+    """A wrapped host call's arguments by the host's own parameter names (never by position)."""
+    func = getattr(executor.original, "__func__", executor.original)
+    signature = _signatures.get(func)
+    if signature is None:
+        signature = _signatures[func] = inspect.signature(executor.original)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def install(model, method, method_key: str, info: ModelInfo, node_id=None, observer=None):
     """Patch a cloned ModelPatcher `model` so that `method` reduces tokens; with `observer` (the token-map
     recorder), this method's runs start and end the observer's, and every method on the model reports to it."""
@@ -87,7 +102,9 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None, obser
     runtime = Runtime(method, info.family, info.patch_size, method_key, observer)
 
     def apply_model_wrapper(executor, *args, **kwargs):
-        x, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
+        named = call_arguments(executor, args, kwargs)
+        x, sigma, context = named["x"], named["t"], named["c_crossattn"]
+        transformer_options = named["transformer_options"]
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
         # one device sync per call: the first row's sigma (progress) and the smallest (noise recoverable)
         sigma_value, sigma_min = torch.stack([sigma.flatten()[0], sigma.min()]).tolist()
@@ -108,7 +125,8 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None, obser
         guider = executor.class_obj
         original_options = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        run = runtime.start_run(guider.model_options["transformer_options"], args[3], args[0].shape)
+        named = call_arguments(executor, args, kwargs)
+        run = runtime.start_run(guider.model_options["transformer_options"], named["sigmas"], named["noise"].shape)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -145,26 +163,57 @@ def set_block_replaces(model, family: Family, replaces: dict):
                                                                                  spec.key, masked))
 
 
+# NextDiT's layer arguments the pack reads, by the host's parameter name -> the block-args key it uses.
+NEXTDIT_LAYER_ARGS = {"x": "img", "x_mask": "x_mask", "freqs_cis": "pe", "adaln_input": "vec",
+                      "transformer_options": "transformer_options"}
+
+
 def _hooked_nextdit_forward(layer, key, masked: dict):
-    """NextDiT's layer forward routed through the call's `patches_replace["dit"][key]` entry. A caption mask
-    that masks any key means rows' image tokens start at different places: passed as `attn_mask`, the
-    call then runs unreduced."""
+    """NextDiT's layer forward routed through the call's `patches_replace["dit"][key]` entry.
+
+    Arguments are bound by the host's own signature: any the pack does not read (0.33's
+    `timestep_zero_index`) travel in the block args under their own name, so the replace sees them and the
+    original layer gets them back. A caption mask that masks any key means rows' image tokens start at
+    different places: passed as `attn_mask`, the call then runs unreduced."""
     run = type(layer).forward.__get__(layer)
+    signature = inspect.signature(run)
+    params = signature.parameters
+    missing = [name for name in NEXTDIT_LAYER_ARGS if name not in params]
+    if missing:  # a layer the pack cannot read: it runs as the host wrote it, unreduced
+        warn_once(("layer forward", type(layer).__name__), f"token reduction: {type(layer).__name__}'s layer forward "
+                  f"has no {', '.join(missing)} argument; its layers run unreduced")
+        return run
+    passed_on = [name for name, p in params.items() if name not in NEXTDIT_LAYER_ARGS
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_keyword = next((name for name, p in params.items() if p.kind == p.VAR_KEYWORD), None)
 
     def original(a):
-        return {"img": run(a["img"], a["x_mask"], a["pe"], a["vec"], transformer_options=a["transformer_options"])}
+        kwargs = {name: a[ours] for name, ours in NEXTDIT_LAYER_ARGS.items()}
+        kwargs.update((name, a[name]) for name in passed_on if name in a)
+        kwargs.update(a.get(UNNAMED_LAYER_KWARGS, {}))
+        return {"img": run(**kwargs)}
 
-    def forward(x, x_mask, freqs_cis, adaln_input=None, transformer_options={}):
-        replace = transformer_options.get("patches_replace", {}).get("dit", {}).get(key)
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        to = named["transformer_options"] or {}
+        replace = to.get("patches_replace", {}).get("dit", {}).get(key)
         if replace is None:
-            return run(x, x_mask, freqs_cis, adaln_input, transformer_options=transformer_options)
-        args = {"img": x, "x_mask": x_mask, "pe": freqs_cis, "vec": adaln_input,
-                "transformer_options": transformer_options}
+            return run(*args, **kwargs)
+        block_args = {ours: named[name] for name, ours in NEXTDIT_LAYER_ARGS.items()}
+        block_args.update((name, named[name]) for name in passed_on if name in named)
+        if var_keyword and named.get(var_keyword):
+            block_args[UNNAMED_LAYER_KWARGS] = named[var_keyword]
+        x_mask = block_args["x_mask"]
         if x_mask is not None:
             if masked["mask"] is not x_mask:
                 masked.update(mask=x_mask, any=bool((x_mask != 0).any()))
             if masked["any"]:
-                args["attn_mask"] = x_mask
-        return replace(args, {"original_block": original})["img"]
+                block_args["attn_mask"] = x_mask
+        return replace(block_args, {"original_block": original})["img"]
 
     return forward
+
+
+UNNAMED_LAYER_KWARGS = "layer_kwargs"  # block-args key of keyword arguments a layer takes through **kwargs

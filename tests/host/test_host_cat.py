@@ -235,8 +235,8 @@ def test_flops_follow_the_kept_fraction(host, cat_node, defaults, family):
     dm = model.model.diffusion_model
     cfg = dict(defaults, ratio=0.75, full_percent=0.5)
     base, base_total = count_flops(host, model, steps=steps, height=px, width=px, context_len=n_txt)
-    pat, pat_total = count_flops(host, patch(host, cat_node, model, **cfg), steps=steps, height=px, width=px,
-                                 context_len=n_txt)
+    pat, pat_total = count_flops(host, patch(host, cat_node, model, **cfg), after_a_run=True, steps=steps, height=px,
+                                 width=px, context_len=n_txt)
     keep = n - int(0.75 * n)
     pruned_steps = sum(p >= 0.5 for p in progresses(host, model, steps))
     assert pruned_steps == 1
