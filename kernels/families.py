@@ -34,10 +34,75 @@ class Family:
     key_mask_arg: str | None = None  # args key of a per-key mask over the joint sequence
     layer_list: str | None = None  # no patches_replace hook: the glue patches these layers' forward
     pad_multiple: int | None = None  # image tokens padded to a multiple of this (Z-Image)
+    block_args: "BlockArgs | None" = None  # the host names its block arguments otherwise (see BlockArgs)
+    locate: Callable | None = None  # (runner args, n_img) -> image start in args["img"], or why not found
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+
+class BlockArgs:
+    """How a family's block call maps onto the runners' arguments: "img" (B, L, C) holding the image tokens,
+    "txt", "vec", "pe", the key mask and "transformer_options"; and back. Families whose blocks use the
+    runners' names (Flux and most others) need none."""
+
+    def view(self, args: dict) -> dict | str | None:
+        """The runners' arguments of a host block call; None: a call left alone by design; a string: why the
+        call cannot be reduced."""
+        raise NotImplementedError
+
+    def host(self, view: dict, args: dict) -> dict:
+        """Host block arguments from (possibly reduced) runner arguments; `args`: the host call's own."""
+        raise NotImplementedError
+
+    def out_view(self, out: dict) -> dict:
+        """A host block's output as the runners read it ({"img": ...})."""
+        return self.view(out)
+
+    def out_host(self, out: dict, args: dict) -> dict:
+        """The runners' output as the host's block wrapper returns it."""
+        return self.host(out, args)
+
+
+@dataclass(frozen=True)
+class Renamed(BlockArgs):
+    """Blocks that name the runners' arguments otherwise (Kandinsky 5: x, context, time_embed, freqs)."""
+
+    names: tuple[tuple[str, str], ...]  # (runner name, host name)
+
+    def view(self, args: dict) -> dict:
+        return _rename(args, {theirs: mine for mine, theirs in self.names})
+
+    def host(self, view: dict, args: dict) -> dict:
+        return _rename(view, dict(self.names))
+
+
+def _rename(args: dict, names: dict) -> dict:
+    return {names.get(k, k): v for k, v in args.items()}
+
+
+def block_view(family: Family, args: dict, host_block: Callable) -> tuple:
+    """(runner args or why not, the block on runner args, the runners' output back to the host's) of one block
+    call; `host_block` runs the block (and any replace beneath) on host args."""
+    adapter = family.block_args
+    if adapter is None:
+        return args, host_block, _same
+    view = adapter.view(args)
+    if not isinstance(view, dict):
+        return view, host_block, _same
+    return (view, lambda a: adapter.out_view(host_block(adapter.host(a, args))),
+            lambda out: adapter.out_host(out, args))
+
+
+def _same(out):
+    return out
+
+
+def block_tokens(family: Family, args: dict) -> int:
+    """Tokens of args["img"] in a host block call, as the runners see them."""
+    view = family.block_args.view(args) if family.block_args is not None else args
+    return view["img"].shape[1] if isinstance(view, dict) else 0
 
 
 def flux_family(name: str, n_double: int, n_single: int) -> Family:
@@ -80,6 +145,55 @@ def nextdit_family(name: str, n_layers: int, pad_multiple: int | None = None) ->
                   pad_multiple=pad_multiple)
 
 
+def scail_family(name: str, n_blocks: int) -> Family:
+    """Wan SCAIL: Wan's blocks over [reference frames, video, time concat?, pose tokens]."""
+    blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, locate=_scail_image_start)
+
+
+def kandinsky5_family(name: str, n_blocks: int) -> Family:
+    """Kandinsky 5: visual blocks over the video tokens alone, text by cross-attention; its block arguments
+    are x, context, time_embed and freqs."""
+    blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, locate=_whole_sequence,
+                  block_args=Renamed((("img", "x"), ("txt", "context"), ("vec", "time_embed"), ("pe", "freqs"))))
+
+
+CONDS_KEY = "token_reduction_conds"  # transformer_options: the model call's own conditioning (reference latents)
+
+
+def _conds(args: dict) -> dict:
+    return (args.get("transformer_options") or {}).get(CONDS_KEY) or {}
+
+
+def _whole_sequence(args: dict, n_img: int):
+    """The block sees the image tokens alone."""
+    n = args["img"].shape[1]
+    return 0 if n == n_img else f"{n} tokens in the block, expected the {n_img} image tokens alone"
+
+
+def _frame_tokens(latent, per_frame: int) -> int:
+    """Tokens of a conditioning video latent (B, C, T, H, W) at `per_frame` tokens a frame; 0 for none."""
+    return int(latent.shape[2]) * per_frame if isinstance(latent, torch.Tensor) and latent.ndim == 5 else 0
+
+
+def _scail_image_start(args: dict, n_img: int):
+    """SCAIL: its grid (transformer_options["grid_sizes"]) spans the reference frames, the latent's and any
+    time-concatenated frames; the pose tokens follow. The reference latent says where the image starts."""
+    grid = (args.get("transformer_options") or {}).get("grid_sizes")
+    if grid is None or len(grid) != 3:
+        return "no (frames, height, width) grid_sizes in transformer_options"
+    per_frame = int(grid[1]) * int(grid[2])
+    conds = _conds(args)
+    n_ref = _frame_tokens(conds.get("reference_latent"), per_frame)
+    n_concat = _frame_tokens(conds.get("time_dim_concat"), per_frame)
+    n_grid = int(grid[0]) * per_frame
+    if n_ref + n_img + n_concat != n_grid or args["img"].shape[1] < n_grid:
+        return (f"grid of {n_grid} tokens in a block of {args['img'].shape[1]}, expected {n_ref} reference + "
+                f"{n_img} image + {n_concat} concatenated tokens")
+    return n_ref
+
+
 @dataclass
 class ImageSpan:
     """Where the n_img latent image tokens sit inside one block call."""
@@ -112,7 +226,12 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, famil
         return None  # per-range modulation (HunyuanVideo I2V token replace) indexes unreduced positions
     n_txt_arg = args["txt"].shape[1] if args.get("txt") is not None else 0
     n_after = 0
-    if spec.text_in_img:
+    if family.locate is not None:  # the family reads the image start from the call's own tensors
+        start = family.locate(args, n_img)
+        if isinstance(start, str):
+            return start
+        n_txt = 0
+    elif spec.text_in_img:
         start = n_txt_single if spec.text_first else img.shape[1] - n_txt_single - n_img
         n_txt = 0
     elif spec.img_at_end:

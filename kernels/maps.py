@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import get_mask, override_attention
-from .families import Family, block_flops, image_span
+from .families import Family, block_flops, block_tokens, block_view, image_span
 from .runtime import chained, observe, stop_observing
 
 KINDS = ("attention_text", "attention_image", "merge_size", "merge_groups", "computed")
@@ -291,23 +291,30 @@ def recorder_block_replaces(family: Family, existing: dict | None = None) -> dic
 
 
 def _recorder_replace(spec, family, previous):
-    def replace(args, extra):
+    def replace(host_args, extra):
         original = extra["original_block"]
         call = _ACTIVE.get()
         if call is None:
-            return chained(original, previous)(args)
+            return chained(original, previous)(host_args)
+        seen = {"n": 0}
+
+        def counting(a):  # the host's own block, beneath any method that reduced its tokens
+            seen["n"] = block_tokens(family, a)
+            return original(a)
+
+        args, run_block, back = block_view(family, host_args, chained(counting, previous))
+        if not isinstance(args, dict):
+            return chained(original, previous)(host_args)
+        return back(record(args, run_block, call, seen))
+
+    def record(args, run_block, call, seen):
         if not spec.text_in_img and args.get("txt") is not None:
             call.n_txt = args["txt"].shape[1]
         span = image_span(spec, args, call.n_img, call.n_txt, family)
         if span is None or isinstance(span, str):
-            return chained(original, previous)(args)
+            return run_block(args)
         store, step, block = call.store, call.step, spec.index
         full_len = args["img"].shape[1]
-        seen = {"n": 0}
-
-        def counting(a):
-            seen["n"] = a["img"].shape[1]
-            return original(a)
 
         new_args = args
         if store.wants_attention(step, block) and (("attention_image", step, block) not in store.maps):
@@ -315,7 +322,7 @@ def _recorder_replace(spec, family, previous):
             new_args["transformer_options"] = override_attention(
                 args.get("transformer_options") or {},
                 _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after))
-        out = chained(counting, previous)(new_args)
+        out = run_block(new_args)
         if (step, block) not in store.counts and store.refused is None:
             n_comp = max(span.n_img - (full_len - seen["n"]), 0) if seen["n"] else 0
             store.counts[(step, block)] = BlockCount(span.n_img, n_comp, full_len - span.n_img + span.n_txt + span.n_txt_after,

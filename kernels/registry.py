@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .families import (Family, flux_family, hunyuan_video_family, mmdit_family, nextdit_family, qwen_image_family,
-                       wan_family)
+                       scail_family, wan_family)
 
 METHODS = {"sdtm": "SDTM", "cat": "CAT", "density": "Density", "maps": "Maps"}  # key -> support-matrix column
-TESTED_COMFYUI = ("0.3.64", "0.3.75")  # the host tests run against both ends of the supported range
+TESTED_COMFYUI = ("0.3.64", "0.33.0")  # the host tests run against both ends of the supported range
 
 
 class UnsupportedModelError(ValueError):
@@ -50,6 +50,7 @@ def spatial_patch(patch, label: str) -> int:
 
 
 _NO_HOOK = "this ComfyUI version gives its transformer layers no per-block hook (patches_replace) to attach to"
+_UNVERIFIED = "its block layout is not described by an adapter and checked by a test yet"
 
 def _flux(dm) -> Family:
     return flux_family(type(dm).__name__, len(dm.double_blocks), len(dm.single_blocks))
@@ -89,14 +90,70 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("Z-Image", ("comfy.ldm.lumina.model.NextDiT",), _nextdit,
           when=lambda dm: getattr(dm, "pad_tokens_multiple", None) is not None, workflow="zimage_sdtm.json"),
     Entry("Lumina 2 (NextDiT)", ("comfy.ldm.lumina.model.NextDiT",), _nextdit, workflow="lumina2_sdtm.json"),
+    Entry("Chroma Radiance", ("comfy.ldm.chroma_radiance.model.ChromaRadiance",), _flux,
+          workflow="chroma_radiance_sdtm.json"),
+    Entry("Wan Animate", ("comfy.ldm.wan.model_animate.AnimateWanModel",),
+          lambda dm: wan_family(type(dm).__name__, len(dm.blocks)), patch=_spatial, workflow="wan_animate_sdtm.json"),
+    Entry("Wan SCAIL / SCAIL-2", ("comfy.ldm.wan.model.SCAILWanModel", "comfy.ldm.wan.model.SCAIL2WanModel"),
+          lambda dm: scail_family(type(dm).__name__, len(dm.blocks)), patch=_spatial, workflow="wan_scail_sdtm.json"),
+    # Refused, each with its reason: every generator class of the newest supported ComfyUI is named here or
+    # above (a host test checks it), so a class the host adds is noticed.
     Entry("HiDream", ("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel",), refused=_NO_HOOK),
     Entry("LTXV", ("comfy.ldm.lightricks.model.LTXVModel",),
           refused="its video tokens, rotary table and per-token timesteps are not described by an adapter yet"),
     Entry("PixArt", ("comfy.ldm.pixart.pixartms.PixArtMS",), refused=_NO_HOOK),
     Entry("Wan speech-to-video", ("comfy.ldm.wan.model.WanModel_S2V",),
-          refused="its blocks receive no transformer_options, so per-call state cannot reach them"),
+          refused="its blocks spread each frame's modulation over the tokens by counting them (repeat_e over "
+                  "video, reference and motion frames of different sizes), so fewer image tokens would give them "
+                  "other frames' modulation"),
     Entry("Wan HuMo", ("comfy.ldm.wan.model.HumoWanModel",),
-          refused="it adds audio tokens this adapter does not lay out yet"),
+          refused="its audio cross-attention cuts the video tokens into equal per-frame groups by their count, "
+                  "which fewer tokens would shift"),
+    Entry("Wan Animate 2", ("comfy.ldm.wan.model_animate2.WanAnimate2Model",),
+          refused="its self-attention runs frame by frame over fixed slices of the token sequence into buffers "
+                  "sized for every token, which fewer image tokens would break"),
+    Entry("WanDancer", ("comfy.ldm.wan.model_wandancer.WanDancerModel",), refused=_UNVERIFIED),
+    Entry("Wan causal (autoregressive)", ("comfy.ldm.wan.ar_model.CausalWanModel",),
+          refused="its frame-by-frame generation calls the blocks directly, with key/value caches across frames, "
+                  "past any per-block hook"),
+    Entry("HiDream O1", ("comfy.ldm.hidream_o1.model.HiDreamO1Transformer",),
+          refused="its layers' attention is bound to the options of the whole model call, so the per-block "
+                  "attention hooks that CAT's cache and proportional attention need cannot reach it; and any block "
+                  "hook turns off its cache of the prompt's keys and values"),
+    Entry("AuraFlow", ("comfy.ldm.aura.mmdit.MMDiT",), refused=_UNVERIFIED),
+    Entry("Mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint.AsymmDiTJoint",),
+          refused="its attention packs the valid text tokens with the video (num_tokens) and takes separate rotary "
+                  "cos and sin tables, a layout no adapter describes yet"),
+    Entry("HunyuanDiT", ("comfy.ldm.hydit.models.HunYuanDiT",),
+          refused="its blocks receive no transformer_options, so per-call state cannot reach them, and its long "
+                  "skip connections carry every token between blocks"),
+    Entry("SeedVR2", ("comfy.ldm.seedvr.model.NaDiT",),
+          refused="its blocks work on variable-length packed video and text sequences (NaDiT), a layout no adapter "
+                  "describes yet"),
+    Entry("JoyImage", ("comfy.ldm.joyimage.model.JoyImageTransformer3DModel",), refused=_UNVERIFIED),
+    Entry("Lens", ("comfy.ldm.lens.model.LensTransformer2DModel",), refused=_UNVERIFIED),
+    Entry("Mage-Flow", ("comfy.ldm.mage_flow.model.MageFlowTransformer2DModel",), refused=_UNVERIFIED),
+    Entry("Cosmos", ("comfy.ldm.cosmos.model.GeneralDIT",), refused=_NO_HOOK),
+    Entry("Cosmos Predict 2", ("comfy.ldm.cosmos.predict2.MiniTrainDIT",), refused=_NO_HOOK),
+    Entry("Anima", ("comfy.ldm.anima.model.Anima",), refused=_NO_HOOK),
+    Entry("OmniGen 2", ("comfy.ldm.omnigen.omnigen2.OmniGen2Transformer2DModel",), refused=_NO_HOOK),
+    Entry("Boogu", ("comfy.ldm.boogu.model.BooguTransformer2DModel",), refused=_NO_HOOK),
+    Entry("CogVideoX", ("comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel",), refused=_NO_HOOK),
+    Entry("Ernie-Image", ("comfy.ldm.ernie.model.ErnieImageModel",), refused=_NO_HOOK),
+    Entry("Ideogram 4", ("comfy.ldm.ideogram4.model.Ideogram4Transformer2DModel",), refused=_NO_HOOK),
+    Entry("PixelDiT", ("comfy.ldm.pixeldit.model.PixDiT_T2I", "comfy.ldm.pixeldit.pid.PidNet"), refused=_NO_HOOK),
+    Entry("U-Net models (SD 1.x, SDXL, Stable Cascade)",
+          ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel", "comfy.ldm.cascade.stage_b.StageB",
+           "comfy.ldm.cascade.stage_c.StageC"),
+          refused="a convolutional U-Net, not a transformer over image tokens"),
+    Entry("audio, 3-D and vision models",
+          ("comfy.ldm.audio.dit.AudioDiffusionTransformer", "comfy.ldm.ace.model.ACEStepTransformer2DModel",
+           "comfy.ldm.ace.ace_step15.AceStepConditionGenerationModel", "comfy.ldm.minimax_music.dit.MiniMaxMusic3DiT",
+           "comfy.ldm.hunyuan3d.model.Hunyuan3Dv2", "comfy.ldm.hunyuan3dv2_1.hunyuandit.HunYuanDiTPlain",
+           "comfy.ldm.trellis2.model.Trellis2", "comfy.ldm.triposplat.model.LatentSeqMMFlowModel",
+           "comfy.ldm.rt_detr.rtdetr_v4.RTv4", "comfy.ldm.sam3.detector.SAM3Model",
+           "comfy.ldm.depth_anything_3.model.DepthAnything3Net"),
+          refused="not an image or video generator: the pack reduces image tokens"),
 )
 
 SUPPORTED = tuple(e for e in REGISTRY if not e.refused)
@@ -108,13 +165,21 @@ def class_path(cls) -> str:
 
 
 def entry_for(diffusion_model) -> Entry | None:
-    own = class_path(type(diffusion_model))
-    parents = {class_path(c) for c in type(diffusion_model).__mro__[1:]}
-    for e in REGISTRY:
-        if own in e.classes or (e.subclasses and parents.intersection(e.classes)):
-            if e.when is None or e.when(diffusion_model):
-                return e
+    for e in _entries_of(type(diffusion_model)):
+        if e.when is None or e.when(diffusion_model):
+            return e
     return None
+
+
+def entry_for_class(cls) -> Entry | None:
+    """The first entry naming the host class `cls` (or a parent, for entries that match subclasses)."""
+    return next(_entries_of(cls), None)
+
+
+def _entries_of(cls):
+    own = class_path(cls)
+    parents = {class_path(c) for c in cls.__mro__[1:]}
+    return (e for e in REGISTRY if own in e.classes or (e.subclasses and parents.intersection(e.classes)))
 
 
 def describe(diffusion_model, method_name: str, method_key: str = "", model_name: str = "") -> ModelInfo:

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from .families import BlockSpec, Family, ImageSpan, image_span, matmul_flops, run_block_merged, split_tokens
+from .families import (BlockSpec, Family, ImageSpan, block_view, image_span, matmul_flops, run_block_merged,
+                       split_tokens)
 from .token_ops import MergePlan
 
 CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
@@ -387,26 +388,29 @@ class Runtime:
         method, family, key = self.method, self.family, self.key
 
         def replace(args, extra):
-            original = chained(extra["original_block"], previous)
+            host_block = chained(extra["original_block"], previous)
             to = args.get("transformer_options") or {}
             call = to.get(CALL_KEY)
             if call is None:
-                return original(args)
+                return host_block(args)
             call.release_previous_output()
-            out = run(args, original, call, to)
+            view, original, back = block_view(family, args, host_block)
+            out = back(run(view, original, call, to)) if isinstance(view, dict) else unreduced(view, args, host_block)
             call.previous_output = out
             return out
+
+        def unreduced(why, args, host_block):
+            if why is not None:
+                warn_once((family.name, why), f"{method.name}: {family.name} block call not recognised ({why}); "
+                                              "such calls run unreduced")
+            return host_block(args)
 
         def run(args, original, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
             span = image_span(spec, args, call.n_img, call.n_txt, family)
-            if isinstance(span, str):  # the call does not look as the family describes it
-                warn_once((family.name, span), f"{method.name}: {family.name} block call not recognised ({span}); "
-                                               "such calls run unreduced")
-                return original(args)
-            if span is None:
-                return original(args)
+            if span is None or isinstance(span, str):  # a string: the call does not look as the family describes
+                return unreduced(span, args, original)
             return method.run_block(BlockCall(args, original, spec, family, span, call,
                                               (to.get(RUNS_KEY) or {}).get(key)))
 

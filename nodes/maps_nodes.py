@@ -17,6 +17,7 @@ from ..kernels.maps import (KIND_HELP, KINDS, ActiveCall, RecorderConfig, TokenM
                             parse_selection, recorder_block_replaces, run_summary)
 from ..kernels.maps_render import overlay
 from . import maps_route
+from ..kernels.families import CONDS_KEY
 from ..kernels.runtime import token_grid
 from .patching import CATEGORY, detect_family, progress_map, set_block_replaces
 
@@ -54,6 +55,7 @@ def install_recorder(model, store: TokenMapStore, patch_size: int):
 
     def apply_model_wrapper(executor, *args, **kwargs):
         x, sigma, to = args[0], args[1], args[5]
+        to[CONDS_KEY] = kwargs  # the call's own conditioning, for the families that read it
         row = _cond_row(to, x.shape[0])
         if store.refused is not None or not store.grid or row is None:
             return executor(*args, **kwargs)

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 import torch
 
-from ..kernels.families import Family
+from ..kernels.families import CONDS_KEY, Family
 from ..kernels.registry import SUPPORTED, SUPPORTED_TEXT, ModelInfo, UnsupportedModelError, describe
 from ..kernels.runtime import Runtime, row_keys
 from ..kernels.schedule import ProgressMap
@@ -158,6 +158,7 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
 
     def apply_model_wrapper(executor, *args, **kwargs):
         x, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
+        transformer_options[CONDS_KEY] = kwargs  # the call's own conditioning, for the families that read it
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
         # one device sync per call: the first row's sigma (progress) and the smallest (noise recoverable)
         sigma_value, sigma_min = torch.stack([sigma.flatten()[0], sigma.min()]).tolist()

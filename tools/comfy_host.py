@@ -151,7 +151,13 @@ def every_step_inputs(node_cls, **overrides) -> dict:
 def run_node(node_cls, **inputs):
     """Execute a V3 node the way the executor does (class clone, locked methods)."""
     from comfy_api.latest import io  # noqa: F401
-    clone = node_cls.PREPARE_CLASS_CLONE(inputs) if hasattr(node_cls, "PREPARE_CLASS_CLONE") else node_cls
+    import inspect
+    if not hasattr(node_cls, "PREPARE_CLASS_CLONE"):
+        clone = node_cls
+    elif "v3_data" in inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters:  # ComfyUI 0.33
+        clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": {}})
+    else:
+        clone = node_cls.PREPARE_CLASS_CLONE(inputs)
     out = clone.execute(**inputs)
     return out.args if hasattr(out, "args") else out
 
@@ -403,28 +409,167 @@ def _build(config, seed, dtype):
                                             offload_device=torch.device("cpu"))
 
 
-def conditioning(context_len: int = 16, extra: dict | None = None):
+def conditioning(context_len: int = 16, extra: dict | None = None, ctx_dim: int = 32, pooled_dim: int = 32):
     """(positive, negative): the random text conditioning sample() uses, the same on every call."""
     import torch
     gen = torch.Generator().manual_seed(1234)
-    ctx_dim = 32
     pos = [[torch.randn(1, context_len, ctx_dim, generator=gen),
-            {"pooled_output": torch.randn(1, 32, generator=gen), **(extra or {})}]]
+            {"pooled_output": torch.randn(1, pooled_dim, generator=gen), **(extra or {})}]]
     neg = [[torch.randn(1, context_len, ctx_dim, generator=gen),
-            {"pooled_output": torch.randn(1, 32, generator=gen), **(extra or {})}]]
+            {"pooled_output": torch.randn(1, pooled_dim, generator=gen), **(extra or {})}]]
     return pos, neg
 
 
 def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int = 64, width: int = 64,
            batch: int = 1, denoise: float = 1.0, latent=None, context_len: int = 16, sampler: str = "euler",
-           scheduler: str = "simple", noise_mask=None, cond_extra: dict | None = None):
+           scheduler: str = "simple", noise_mask=None, cond_extra: dict | None = None, ctx_dim: int = 32,
+           pooled_dim: int = 32):
     """comfy.sample.sample with CFG and random text conditioning; returns the latent. `cond_extra` is
     added to both conditionings (e.g. Lumina 2's attention_mask, which sets its caption length)."""
     import torch
     import comfy.sample
-    pos, neg = conditioning(context_len, cond_extra)
+    pos, neg = conditioning(context_len, cond_extra, ctx_dim, pooled_dim)
     if latent is None:
         latent = torch.zeros(batch, 16, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
                                denoise=denoise, disable_pbar=True, seed=seed, noise_mask=noise_mask)
+
+
+# ---- tiny models of the families new in ComfyUI 0.33, through the host's own model detection ----------
+#
+# A tiny instance of the host's own class gives a state dict keyed as a checkpoint stores it; the host's
+# model detection and loader (comfy.sd.load_diffusion_model_state_dict, the UNETLoader's path) then build
+# the model from those tensors, as they build a user's. Families whose detection fixes full-size widths
+# (Chroma Radiance, Z-Image pixel space) are built from the host's own config class instead.
+
+def host_class(path: str, family: str):
+    """The host's class "package.module.Class", or HostTooOld naming the family."""
+    module, name = path.rsplit(".", 1)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise HostTooOld(f"{family} needs a newer ComfyUI (this host has no {path})") from None
+
+
+def tiny_weights(class_path: str, family: str, seed: int = 0, **config) -> dict:
+    """Random weights of the host's class `class_path` built with `config`, as a checkpoint's state dict."""
+    import torch
+    import comfy.ops
+    cls = host_class(class_path, family)
+    model = cls(**config, operations=comfy.ops.disable_weight_init, device=torch.device("cpu"), dtype=torch.float32)
+    _init_weights(model, seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def detected(state_dict: dict, expect: str, metadata: dict | None = None, dtype=None):
+    """A ModelPatcher built by the host's detection and loader from `state_dict`; its diffusion model must be
+    the class named `expect` (the detection chose the family the test means)."""
+    import inspect
+    import torch
+    import comfy.sd
+    cpu = torch.device("cpu")
+    load = comfy.sd.load_diffusion_model_state_dict
+    extra = {"metadata": metadata, "disable_dynamic": True}  # what older hosts' loader takes, it gets
+    extra = {k: v for k, v in extra.items() if k in inspect.signature(load).parameters and v is not None}
+    patcher = load(state_dict, model_options={"dtype": dtype or torch.float32, "load_device": cpu,
+                                              "offload_device": cpu}, **extra)
+    found = type(patcher.model.diffusion_model).__name__ if patcher is not None else None
+    if found != expect.rsplit(".", 1)[1]:
+        raise RuntimeError(f"the host's model detection built {found} from the tiny {expect} state dict")
+    return patcher
+
+
+def detected_with(state_dict: dict, expect: str, **full_size: object):
+    """For detections that fix some widths at full size: the config the host's detection derives from
+    `state_dict`, with those widths (`full_size`, each a key detection sets) set to the tiny model's, built by the config class detection picks and loaded with the state dict."""
+    import torch
+    import comfy.model_detection
+    import comfy.model_patcher
+    config = comfy.model_detection.detect_unet_config(state_dict, "")
+    unknown = [k for k in full_size if k not in config]
+    if unknown:
+        raise RuntimeError(f"the host's detection no longer fixes {', '.join(unknown)}")
+    config.update(full_size)
+    model_config = comfy.model_detection.model_config_from_unet_config(config, state_dict)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(state_dict, "", device=torch.device("cpu"))
+    found = type(model.diffusion_model).__name__
+    if found != expect.rsplit(".", 1)[1]:
+        raise RuntimeError(f"the host's model detection built {found} from the tiny {expect} state dict")
+    missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"tiny {expect}: weights missing {missing}, unexpected {unexpected}")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def tiny_chroma_radiance(seed: int = 0, patch: int = 8):
+    """Chroma Radiance: Chroma's blocks on pixel patches (here 8x8) with a NeRF head; latents are images
+    (B, 3, H, W). Detection fixes the heads, the modulation approximator and the NeRF head at full size
+    (0.3.64 also the width, patch and text width)."""
+    path = "comfy.ldm.chroma_radiance.model.ChromaRadiance"
+    params = host_class("comfy.ldm.chroma_radiance.model.ChromaRadianceParams", "Chroma Radiance").__dataclass_fields__
+    tiny = dict(hidden_size=64, context_in_dim=32, patch_size=patch, axes_dim=[8, 12, 12], num_heads=2, out_dim=64,
+                hidden_dim=32, n_layers=2, nerf_hidden_size=16, nerf_depth=1, nerf_tile_size=0)
+    config = dict(in_channels=3, out_channels=3, mlp_ratio=4.0, depth=2, depth_single_blocks=2, theta=10000,
+                  qkv_bias=True, in_dim=64, txt_ids_dims=[], vec_in_dim=None, nerf_mlp_ratio=4, nerf_max_freqs=8,
+                  nerf_final_head_type="conv", nerf_embedder_dtype=None, use_x0=False, use_sequential_txt_ids=False,
+                  **tiny)
+    # the fields this host's params take (hosts add some, e.g. txt_ids_dims in 0.33)
+    sd = tiny_weights(path, "Chroma Radiance", seed, **{k: v for k, v in config.items() if k in params})
+    return detected_with(sd, path, **tiny)
+
+
+WAN_TINY = dict(patch_size=(1, 2, 2), dim=256, ffn_dim=256, num_heads=2, text_dim=4096, freq_dim=256, in_dim=16,
+                out_dim=16)  # detection derives these from the tensors (2 heads of 128 at dim 256)
+
+
+def tiny_wan_animate(seed: int = 0, layers: int = 5):
+    """Wan 2.2 Animate: Wan blocks plus pose embedding and a face adapter after every fifth block;
+    latents (B, 16, T, H, W) with a 36-channel image concat (in_dim 36)."""
+    path = "comfy.ldm.wan.model_animate.AnimateWanModel"
+    sd = tiny_weights(path, "Wan Animate", seed, **{**WAN_TINY, "in_dim": 36}, num_layers=layers)
+    return detected(sd, path)
+
+
+def tiny_scail(seed: int = 0, layers: int = 2):
+    """Wan SCAIL: Wan blocks over [reference frames, video, pose tokens]; latents (B, 16, T, H, W), 20-channel
+    input (the latent and a 4-channel mask)."""
+    path = "comfy.ldm.wan.model.SCAILWanModel"
+    sd = tiny_weights(path, "Wan SCAIL", seed, **{**WAN_TINY, "in_dim": 20}, num_layers=layers)
+    return detected(sd, path)
+
+
+def tiny_scail2(seed: int = 0, layers: int = 2):
+    """Wan SCAIL-2: SCAIL plus additive identity-mask streams (28 channels) over the reference, video and pose
+    tokens."""
+    path = "comfy.ldm.wan.model.SCAIL2WanModel"
+    sd = tiny_weights(path, "Wan SCAIL-2", seed, **{**WAN_TINY, "in_dim": 20}, num_layers=layers)
+    return detected(sd, path)
+
+
+def tiny_kandinsky5(seed: int = 0, layers: int = 2):
+    """Kandinsky 5 video: visual blocks that cross-attend to the text; latents (B, 16, T, H, W) with a
+    16-channel image and 1-channel mask concat, patched 1x2x2 into 132 inputs; text 3584 wide, pooled 768 (the host's defaults)."""
+    path = "comfy.ldm.kandinsky5.model.Kandinsky5"
+    sd = tiny_weights(path, "Kandinsky 5", seed, model_dim=128, ff_dim=256, time_dim=64, num_text_blocks=1,
+                      num_visual_blocks=layers)
+    return detected(sd, path)
+
+
+def diffusion_model_classes() -> set:
+    """Every diffusion model class the host's comfy/model_base.py builds: the `unet_model=` each of its model
+    classes passes or defaults to, read from the source and resolved in that module."""
+    import ast
+    import comfy.model_base as model_base
+    found = set()
+    for node in ast.walk(ast.parse(Path(model_base.__file__).read_text())):
+        values = [k.value for k in node.keywords if k.arg == "unet_model"] if isinstance(node, ast.Call) else []
+        if isinstance(node, ast.FunctionDef) and node.args.defaults:
+            named = node.args.args[-len(node.args.defaults):]
+            values += [d for a, d in zip(named, node.args.defaults) if a.arg == "unet_model"]
+        for value in values:
+            if isinstance(value, ast.Name) and value.id == "unet_model":
+                continue  # passed on from the caller's own parameter
+            found.add(eval(compile(ast.Expression(value), model_base.__file__, "eval"), vars(model_base)))
+    return found

@@ -110,7 +110,8 @@ MIN_ZOOM = 0.6
 NOTES = FRONTEND_ONLY
 # The loader types that name model files, and the models/ folder each reads.
 LOADER_DIRS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
-               "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints"}
+               "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints",
+               "CLIPVisionLoader": "clip_vision"}
 # What a note's title must name for each pack node in the workflow.
 METHOD_WORDS = {"SDTMPatchModel": "SDTM", "CATPruningPatchModel": "CAT", "TokenDensityPatchModel": "Density",
                 "TokenRatioSchedule": "Token Ratio Schedule", "TokenMapRecorder": "Token Map Recorder",
@@ -258,8 +259,8 @@ def check_value(where: str, typ: str, opts: dict, value):
         return
     elif typ == "COMBO":
         assert isinstance(value, str), f"{where}: {value!r} is not a COMBO choice"
-        if value.lower().endswith(MODEL_FILE_SUFFIXES):
-            return  # a model file name: the options list the (absent) files on disk, nothing to check
+        if value.lower().endswith(MODEL_FILE_SUFFIXES) or any(k.endswith("_upload") for k in opts):
+            return  # a model file or the user's own upload: the options list the files on disk, nothing to check
         assert value in opts.get("options", []), f"{where}: {value!r} is not one of {opts.get('options')}"
         return
     if "min" in opts:
