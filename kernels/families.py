@@ -5,13 +5,14 @@ tokens are never reduced) and how pe and masks line up; `image_span` checks a ca
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .attention import key_bias_hook, override_attention, size_weighted_hook
-from .token_ops import MergePlan
+from .token_ops import MergePlan, take_rows
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,129 @@ def kandinsky5_family(name: str, n_blocks: int) -> Family:
     blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
     return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, locate=_whole_sequence,
                   block_args=Renamed((("img", "x"), ("txt", "context"), ("vec", "time_embed"), ("pe", "freqs"))))
+
+
+def minimax_h3_family(name: str, n_blocks: int) -> Family:
+    """MiniMax H3: one packed sequence [text, conditions, audio, video] of batch 1 per block, the video last,
+    with modulation per segment (mod_segments) and a rotary table over the whole sequence."""
+    blocks = tuple(BlockSpec(("double_block", i), i, True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, block_args=MiniMaxH3Args(),
+                  locate=_video_segment_start)
+
+
+class MiniMaxH3Args(BlockArgs):
+    """MiniMax H3's block arguments: h (S, C) without a batch axis, t_emb, mod_segments [(start, stop, row)]
+    covering h with the video last, rope_freqs (1, S, 1, ...). The runners see h as a batch of one; a reduced
+    video keeps its segment's modulation row over its new length."""
+
+    def view(self, args: dict) -> dict | str:
+        segments = args.get("mod_segments") or []
+        h = args["img"]
+        if h.ndim != 2 or not segments or segments[-1][1] != h.shape[0]:
+            return "expected h (tokens, channels) with mod_segments ending at its last token"
+        if isinstance(segments[-1][2], torch.Tensor):
+            return "the video has a modulation row per token (a denoise mask)"
+        return {**args, "img": h.unsqueeze(0), "pe": args["rope_freqs"]}
+
+    def host(self, view: dict, args: dict) -> dict:
+        h = view["img"][0]
+        start, _, row = args["mod_segments"][-1]
+        host = {k: v for k, v in view.items() if k != "pe"}
+        host.update(img=h, rope_freqs=view["pe"], mod_segments=args["mod_segments"][:-1] + [(start, h.shape[0], row)])
+        return host
+
+    def out_view(self, out: dict) -> dict:
+        return {**out, "img": out["img"].unsqueeze(0)}
+
+    def out_host(self, out: dict, args: dict) -> dict:
+        return {**out, "img": out["img"][0]}
+
+
+def _video_segment_start(args: dict, n_img: int):
+    """MiniMax H3: the video is the last modulation segment."""
+    start, stop, _ = args["mod_segments"][-1]
+    if stop - start != n_img:
+        return f"the last segment holds {stop - start} tokens, expected the {n_img} video tokens"
+    return start
+
+
+def ltxav_family(name: str, n_blocks: int) -> Family:
+    """LTX-2 (LTXAVModel): each block takes (video, audio) tokens; video self-attention first, then text
+    cross-attention, audio, and audio-video cross-attention. Only the video tokens are reduced."""
+    blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, block_args=LTXAVArgs(),
+                  locate=_whole_sequence)
+
+
+LTX_VIDEO_TOKEN_ARGS = ("v_pe", "v_cross_pe", "v_timestep", "v_cross_scale_shift_timestep", "v_cross_gate_timestep")
+
+
+class LTXAVArgs(BlockArgs):
+    """LTX-2's block arguments: img = (video, audio). The runners see the video as img and, as its "pe", each
+    token's index; when they reduce the video, every per-video-token argument (the rotary tables, the
+    timesteps, per token or compressed per frame) is taken at the indices that come back, so each kept or
+    representative token keeps its own. The audio passes through the block beside the reduced video."""
+
+    def view(self, args: dict) -> dict | str | None:
+        vx, ax = args["img"]
+        if args.get("self_attention_mask") is not None:
+            return "a guide attention mask (keyframe guides) indexes the video tokens"
+        to = args.get("transformer_options") or {}
+        if to.get("stg_skip_self_attn") or not to.get("run_vx", True):
+            return None  # spatio-temporal guidance replaces the video self-attention here: left alone
+        index = torch.arange(vx.shape[1], device=vx.device, dtype=torch.float32).view(1, -1, 1)
+        return {**args, "img": vx, "audio": ax, "pe": index}
+
+    def host(self, view: dict, args: dict) -> dict:
+        vx = view["img"]
+        host = {k: v for k, v in view.items() if k not in ("pe", "audio")}
+        host["img"] = (vx, view["audio"])
+        if vx.shape[1] != args["img"][0].shape[1]:  # reduced: each token's own entries, by its index
+            index = view["pe"][..., 0].long()
+            for key in LTX_VIDEO_TOKEN_ARGS:
+                host[key] = _tokens_at(args[key], index)
+        return host
+
+    def out_view(self, out: dict) -> dict:
+        vx, ax = out["img"]
+        return {**out, "img": vx, "audio": ax}
+
+    def out_host(self, out: dict, args: dict) -> dict:
+        host = {k: v for k, v in out.items() if k != "audio"}
+        host["img"] = (out["img"], out["audio"])
+        return host
+
+
+def _tokens_at(value, index: torch.Tensor):
+    """A per-video-token argument of LTX-2 at token `index` (B, K): a rotary (table, split) pair, a timestep
+    tensor (B, 1 or tokens, F), or the host's per-frame CompressedTimestep (returned per token)."""
+    if isinstance(value, tuple):
+        return (take_rows(value[0], index, 1),) + tuple(value[1:])
+    if isinstance(value, torch.Tensor):
+        return value if value.shape[1] == 1 else take_rows(value, index, 1)
+    per_frame, data = int(getattr(value, "patches_per_frame", 0) or 0), getattr(value, "data", None)
+    if per_frame < 1 or not isinstance(data, torch.Tensor):
+        raise TypeError(f"LTX-2: an unknown per-token timestep {type(value).__name__}")
+    if data.shape[1] == 1:
+        return value  # one entry for every token
+    return take_rows(data, torch.div(index, per_frame, rounding_mode="floor"), 1)
+
+
+def first_stream(x, shapes):
+    """The image (video) stream of a latent that packs several streams (LTX-2, MiniMax H3: video, audio), as
+    the host packs them (each flattened into (B, 1, n) and joined); `x` itself when nothing is packed."""
+    if not shapes or len(shapes) < 2:
+        return x
+    n = math.prod(shapes[0][1:])
+    return x[:, :, :n].reshape(x.shape[0], *shapes[0][1:])
+
+
+def with_first_stream(x, shapes, first):
+    """`x` with its first packed stream replaced by `first`."""
+    if not shapes or len(shapes) < 2:
+        return first
+    n = math.prod(shapes[0][1:])
+    return torch.cat([first.reshape(x.shape[0], 1, n).to(x.dtype), x[:, :, n:]], dim=-1)
 
 
 CONDS_KEY = "token_reduction_conds"  # transformer_options: the model call's own conditioning (reference latents)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .families import (Family, flux_family, hunyuan_video_family, mmdit_family, nextdit_family, qwen_image_family,
-                       scail_family, wan_family)
+from .families import (Family, flux_family, hunyuan_video_family, ltxav_family, minimax_h3_family, mmdit_family,
+                       nextdit_family, qwen_image_family, scail_family, wan_family)
 
 METHODS = {"sdtm": "SDTM", "cat": "CAT", "density": "Density", "maps": "Maps"}  # key -> support-matrix column
 TESTED_COMFYUI = ("0.3.64", "0.33.0")  # the host tests run against both ends of the supported range
@@ -50,6 +50,8 @@ def spatial_patch(patch, label: str) -> int:
 
 
 _NO_HOOK = "this ComfyUI version gives its transformer layers no per-block hook (patches_replace) to attach to"
+_PACKED_AV = ("it reads the image grid from the sampled latent, which for this model packs the video with its audio "
+              "(not supported yet)")
 _UNVERIFIED = "its block layout is not described by an adapter and checked by a test yet"
 
 def _flux(dm) -> Family:
@@ -96,6 +98,12 @@ REGISTRY: tuple[Entry, ...] = (
           lambda dm: wan_family(type(dm).__name__, len(dm.blocks)), patch=_spatial, workflow="wan_animate_sdtm.json"),
     Entry("Wan SCAIL / SCAIL-2", ("comfy.ldm.wan.model.SCAILWanModel", "comfy.ldm.wan.model.SCAIL2WanModel"),
           lambda dm: scail_family(type(dm).__name__, len(dm.blocks)), patch=_spatial, workflow="wan_scail_sdtm.json"),
+    Entry("LTX-2", ("comfy.ldm.lightricks.av_model.LTXAVModel",), lambda dm: ltxav_family("LTXAV", len(dm.transformer_blocks)),
+          patch=lambda dm, label: spatial_patch(dm.patchifier.patch_size, label),
+          refused_methods={"maps": _PACKED_AV, "calibration": _PACKED_AV}, workflow="ltx2_sdtm.json"),
+    Entry("MiniMax H3", ("comfy.ldm.minimax.model.MiniMaxH3Model",),
+          lambda dm: minimax_h3_family("MiniMaxH3", len(dm.blocks)), patch=_spatial,
+          refused_methods={"maps": _PACKED_AV, "calibration": _PACKED_AV}, workflow="minimax_h3_sdtm.json"),
     # Refused, each with its reason: every generator class of the newest supported ComfyUI is named here or
     # above (a host test checks it), so a class the host adds is noticed.
     Entry("HiDream", ("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel",), refused=_NO_HOOK),

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 import torch
 
-from ..kernels.families import CONDS_KEY, Family
+from ..kernels.families import CONDS_KEY, Family, first_stream, with_first_stream
 from ..kernels.registry import SUPPORTED, SUPPORTED_TEXT, ModelInfo, UnsupportedModelError, describe
 from ..kernels.runtime import Runtime, row_keys
 from ..kernels.schedule import ProgressMap
@@ -157,23 +157,27 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None):
     runtime = Runtime(method, info.family, info.patch_size, method_key)
 
     def apply_model_wrapper(executor, *args, **kwargs):
-        x, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
+        packed, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
         transformer_options[CONDS_KEY] = kwargs  # the call's own conditioning, for the families that read it
+        shapes = kwargs.get("latent_shapes")  # LTX-2, MiniMax H3: video and audio packed in one latent
+        x = first_stream(packed, shapes)
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
         # one device sync per call: the first row's sigma (progress) and the smallest (noise recoverable)
         sigma_value, sigma_min = torch.stack([sigma.flatten()[0], sigma.min()]).tolist()
         progress = progress_map(executor.class_obj.model_sampling)(sigma_value)
         runtime.begin_call(transformer_options, x, sigma_value, progress, n_txt,
                            row_keys(transformer_options, x.shape[0]))
-        out = executor(*args, **kwargs)
+        packed_out = executor(*args, **kwargs)
         if runtime.stateful(transformer_options) and sigma_min > 0:
             # Methods work on the predicted noise (x - denoised) / sigma: eps, or a flow model's velocity.
+            out = first_stream(packed_out, shapes)
             s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(out.dtype)
             reused = runtime.end_call(transformer_options, (x.to(out.dtype) - out) / s)
             if reused is not None:
                 new_noise, computed = reused
                 out = torch.where(computed, out, x.to(out.dtype) - new_noise.to(out.dtype) * s)
-        return out
+                packed_out = with_first_stream(packed_out, shapes, out)
+        return packed_out
 
     def outer_sample_wrapper(executor, *args, **kwargs):
         guider = executor.class_obj

@@ -573,3 +573,29 @@ def diffusion_model_classes() -> set:
                 continue  # passed on from the caller's own parameter
             found.add(eval(compile(ast.Expression(value), model_base.__file__, "eval"), vars(model_base)))
     return found
+
+
+def tiny_minimax_h3(seed: int = 0, layers: int = 2):
+    """MiniMax H3: one packed sequence [text, audio, video] per block, batch 1; latents are (video
+    (1, 24, T, H, W), audio (1, 32, 2, T_audio)) pairs; text 64 wide."""
+    path = "comfy.ldm.minimax.model.MiniMaxH3Model"
+    sd = tiny_weights(path, "MiniMax H3", seed, hidden_size=128, num_layers=layers, token_refiner_num_layers=1,
+                      num_attention_heads=2, attention_head_dim=64, ffn_hidden_size=256, text_dim=64,
+                      timestep_input_dim=64, time_embed_hidden_size=128, time_embed_dim=64, rope_inv_freq_len=8)
+    import torch
+    sd["rope.inv_freq"] = 1.0 / 100.0 ** (torch.arange(8) / 8)  # a rotary table that turns (random ones barely do)
+    return detected(sd, path)
+
+
+def tiny_ltxav(seed: int = 0, layers: int = 2):
+    """LTX-2 (LTXAVModel): blocks over (video, audio) token pairs; latents are (video (B, 128, T, H, W), audio
+    (B, 8, T_audio, 16)) pairs; text 128 wide (video and audio halves). Its config travels, as in LTX-2
+    checkpoints, in the file's metadata, which detection reads."""
+    import json
+    path = "comfy.ldm.lightricks.av_model.LTXAVModel"
+    config = dict(in_channels=128, audio_in_channels=128, cross_attention_dim=64, audio_cross_attention_dim=32,
+                  attention_head_dim=32, audio_attention_head_dim=16, num_attention_heads=2,
+                  audio_num_attention_heads=2, caption_channels=64, num_layers=layers, connector_attention_head_dim=32,
+                  connector_num_attention_heads=2, connector_num_layers=1)
+    sd = tiny_weights(path, "LTX-2", seed, **config)
+    return detected(sd, path, metadata={"config": json.dumps({"transformer": config})})

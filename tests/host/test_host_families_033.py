@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class Case:
     builder: str
     label: str                 # the registry entry detection must pick
-    latent: tuple              # the sampled latent's shape
+    latent: tuple              # the sampled latent's shape; a tuple of shapes: video and audio (the first is marked)
     grid: tuple                # its token grid
     sample: dict = field(default_factory=dict)  # comfy_host.sample keywords (conditioning widths)
     conds: tuple = ()          # (conditioning key, shape) of extra latents, random, the same every run
@@ -42,6 +42,9 @@ CASES = {
                        (("reference_latents", (1, 16, 1, 10, 14)), ("pose_video_latent", VIDEO),
                         ("driving_mask_28ch", (1, 3, 28, 10, 14)), ("ref_mask_28ch", (1, 4, 28, 10, 14))),
                        (("ref_mask_flag", False),)),
+    "ltx2": Case("tiny_ltxav", "LTX-2", ((1, 128, 3, 4, 6), (1, 8, 10, 16)), (3, 4, 6), dict(ctx_dim=128)),
+    "minimax_h3": Case("tiny_minimax_h3", "MiniMax H3", ((1, 24, 3, 10, 14), (1, 32, 2, 12)), (3, 5, 7),
+                       dict(ctx_dim=64)),
 }
 METHODS = {"SDTMPatchModel": dict(start_percent=0.0), "CATPruningPatchModel": dict(full_percent=0.3),
            "TokenDensityPatchModel": dict(start_percent=0.0)}
@@ -64,10 +67,24 @@ def sample_kwargs(family, steps=4, **extra):
         value = torch.randn(shape, generator=gen)
         conds[key] = [value] if key.endswith("latents") else value
     conds.update(case.flags)
-    kw = dict(case.sample, latent=torch.zeros(case.latent), steps=steps, **extra)
+    kw = dict(case.sample, latent=latent(case, torch.zeros), steps=steps, **extra)
     if conds:
         kw["cond_extra"] = conds
     return kw
+
+
+def latent(case, make):
+    """The case's latent from `make(shape)`: a tensor, or video and audio in the host's NestedTensor (only the
+    video from `make`, the audio zeros)."""
+    if not isinstance(case.latent[0], tuple):
+        return make(case.latent)
+    import comfy.nested_tensor
+    video, *others = case.latent
+    return comfy.nested_tensor.NestedTensor([make(video)] + [torch.zeros(s) for s in others])
+
+
+def streams(x):
+    return x.unbind() if getattr(x, "is_nested", False) else [x]
 
 
 def node(host, node_id, model, **overrides):
@@ -110,7 +127,8 @@ def test_exactly_the_latent_tokens_are_reduced(host, family):
     model = build(host, family)
     case = CASES[family]
     kw = sample_kwargs(family, steps=1, denoise=0.5)  # sigma < 1: the model's input carries the latent
-    marked = torch.randn(case.latent, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    marked = latent(case, lambda shape: torch.randn(shape, generator=gen))
     start, n_img, plain = first_block_inputs(host, model, **kw)
     start_m, n_img_m, changed = first_block_inputs(host, model, **{**kw, "latent": marked})
     assert (start, n_img) == (start_m, n_img_m) and n_img == math.prod(case.grid)
@@ -123,13 +141,14 @@ def test_exactly_the_latent_tokens_are_reduced(host, family):
 def test_identity_is_exact_and_each_method_stays_near_unpatched(host, family, node_id):
     model = build(host, family)
     kw = sample_kwargs(family)
-    base = host.sample(model, **kw)
+    base = streams(host.sample(model, **kw))
     identity = node(host, node_id, model, start_percent=1.0)
-    assert torch.equal(host.sample(identity, **kw), base), "start_percent 1 is the unpatched model"
-    out = host.sample(node(host, node_id, model, **METHODS[node_id]), **kw)
-    assert torch.isfinite(out).all() and out.shape == base.shape
-    assert not torch.equal(out, base), "the method reduced tokens"
-    assert ((out - base).norm() / base.norm()).item() < REL_L2_BOUND
+    assert all(torch.equal(a, b) for a, b in zip(streams(host.sample(identity, **kw)), base)), \
+        "start_percent 1 is the unpatched model"
+    out = streams(host.sample(node(host, node_id, model, **METHODS[node_id]), **kw))
+    assert len(out) == len(base) and all(torch.isfinite(o).all() and o.shape == b.shape for o, b in zip(out, base))
+    assert not torch.equal(out[0], base[0]), "the method reduced tokens"
+    assert ((out[0] - base[0]).norm() / base[0].norm()).item() < REL_L2_BOUND
 
 
 def test_every_diffusion_model_class_of_the_host_is_supported_or_refused_by_name(host):
@@ -140,3 +159,26 @@ def test_every_diffusion_model_class_of_the_host_is_supported_or_refused_by_name
     assert len(found) > 20, found  # the reader found the host's classes
     unnamed = sorted(registry.class_path(cls) for cls in found if registry.entry_for_class(cls) is None)
     assert not unnamed, f"not in kernels/registry.py: {unnamed}"
+
+
+def test_ltx2_reduced_video_tokens_keep_their_own_timesteps_and_rotary_entries(host):
+    """LTX-2 keeps its video timesteps per frame (CompressedTimestep) or per token; a reduced call takes each
+    kept token's own entry, as the host's expanded tables hold it."""
+    try:
+        from comfy.ldm.lightricks.av_model import CompressedTimestep
+    except ImportError as e:
+        pytest.skip(f"LTX-2 needs a newer ComfyUI ({e})")
+    host.load_pack()
+    families = importlib.import_module(f"{host.PACK_NAME}.kernels.families")
+    token_ops = importlib.import_module(f"{host.PACK_NAME}.kernels.token_ops")
+    gen = torch.Generator().manual_seed(0)
+    frames, per_frame, batch = 3, 8, 2
+    per_token = torch.randn(batch, frames, 1, 12, generator=gen).expand(-1, -1, per_frame, -1).reshape(batch, -1, 12)
+    index = torch.stack([torch.randperm(frames * per_frame, generator=gen)[:10] for _ in range(batch)])
+    for timestep in (CompressedTimestep(per_token, per_frame), CompressedTimestep(per_token, None)):
+        taken = families._tokens_at(timestep, index)
+        assert torch.equal(taken, token_ops.take_rows(timestep.expand(), index, 1))
+    rotary = (torch.randn(1, frames * per_frame, 2, 4, 2, 2, generator=gen), True)
+    taken = families._tokens_at(rotary, index)
+    assert taken[1] is True and torch.equal(taken[0], rotary[0].expand(batch, -1, -1, -1, -1, -1)[
+        torch.arange(batch)[:, None], index])

@@ -108,10 +108,11 @@ NOTE_TITLE_SHOWN = 200  # this much of a note's title bar (canvas units) must be
 # detail): a workflow opens at a zoom where its text is drawn.
 MIN_ZOOM = 0.6
 NOTES = FRONTEND_ONLY
-# The loader types that name model files, and the models/ folder each reads.
+# The loader types that name model files, and the models/ folder (or folders) each reads.
 LOADER_DIRS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
                "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints",
-               "CLIPVisionLoader": "clip_vision"}
+               "CLIPVisionLoader": "clip_vision", "LTXVAudioVAELoader": "checkpoints",
+               "LTXAVTextEncoderLoader": ("text_encoders", "checkpoints")}
 # What a note's title must name for each pack node in the workflow.
 METHOD_WORDS = {"SDTMPatchModel": "SDTM", "CATPruningPatchModel": "CAT", "TokenDensityPatchModel": "Density",
                 "TokenRatioSchedule": "Token Ratio Schedule", "TokenMapRecorder": "Token Map Recorder",
@@ -177,7 +178,9 @@ def test_every_model_file_has_a_download_hint(path):
         hints = {m["name"]: m for m in n["properties"].get("models", [])}
         assert sorted(hints) == sorted(files), f"{path.name}: node {n['id']} hints {sorted(hints)} for {files}"
         for m in hints.values():
-            assert m["directory"] == LOADER_DIRS[n["type"]], f"{path.name}: {m['name']} goes to {m['directory']}"
+            dirs = LOADER_DIRS[n["type"]]
+            dirs = (dirs,) if isinstance(dirs, str) else dirs
+            assert m["directory"] in dirs, f"{path.name}: {m['name']} goes to {m['directory']}"
             assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"]), m
 
 
@@ -240,12 +243,16 @@ def split_inputs(cls) -> tuple[dict, list, set]:
             if isinstance(typ, (list, tuple)):
                 typ, opts = "COMBO", {**opts, "options": list(typ)}
             inputs[name] = (typ, opts)
-            if typ in WIDGET_TYPES and not opts.get("forceInput"):
+            # a widget, also of several widget types ("FLOAT,INT": the frontend draws a number)
+            if all(t in WIDGET_TYPES for t in typ.split(",")) and not opts.get("forceInput"):
                 widgets.append(name)
     return inputs, widgets, required
 
 
 def check_value(where: str, typ: str, opts: dict, value):
+    if "," in typ:  # several widget types: a value of any of them
+        typ = next((t for t in typ.split(",") if t == {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}.get(
+            type(value))), typ.split(",")[0])
     if typ == "INT":
         assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an INT"
     elif typ == "FLOAT":
