@@ -407,7 +407,7 @@ class CATPruning(TokenMethod):
         tokens = patchify(noise.float(), grid, patch)  # a fresh tensor: rows keep views of it
         sigma = state.steps.last_sigma
         replaced = None
-        if plan.selection is not None:
+        if plan.selection is not None and call.reduced:  # some block pruned (a block may run unreduced)
             keep = zeros_like_shape(tokens.shape[:2], torch.bool, tokens.device).scatter(1, plan.selection, True)
             cached = torch.stack([self._forecast(state.rows[r], sigma).to(tokens.device) for r in plan.rows])
             replaced = torch.where(keep[..., None], tokens, cached)
@@ -443,6 +443,7 @@ class CATPruning(TokenMethod):
         if selection is not None and not store:
             selection = None  # no cached keys/values for this block yet: compute it in full
         block.count(block.span.n_img if selection is None else selection.shape[1], block.span.n_img)
+        block.call.reduced = block.call.reduced or selection is not None
         if observing():  # 1 = computed, 0 = served from cache
             x = block.args["img"]
             computed = torch.ones(x.shape[0], block.span.n_img, device=x.device)

@@ -1,7 +1,9 @@
 """Model families: where the image tokens sit in each family's block arguments, host-free.
 
 A Family says which slice of a block's args["img"] holds the latent's image tokens (text and reference
-tokens are never reduced) and how pe and masks line up; `image_span` checks a call against it.
+tokens are never reduced) and how pe and masks line up; `image_span` checks a call against it. Where the
+text sits in a joint sequence is read from the calls themselves (`TextOrder`), and a modulation that
+differs between token ranges is kept per token or the call runs unreduced (`modulation_ranges`).
 """
 from __future__ import annotations
 
@@ -19,10 +21,9 @@ from .token_ops import MergePlan, take_rows
 class BlockSpec:
     key: tuple                     # patches_replace key, e.g. ("double_block", 3)
     index: int                     # depth index over all patched blocks
-    text_in_img: bool              # single-stream block: args["img"] = cat(txt, img)
+    text_in_img: bool              # single-stream block: args["img"] joins the text and image streams
     img_at_end: bool = False       # reference tokens first: the latent's are the last n_img (before padding)
     cross_attention: bool = False  # args["txt"] is attended by cross-attention, not joined with the image
-    text_first: bool = True        # joint sequence is [text, image]; False: [image, text] (HunyuanVideo)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class Family:
     pe_has_text: bool = True       # pe covers cat(txt, img), not the image alone
     key_mask_arg: str | None = None  # args key of a per-key mask over the joint sequence
     layer_list: str | None = None  # no patches_replace hook: the glue patches these layers' forward
+    layer_args: tuple = ()         # with layer_list: (layer forward parameter, block-args key) of those read
+    layer_mask: str | None = None  # with layer_list: the block-args key of a key mask (masking any key: unreduced)
     pad_multiple: int | None = None  # image tokens padded to a multiple of this (Z-Image)
+    text_order_from_calls: bool = False  # single-stream blocks join the streams in an order TextOrder reads
+    modulation_range_dim: int | None = None  # axis of a modulation tensor that would index token ranges
     block_args: "BlockArgs | None" = None  # the host names its block arguments otherwise (see BlockArgs)
     locate: Callable | None = None  # (runner args, n_img) -> image start in args["img"], or why not found
 
@@ -45,8 +50,8 @@ class Family:
 
 class BlockArgs:
     """How a family's block call maps onto the runners' arguments: "img" (B, L, C) holding the image tokens,
-    "txt", "vec", "pe", the key mask and "transformer_options"; and back. Families whose blocks use the
-    runners' names (Flux and most others) need none."""
+    "txt", "vec", "pe", the key mask and "transformer_options"; and back (LTX-2's (video, audio) pairs,
+    MiniMax H3's batch-less sequence). Families whose blocks use the runners' names need none."""
 
     def view(self, args: dict) -> dict | str | None:
         """The runners' arguments of a host block call; None: a call left alone by design; a string: why the
@@ -64,23 +69,6 @@ class BlockArgs:
     def out_host(self, out: dict, args: dict) -> dict:
         """The runners' output as the host's block wrapper returns it."""
         return self.host(out, args)
-
-
-@dataclass(frozen=True)
-class Renamed(BlockArgs):
-    """Blocks that name the runners' arguments otherwise (Kandinsky 5: x, context, time_embed, freqs)."""
-
-    names: tuple[tuple[str, str], ...]  # (runner name, host name)
-
-    def view(self, args: dict) -> dict:
-        return _rename(args, {theirs: mine for mine, theirs in self.names})
-
-    def host(self, view: dict, args: dict) -> dict:
-        return _rename(view, dict(self.names))
-
-
-def _rename(args: dict, names: dict) -> dict:
-    return {names.get(k, k): v for k, v in args.items()}
 
 
 def block_view(family: Family, args: dict, host_block: Callable) -> tuple:
@@ -106,11 +94,13 @@ def block_tokens(family: Family, args: dict) -> int:
     return view["img"].shape[1] if isinstance(view, dict) else 0
 
 
-def flux_family(name: str, n_double: int, n_single: int) -> Family:
-    """Flux, Flux Kontext and Chroma: double-stream then single-stream blocks."""
+def flux_family(name: str, n_double: int, n_single: int, text_order_from_calls: bool = True) -> Family:
+    """Flux, Flux Kontext and Chroma: double-stream then single-stream blocks. `text_order_from_calls`
+    False: a model of the pack's own (the reference DiT, the benchmark's dry run), text first by construction."""
     blocks = [BlockSpec(("double_block", i), i, False) for i in range(n_double)]
     blocks += [BlockSpec(("single_block", i), n_double + i, True) for i in range(n_single)]
-    return Family(name, tuple(blocks), has_rope=True)
+    return Family(name, tuple(blocks), has_rope=True, text_order_from_calls=text_order_from_calls,
+                  modulation_range_dim=1)
 
 
 def mmdit_family(name: str, n_joint: int) -> Family:
@@ -132,10 +122,12 @@ def qwen_image_family(name: str, n_blocks: int) -> Family:
 
 
 def hunyuan_video_family(name: str, n_double: int, n_single: int) -> Family:
-    """HunyuanVideo (and HunyuanImage 2.1): Flux-like, but [reference?, image, text] with a text key mask."""
-    blocks = [BlockSpec(("double_block", i), i, False, img_at_end=True, text_first=False) for i in range(n_double)]
-    blocks += [BlockSpec(("single_block", i), n_double + i, True, text_first=False) for i in range(n_single)]
-    return Family(name, tuple(blocks), has_rope=True, key_mask_arg="attention_mask")
+    """HunyuanVideo (and HunyuanImage 2.1): Flux-like with the reference before the image and a text key
+    mask; hosts up to 0.3.75 put the text after the image, 0.33 before it (TextOrder reads which)."""
+    blocks = [BlockSpec(("double_block", i), i, False, img_at_end=True) for i in range(n_double)]
+    blocks += [BlockSpec(("single_block", i), n_double + i, True, img_at_end=True) for i in range(n_single)]
+    return Family(name, tuple(blocks), has_rope=True, key_mask_arg="attention_mask", text_order_from_calls=True,
+                  modulation_range_dim=1)
 
 
 def nextdit_family(name: str, n_layers: int, pad_multiple: int | None = None) -> Family:
@@ -143,7 +135,27 @@ def nextdit_family(name: str, n_layers: int, pad_multiple: int | None = None) ->
     (x_mask); Z-Image pads each part to `pad_multiple`: [caption, pad, image, pad]."""
     blocks = tuple(BlockSpec(("layer", i), i, False, img_at_end=True) for i in range(n_layers))
     return Family(name, blocks, has_rope=True, pe_token_dim=1, key_mask_arg="x_mask", layer_list="layers",
-                  pad_multiple=pad_multiple)
+                  layer_args=(("x", "img"), ("x_mask", "x_mask"), ("freqs_cis", "pe"), ("adaln_input", "vec"),
+                              ("transformer_options", "transformer_options")),
+                  layer_mask="x_mask", pad_multiple=pad_multiple)
+
+
+def krea2_family(name: str, n_blocks: int) -> Family:
+    """Krea 2 (SingleStreamDiT): one sequence [text, image, references] per block, no per-block hook (the glue
+    patches its blocks' forward); the host names the image range in transformer_options["img_slice"]."""
+    blocks = tuple(BlockSpec(("layer", i), i, True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, layer_list="blocks", locate=_img_slice_start,
+                  layer_args=(("x", "img"), ("vec", "vec"), ("freqs", "pe"), ("mask", "mask"),
+                              ("transformer_options", "transformer_options")), layer_mask="mask")
+
+
+def _img_slice_start(args: dict, n_img: int):
+    """The image starts where the host's img_slice (text length, sequence length) says."""
+    img_slice = (args.get("transformer_options") or {}).get("img_slice")
+    n = args["img"].shape[1]
+    if not img_slice or img_slice[1] != n or n - img_slice[0] < n_img:
+        return f"img_slice {img_slice} of a {n}-token block does not hold the {n_img} image tokens"
+    return int(img_slice[0])
 
 
 def scail_family(name: str, n_blocks: int) -> Family:
@@ -153,11 +165,13 @@ def scail_family(name: str, n_blocks: int) -> Family:
 
 
 def kandinsky5_family(name: str, n_blocks: int) -> Family:
-    """Kandinsky 5: visual blocks over the video tokens alone, text by cross-attention; its block arguments
-    are x, context, time_embed and freqs."""
-    blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
+    """Kandinsky 5: visual blocks over the video tokens alone, text by cross-attention. Its per-block hook
+    calls the blocks with argument names they do not take (0.33), so the glue patches their forward."""
+    blocks = tuple(BlockSpec(("layer", i), i, False, cross_attention=True) for i in range(n_blocks))
     return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, locate=_whole_sequence,
-                  block_args=Renamed((("img", "x"), ("txt", "context"), ("vec", "time_embed"), ("pe", "freqs"))))
+                  layer_list="visual_transformer_blocks",
+                  layer_args=(("visual_embed", "img"), ("text_embed", "txt"), ("time_embed", "vec"), ("freqs", "pe"),
+                              ("transformer_options", "transformer_options")))
 
 
 def minimax_h3_family(name: str, n_blocks: int) -> Family:
@@ -336,9 +350,10 @@ class ImageSpan:
         return self.n_txt + self.img_start
 
 
-def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, family: Family) -> ImageSpan | str | None:
-    """Locate the image tokens. None: a call left alone by design; a string: why the call does not
-    match the family."""
+def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, family: Family,
+               text_first: bool = True) -> ImageSpan | str | None:
+    """Locate the image tokens; `text_first`: the joint sequence puts the text before the image streams
+    (TextOrder). None: a call left alone by design; a string: why the call does not match the family."""
     img = args["img"]
     if img.ndim != 3:
         return f"img has {img.ndim} dims, expected (batch, tokens, channels)"
@@ -346,29 +361,29 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, famil
         return None
     if args.get("attn_mask") is not None:
         return None  # a token-level mask would need re-indexing; such calls run unreduced
-    if args.get("modulation_dims") is not None or args.get("modulation_dims_img") is not None:
-        return None  # per-range modulation (HunyuanVideo I2V token replace) indexes unreduced positions
     n_txt_arg = args["txt"].shape[1] if args.get("txt") is not None else 0
     n_after = 0
+    pad = (-n_img) % family.pad_multiple if family.pad_multiple else 0
     if family.locate is not None:  # the family reads the image start from the call's own tensors
         start = family.locate(args, n_img)
         if isinstance(start, str):
             return start
         n_txt = 0
-    elif spec.text_in_img:
-        start = n_txt_single if spec.text_first else img.shape[1] - n_txt_single - n_img
+    elif spec.text_in_img:  # the text stream, then the image stream, or the other way round
+        stream = img.shape[1] - n_txt_single
+        start = (n_txt_single if text_first else 0) + (stream - n_img - pad if spec.img_at_end else 0)
         n_txt = 0
-    elif spec.img_at_end:
-        start, n_txt = img.shape[1] - n_img - ((-n_img) % family.pad_multiple if family.pad_multiple else 0), 0
     else:
-        start, n_txt = 0, n_txt_arg
-    if not spec.text_first and not spec.text_in_img:
-        n_txt, n_after = 0, n_txt_arg
+        start = img.shape[1] - n_img - pad if spec.img_at_end else 0
+        n_txt, n_after = (n_txt_arg, 0) if text_first else (0, n_txt_arg)
     if spec.cross_attention:
         n_txt, n_after = 0, 0
     if start < 0 or img.shape[1] < start + n_img:
         return f"{img.shape[1]} tokens in the block, {n_img} image tokens expected from position {start}"
-    span = ImageSpan(start, n_img, n_txt, spec.cross_attention, n_after, spec.text_first)
+    why = modulation_mismatch(args, family, start, n_img)
+    if why:
+        return why
+    span = ImageSpan(start, n_img, n_txt, spec.cross_attention, n_after, text_first)
     pe = args.get("pe")
     if family.has_rope and isinstance(pe, torch.Tensor):
         length = (n_txt + img.shape[1] + n_after) if family.pe_has_text else img.shape[1]
@@ -380,6 +395,115 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, famil
     if isinstance(mask, torch.Tensor) and mask.shape[-1] < span.key_offset + n_img:
         return f"key mask of shape {tuple(mask.shape)} is shorter than the attention sequence"
     return span
+
+
+# ---- where the text sits -------------------------------------------------------------------------
+
+def single_stream_text_first(seq: torch.Tensor, txt_stream, n_txt: int) -> bool | str:
+    """Whether a single-stream block's sequence is cat(text, image) (True) or cat(image, text) (False), read
+    from the call: the text stream the last double block returned sits, unchanged, at one end of it."""
+    if n_txt == 0:
+        return True
+    if not isinstance(txt_stream, torch.Tensor) or txt_stream.shape != (seq.shape[0], n_txt, seq.shape[2]):
+        return "no text stream from a double block to find in the single-stream sequence"
+    if torch.equal(seq[:, :n_txt], txt_stream):
+        return True
+    if torch.equal(seq[:, -n_txt:], txt_stream):
+        return False
+    return "the single-stream sequence has the text stream at neither end"
+
+
+class TextOrder:
+    """Where the text sits in the joint sequences of a family whose host joins a text and an image stream
+    for its single-stream blocks (Family.text_order_from_calls): verified at the first single block of each
+    call (single_stream_text_first). Double blocks share the single blocks' rotary table, so they share
+    their order: a double block learns it from an earlier call of the same text and joint lengths, and runs
+    unreduced until then. Per-call state lives on the call (`txt_stream`, `text_first`)."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.known: dict = {}  # (text tokens, joint tokens) -> True, False, or why it is unverified
+
+    def of(self, spec: BlockSpec, args: dict, call) -> bool | str | None:
+        """True / False: the text comes first / last; a string: unverified, why; None: not known yet."""
+        if not self.family.text_order_from_calls or spec.cross_attention:
+            return True
+        if spec.text_in_img:
+            if call.text_first is None:
+                call.text_first = single_stream_text_first(args["img"], call.txt_stream, call.n_txt)
+                call.txt_stream = None
+                self.known[(call.n_txt, args["img"].shape[1])] = call.text_first
+            return call.text_first
+        n_txt = args["txt"].shape[1] if args.get("txt") is not None else 0
+        return self.known.get((n_txt, n_txt + args["img"].shape[1]))
+
+    def block_done(self, spec: BlockSpec, out: dict, call):
+        if self.family.text_order_from_calls and not spec.text_in_img:
+            call.txt_stream = out.get("txt")
+
+
+# ---- modulation that differs between token ranges ------------------------------------------------
+
+# Block arguments that name token ranges of args["img"] with a modulation of their own: each a list of
+# (start, end or None, ...) (HunyuanVideo's image-to-video frames, NextDiT's reference images).
+RANGE_ARGS = ("modulation_dims", "modulation_dims_img", "timestep_zero_index")
+
+
+def modulation_ranges(args: dict) -> dict:
+    """{argument: ranges} of the RANGE_ARGS this call passes."""
+    return {name: args[name] for name in RANGE_ARGS if args.get(name) is not None}
+
+
+def _tensors(value):
+    """The tensors in a modulation argument: a tensor, or tuples / dataclasses of them (Flux's ModulationOut)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            yield from _tensors(getattr(value, name))
+
+
+def modulation_mismatch(args: dict, family: Family, start: int, n_img: int) -> str | None:
+    """Why the image tokens cannot keep their own modulation when reduced, or None.
+
+    Ranges the block arguments name are shifted for a reduced call (shift_ranges) unless one splits the
+    image tokens. A modulation with more rows than the batch (Qwen-Image-Edit 2511's reference tokens), or
+    with a range axis (Flux's index_timestep_zero), indexes ranges the arguments do not name."""
+    ranges = modulation_ranges(args)
+    for name, value in ranges.items():
+        for r in ([(value, None)] if isinstance(value, int) else value):
+            if any(b is not None and start < b < start + n_img for b in r[:2]):
+                return f"{name} gives part of the image tokens a modulation of their own"
+    if ranges:
+        return None
+    batch = args["img"].shape[0]
+    for t in _tensors(args.get("vec")):
+        if t.ndim and t.shape[0] not in (1, batch):
+            return "its modulation has more rows than the batch (token ranges with a modulation of their own)"
+        d = family.modulation_range_dim
+        if d is not None and t.ndim > d + 1 and t.shape[d] > 1:
+            return "its modulation has a range axis (token ranges with a modulation of their own)"
+    return None
+
+
+def shift_ranges(args: dict, new_args: dict, img_end: int, removed: int) -> dict:
+    """`new_args` with each RANGE_ARGS boundary past the image tokens (which end at `img_end` in `args`)
+    moved back by the `removed` tokens of a reduced call."""
+    ranges = modulation_ranges(args)
+    if not ranges or not removed:
+        return new_args
+    new_args = dict(new_args)
+
+    def moved(b):
+        return b - removed if b is not None and b >= img_end else b
+
+    for name, value in ranges.items():
+        new_args[name] = (moved(value) if isinstance(value, int) else
+                          [type(r)((moved(r[0]), moved(r[1]), *r[2:])) for r in value])
+    return new_args
 
 
 def split_tokens(x: torch.Tensor, start: int, n: int, dim: int = 1) -> tuple:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import get_mask, override_attention
-from .families import Family, block_flops, block_tokens, block_view, image_span
-from .runtime import chained, observe, stop_observing
+from .families import Family, TextOrder, block_flops, block_tokens, block_view
+from .runtime import chained, locate, observe, stop_observing
 
 KINDS = ("attention_text", "attention_image", "merge_size", "merge_groups", "computed")
 KIND_HELP = {
@@ -249,6 +249,8 @@ class ActiveCall:
     n_txt: int
     plans: dict = field(default_factory=dict)      # block -> (assign row, n_out)
     computed: dict = field(default_factory=dict)   # block -> mask row
+    txt_stream: torch.Tensor | None = None         # families.TextOrder's per-call state
+    text_first: bool | str | None = None
 
     # -- the runtime's observer interface --
     def plan(self, block: int, plan):
@@ -287,10 +289,11 @@ def deactivate(tokens):
 def recorder_block_replaces(family: Family, existing: dict | None = None) -> dict:
     """{block key: replace} that record token counts and attention; `existing` runs beneath."""
     existing = existing or {}
-    return {spec.key: _recorder_replace(spec, family, existing.get(spec.key)) for spec in family.blocks}
+    text_order = TextOrder(family)
+    return {spec.key: _recorder_replace(spec, family, existing.get(spec.key), text_order) for spec in family.blocks}
 
 
-def _recorder_replace(spec, family, previous):
+def _recorder_replace(spec, family, previous, text_order):
     def replace(host_args, extra):
         original = extra["original_block"]
         call = _ACTIVE.get()
@@ -310,9 +313,11 @@ def _recorder_replace(spec, family, previous):
     def record(args, run_block, call, seen):
         if not spec.text_in_img and args.get("txt") is not None:
             call.n_txt = args["txt"].shape[1]
-        span = image_span(spec, args, call.n_img, call.n_txt, family)
+        span = locate(spec, args, call, family, text_order)
         if span is None or isinstance(span, str):
-            return run_block(args)
+            out = run_block(args)
+            text_order.block_done(spec, out, call)
+            return out
         store, step, block = call.store, call.step, spec.index
         full_len = args["img"].shape[1]
 
@@ -323,6 +328,7 @@ def _recorder_replace(spec, family, previous):
                 args.get("transformer_options") or {},
                 _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after))
         out = run_block(new_args)
+        text_order.block_done(spec, out, call)
         if (step, block) not in store.counts and store.refused is None:
             n_comp = max(span.n_img - (full_len - seen["n"]), 0) if seen["n"] else 0
             store.counts[(step, block)] = BlockCount(span.n_img, n_comp, full_len - span.n_img + span.n_txt + span.n_txt_after,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .families import (Family, flux_family, hunyuan_video_family, ltxav_family, minimax_h3_family, mmdit_family,
-                       nextdit_family, qwen_image_family, scail_family, wan_family)
+from .families import (Family, flux_family, hunyuan_video_family, kandinsky5_family, krea2_family, ltxav_family,
+                       minimax_h3_family, mmdit_family, nextdit_family, qwen_image_family, scail_family, wan_family)
 
 METHODS = {"sdtm": "SDTM", "cat": "CAT", "density": "Density", "maps": "Maps"}  # key -> support-matrix column
 TESTED_COMFYUI = ("0.3.64", "0.33.0")  # the host tests run against both ends of the supported range
@@ -98,6 +98,14 @@ REGISTRY: tuple[Entry, ...] = (
           lambda dm: wan_family(type(dm).__name__, len(dm.blocks)), patch=_spatial, workflow="wan_animate_sdtm.json"),
     Entry("Wan SCAIL / SCAIL-2", ("comfy.ldm.wan.model.SCAILWanModel", "comfy.ldm.wan.model.SCAIL2WanModel"),
           lambda dm: scail_family(type(dm).__name__, len(dm.blocks)), patch=_spatial, workflow="wan_scail_sdtm.json"),
+    # no public pixel-space checkpoint to name yet: Z-Image's workflow, with its loaders switched, shows the node
+    Entry("Z-Image (pixel space)", ("comfy.ldm.lumina.model.NextDiTPixelSpace",), _nextdit,
+          workflow="zimage_sdtm.json"),
+    Entry("Krea 2", ("comfy.ldm.krea2.model.SingleStreamDiT",), lambda dm: krea2_family("Krea2", len(dm.blocks)),
+          patch=lambda dm, label: int(dm.patch), workflow="krea2_sdtm.json"),
+    Entry("Kandinsky 5", ("comfy.ldm.kandinsky5.model.Kandinsky5",),
+          lambda dm: kandinsky5_family("Kandinsky5", len(dm.visual_transformer_blocks)), patch=_spatial,
+          workflow="kandinsky5_sdtm.json"),
     Entry("LTX-2", ("comfy.ldm.lightricks.av_model.LTXAVModel",), lambda dm: ltxav_family("LTXAV", len(dm.transformer_blocks)),
           patch=lambda dm, label: spatial_patch(dm.patchifier.patch_size, label),
           refused_methods={"maps": _PACKED_AV, "calibration": _PACKED_AV}, workflow="ltx2_sdtm.json"),

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from .families import (BlockSpec, Family, ImageSpan, block_view, image_span, matmul_flops, run_block_merged,
-                       split_tokens)
+from .families import (BlockSpec, Family, ImageSpan, TextOrder, block_view, image_span, matmul_flops,
+                       run_block_merged, shift_ranges, split_tokens)
 from .token_ops import MergePlan
 
 CALL_KEY = "token_reduction_call"   # transformer_options: the CallInfo of the current model call
@@ -59,6 +59,8 @@ class CallInfo:
     patch: int = 1
     shared: CallShared = field(default_factory=CallShared, repr=False, compare=False)
     previous_output: dict | None = field(default=None, repr=False, compare=False)
+    txt_stream: torch.Tensor | None = field(default=None, repr=False, compare=False)  # families.TextOrder's
+    text_first: bool | str | None = None  # this call's single-stream order (families.TextOrder)
 
     def release_previous_output(self):
         """Empty the dict the previous block returned: the host (Flux's forward_orig) holds it until the next
@@ -334,6 +336,7 @@ class Runtime:
 
     def __init__(self, method: TokenMethod, family: Family, patch_size: int, key: str):
         self.method, self.family, self.patch, self.key = method, family, int(patch_size), key
+        self.text_order = TextOrder(family)
 
     def start_run(self, transformer_options: dict) -> Run:
         run = Run(RunStats(), self.method.new_run_state(), time.perf_counter())
@@ -385,7 +388,7 @@ class Runtime:
         return {spec.key: self._block_replace(spec, existing.get(spec.key)) for spec in self.family.blocks}
 
     def _block_replace(self, spec: BlockSpec, previous):
-        method, family, key = self.method, self.family, self.key
+        method, family, key, text_order = self.method, self.family, self.key, self.text_order
 
         def replace(args, extra):
             host_block = chained(extra["original_block"], previous)
@@ -401,20 +404,43 @@ class Runtime:
 
         def unreduced(why, args, host_block):
             if why is not None:
-                warn_once((family.name, why), f"{method.name}: {family.name} block call not recognised ({why}); "
-                                              "such calls run unreduced")
+                not_recognised(why)
             return host_block(args)
+
+        def not_recognised(why):
+            warn_once((family.name, why), f"{method.name}: {family.name} block call not recognised ({why}); "
+                                          "such calls run unreduced")
 
         def run(args, original, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
-            span = image_span(spec, args, call.n_img, call.n_txt, family)
-            if span is None or isinstance(span, str):  # a string: the call does not look as the family describes
-                return unreduced(span, args, original)
-            return method.run_block(BlockCall(args, original, spec, family, span, call,
-                                              (to.get(RUNS_KEY) or {}).get(key)))
+            out = None
+            span = locate(spec, args, call, family, text_order)
+            if isinstance(span, str):  # the call does not look as the family describes it
+                not_recognised(span)
+            elif span is not None:
+                out = method.run_block(BlockCall(args, keeping_ranges(original, args, span), spec, family, span, call,
+                                                 (to.get(RUNS_KEY) or {}).get(key)))
+            out = original(args) if out is None else out
+            text_order.block_done(spec, out, call)
+            return out
 
         return replace
+
+
+def locate(spec: BlockSpec, args: dict, call, family: Family, text_order: TextOrder) -> ImageSpan | str | None:
+    """families.image_span with the text order this call shows; None also while the order is not known."""
+    text_first = text_order.of(spec, args, call)
+    if text_first is None or isinstance(text_first, str):
+        return text_first
+    return image_span(spec, args, call.n_img, call.n_txt, family, text_first)
+
+
+def keeping_ranges(original: Callable, args: dict, span: ImageSpan) -> Callable:
+    """`original` for a method to call on reduced args: ranges of a modulation of their own that lie past the
+    image tokens follow them back (families.shift_ranges)."""
+    end = span.img_start + span.n_img
+    return lambda new_args: original(shift_ranges(args, new_args, end, args["img"].shape[1] - new_args["img"].shape[1]))
 
 
 def chained(original: Callable, previous: Callable | None) -> Callable:

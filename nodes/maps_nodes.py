@@ -19,7 +19,7 @@ from ..kernels.maps_render import overlay
 from . import maps_route
 from ..kernels.families import CONDS_KEY
 from ..kernels.runtime import token_grid
-from .patching import CATEGORY, detect_family, progress_map, set_block_replaces
+from .patching import CATEGORY, call_arguments, detect_family, progress_map, set_block_replaces
 
 RECORDER_KEY = "token_map_recorder"
 log = logging.getLogger("token_reduction")
@@ -43,7 +43,8 @@ def _cond_row(transformer_options: dict, batch: int) -> int | None:
 
 def install_recorder(model, store: TokenMapStore, patch_size: int):
     def outer_sample_wrapper(executor, *args, **kwargs):
-        noise, sigmas = args[0], args[3]
+        named = call_arguments(executor, args, kwargs)
+        noise, sigmas = named["noise"], named["sigmas"]
         store.begin_run(sigmas.flatten().tolist(), token_grid(noise.shape, patch_size))
         if store.refused:
             log.warning(store.refused)
@@ -54,15 +55,16 @@ def install_recorder(model, store: TokenMapStore, patch_size: int):
             log.info(run_summary(store)[0])
 
     def apply_model_wrapper(executor, *args, **kwargs):
-        x, sigma, to = args[0], args[1], args[5]
-        to[CONDS_KEY] = kwargs  # the call's own conditioning, for the families that read it
+        named = call_arguments(executor, args, kwargs)
+        x, sigma, to = named["x"], named["t"], named["transformer_options"]
+        to[CONDS_KEY] = named.get("kwargs", {})  # the call's own conditioning, for the families that read it
         row = _cond_row(to, x.shape[0])
         if store.refused is not None or not store.grid or row is None:
             return executor(*args, **kwargs)
         step = store.step_of(float(sigma.flatten()[0]))
         if step not in store.progress:
             store.progress[step] = progress_map(executor.class_obj.model_sampling)(sigma)
-        context = args[3]
+        context = named["c_crossattn"]
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
         token = activate(ActiveCall(store, step, row, store.n_tokens, n_txt))
         try:

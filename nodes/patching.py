@@ -6,6 +6,7 @@ leaks nothing), and a `patches_replace["dit"]` entry per block, chained over any
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -151,15 +152,31 @@ def show_on_node(node_id, text: str):
         server.send_progress_text(text, node_id)
 
 
+_signatures: dict = {}
+
+
+def call_arguments(executor, args: tuple, kwargs: dict) -> dict:
+    """A wrapped host call's arguments by the host's own parameter names (never by position)."""
+    func = getattr(executor.original, "__func__", executor.original)
+    signature = _signatures.get(func)
+    if signature is None:
+        signature = _signatures[func] = inspect.signature(executor.original)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def install(model, method, method_key: str, info: ModelInfo, node_id=None):
     """Patch a cloned ModelPatcher `model` so that `method` reduces tokens."""
     check_composable(model, method)
     runtime = Runtime(method, info.family, info.patch_size, method_key)
 
     def apply_model_wrapper(executor, *args, **kwargs):
-        packed, sigma, context, transformer_options = args[0], args[1], args[3], args[5]
-        transformer_options[CONDS_KEY] = kwargs  # the call's own conditioning, for the families that read it
-        shapes = kwargs.get("latent_shapes")  # LTX-2, MiniMax H3: video and audio packed in one latent
+        named = call_arguments(executor, args, kwargs)
+        packed, sigma, context = named["x"], named["t"], named["c_crossattn"]
+        transformer_options, conds = named["transformer_options"], named.get("kwargs", {})
+        transformer_options[CONDS_KEY] = conds  # the call's own conditioning, for the families that read it
+        shapes = conds.get("latent_shapes")  # LTX-2, MiniMax H3: video and audio packed in one latent
         x = first_stream(packed, shapes)
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
         # one device sync per call: the first row's sigma (progress) and the smallest (noise recoverable)
@@ -214,30 +231,59 @@ def set_block_replaces(model, family: Family, replaces: dict):
         for spec in family.blocks:
             name = f"diffusion_model.{family.layer_list}.{spec.key[1]}"
             if name + ".forward" not in model.object_patches:
-                model.add_object_patch(name + ".forward", _hooked_nextdit_forward(model.get_model_object(name),
-                                                                                 spec.key, masked))
+                model.add_object_patch(name + ".forward", _hooked_layer_forward(model.get_model_object(name),
+                                                                                spec.key, family, masked))
 
 
-def _hooked_nextdit_forward(layer, key, masked: dict):
-    """NextDiT's layer forward routed through the call's `patches_replace["dit"][key]` entry. A caption mask
-    that masks any key means rows' image tokens start at different places: passed as `attn_mask`, the
-    call then runs unreduced."""
+def _hooked_layer_forward(layer, key, family: Family, masked: dict):
+    """A layer's forward routed through the call's `patches_replace["dit"][key]` entry (NextDiT, Krea 2,
+    Kandinsky 5), its arguments named for the replace by `family.layer_args`.
+
+    Arguments are bound by the host's own signature: any the pack does not read (0.33's
+    `timestep_zero_index`) travel in the block args under their own name, so the replace sees them and the
+    original layer gets them back. A key mask (`family.layer_mask`: NextDiT's caption mask) that masks any
+    key means rows' image tokens start at different places: passed as `attn_mask`, the call then runs
+    unreduced."""
+    names = dict(family.layer_args)  # layer parameter -> block-args key
     run = type(layer).forward.__get__(layer)
+    signature = inspect.signature(run)
+    params = signature.parameters
+    missing = [name for name in names if name not in params]
+    if missing:  # a layer the pack cannot read: it runs as the host wrote it, unreduced
+        log.warning("token reduction: %s's layer forward has no %s argument; its layers run unreduced",
+                    type(layer).__name__, ", ".join(missing))
+        return run
+    passed_on = [name for name, p in params.items() if name not in names
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_keyword = next((name for name, p in params.items() if p.kind == p.VAR_KEYWORD), None)
 
     def original(a):
-        return {"img": run(a["img"], a["x_mask"], a["pe"], a["vec"], transformer_options=a["transformer_options"])}
+        kwargs = {name: a[ours] for name, ours in names.items()}
+        kwargs.update((name, a[name]) for name in passed_on if name in a)
+        kwargs.update(a.get(UNNAMED_LAYER_KWARGS, {}))
+        return {"img": run(**kwargs)}
 
-    def forward(x, x_mask, freqs_cis, adaln_input=None, transformer_options={}):
-        replace = transformer_options.get("patches_replace", {}).get("dit", {}).get(key)
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        to = named["transformer_options"] or {}
+        replace = to.get("patches_replace", {}).get("dit", {}).get(key)
         if replace is None:
-            return run(x, x_mask, freqs_cis, adaln_input, transformer_options=transformer_options)
-        args = {"img": x, "x_mask": x_mask, "pe": freqs_cis, "vec": adaln_input,
-                "transformer_options": transformer_options}
-        if x_mask is not None:
-            if masked["mask"] is not x_mask:
-                masked.update(mask=x_mask, any=bool((x_mask != 0).any()))
+            return run(*args, **kwargs)
+        block_args = {ours: named[name] for name, ours in names.items()}
+        block_args.update((name, named[name]) for name in passed_on if name in named)
+        if var_keyword and named.get(var_keyword):
+            block_args[UNNAMED_LAYER_KWARGS] = named[var_keyword]
+        mask = block_args.get(family.layer_mask) if family.layer_mask else None
+        if mask is not None:
+            if masked["mask"] is not mask:
+                masked.update(mask=mask, any=bool((mask != 0).any()))
             if masked["any"]:
-                args["attn_mask"] = x_mask
-        return replace(args, {"original_block": original})["img"]
+                block_args["attn_mask"] = mask
+        return replace(block_args, {"original_block": original})["img"]
 
     return forward
+
+
+UNNAMED_LAYER_KWARGS = "layer_kwargs"  # block-args key of keyword arguments a layer takes through **kwargs

@@ -100,14 +100,15 @@ class Arch:
         return math.prod(self.grid)
 
 
-FLUX_DEV = flux_family("Flux", 19, 38)
+FLUX_DEV = flux_family("Flux", 19, 38, text_order_from_calls=False)  # the dry run's own layout
 ARCHS = {
     "flux-1024": Arch("Flux-dev 1024x1024, 28 steps", FLUX_DEV, 3072, 24, (64, 64), 512, 28),
     "flux-2048": Arch("Flux-dev 2048x2048, 10 steps", FLUX_DEV, 3072, 24, (128, 128), 512, 10),
     "sd35-1024": Arch("SD3.5-large 1024x1024, 28 steps, CFG", mmdit_family("SD3", 38), 2432, 38, (64, 64), 333, 28,
                       calls=2),
 }
-SMALL = Arch("small reference DiT (CPU check of the GPU table)", flux_family("Flux", 2, 4), 128, 2, (16, 16), 16, 8)
+SMALL = Arch("small reference DiT (CPU check of the GPU table)", flux_family("Flux", 2, 4, text_order_from_calls=False),
+             128, 2, (16, 16), 16, 8)
 
 
 # ---- flops: a dry run of the real plans ---------------------------------------------------------------

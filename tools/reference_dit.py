@@ -305,7 +305,8 @@ class ReferenceDiT(nn.Module):
         self.final_layer = LastLayer(c.hidden, c.channels * c.patch_size ** 2)
 
     def family(self) -> Family:
-        return flux_family("reference", len(self.double_blocks), len(self.single_blocks))
+        return flux_family("reference", len(self.double_blocks), len(self.single_blocks),
+                           text_order_from_calls=False)
 
     def init_weights(self, seed: int = 0) -> "ReferenceDiT":
         """Seeded random init (independent of the global RNG): N(0, 1/fan_in) weights, zero biases."""

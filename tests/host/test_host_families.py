@@ -151,34 +151,66 @@ def test_hunyuan_video_merges_on_the_frame_grid(host):
     _check_family(host, model, latent, (3, 5, 7), bound=0.40)
 
 
-def _hunyuan_block_args(dm, n_ref: int, n_img: int, n_txt: int, single: bool, seed: int = 0):
+def _hunyuan_text_first(host, model) -> bool:
+    """Whether this host puts HunyuanVideo's text before the image, as the pack reads it from a call
+    (tests/host/test_host_image_tokens.py checks that reading against the host's own layout)."""
+    import importlib
+    host.load_pack()
+    runtime = importlib.import_module(f"{host.PACK_NAME}.kernels.runtime")
+    patching = importlib.import_module(f"{host.PACK_NAME}.nodes.patching")
+    orders = set()
+
+    class Recorder(runtime.TokenMethod):
+        name = "order recorder"
+
+        def run_block(self, block):
+            orders.add(block.span.text_first)
+            return block.original(block.args)
+
+    patched = patching.patch_model(model, Recorder(), "order_recorder", "test")
+    host.sample(patched, latent=torch.zeros(1, 16, 1, 4, 4), steps=2, cfg=1.0)
+    (text_first,) = orders
+    return text_first
+
+
+def _hunyuan_block_args(dm, n_ref: int, n_img: int, n_txt: int, single: bool, text_first: bool, seed: int = 0):
+    """Block arguments laid out as this host does: the image stream [reference, image], the text before or
+    after it (`text_first`) in the rotary table and, for a single block, in the sequence."""
     gen = torch.Generator().manual_seed(seed)
     c = dm.hidden_size
     img = torch.randn(2, n_ref + n_img, c, generator=gen)
     txt = torch.randn(2, n_txt, c, generator=gen)
-    ids = torch.zeros(1, n_ref + n_img + n_txt, 3)
-    ids[0, :n_ref + n_img, 1] = torch.arange(n_ref + n_img) // 7
-    ids[0, :n_ref + n_img, 2] = torch.arange(n_ref + n_img) % 7
-    pe = dm.pe_embedder(ids)
+    img_ids = torch.zeros(1, n_ref + n_img, 3)
+    img_ids[0, :, 1] = torch.arange(n_ref + n_img) // 7
+    img_ids[0, :, 2] = torch.arange(n_ref + n_img) % 7
+    txt_ids = torch.zeros(1, n_txt, 3)
+    pe = dm.pe_embedder(torch.cat([txt_ids, img_ids] if text_first else [img_ids, txt_ids], 1))
     vec = torch.randn(2, c, generator=gen)
     if single:
-        return {"img": torch.cat([img, txt], 1), "vec": vec, "pe": pe, "attention_mask": None,
-                "modulation_dims": None, "transformer_options": {}}
+        return {"img": torch.cat([txt, img] if text_first else [img, txt], 1), "vec": vec, "pe": pe,
+                "attention_mask": None, "modulation_dims": None, "transformer_options": {}}
     return {"img": img, "txt": txt, "vec": vec, "pe": pe, "attention_mask": None, "modulation_dims_img": None,
             "modulation_dims_txt": None, "transformer_options": {}}
 
 
+def _text_positions(n_ref: int, n_img: int, n_txt: int, text_first: bool) -> slice:
+    """Where the text keys sit in the joint sequence."""
+    return slice(0, n_txt) if text_first else slice(n_ref + n_img, n_ref + n_img + n_txt)
+
+
 def test_hunyuan_video_text_mask_follows_merged_keys(host, one_torch_thread):
-    """HunyuanVideo masks padded text keys with args["attention_mask"] over [reference, image, text]. After
-    merging, masked keys must still be the padded ones: a block run on merged tokens with 6 masked text
-    tokens equals the same run with those 6 tokens removed (exact arithmetic: identical), for double and
-    single blocks, with and without the PR key bias. A mask left unshifted would unmask padding."""
+    """HunyuanVideo masks padded text keys with args["attention_mask"] over the joint sequence (the text
+    where this host puts it). After merging, masked keys must still be the padded ones: a block run on merged
+    tokens with 6 masked text tokens equals the same run with those 6 tokens removed (exact arithmetic:
+    identical), for double and single blocks, with and without the PR key bias. A mask left unshifted would
+    unmask padding."""
     import importlib
     host.load_pack()
     fam = importlib.import_module(f"{host.PACK_NAME}.kernels.families")
     sdtm = importlib.import_module(f"{host.PACK_NAME}.kernels.sdtm")
     patching = importlib.import_module(f"{host.PACK_NAME}.nodes.patching")
     model = host.tiny_hunyuan_video()
+    text_first = _hunyuan_text_first(host, model)
     dm = model.model.diffusion_model
     info = patching.detect_family(model, "test")
     n_ref, n_img, n_valid, n_pad = 7, 35, 10, 6
@@ -198,13 +230,16 @@ def test_hunyuan_video_text_mask_follows_merged_keys(host, one_torch_thread):
 
         def full_and_short():
             # Fresh tensors per run: the host's double block adds to `txt` in place.
-            full = _hunyuan_block_args(dm, n_ref, n_img, n_valid + n_pad, single)
+            full = _hunyuan_block_args(dm, n_ref, n_img, n_valid + n_pad, single, text_first)
+            text = _text_positions(n_ref, n_img, n_valid + n_pad, text_first)
+            pads = list(range(text.start + n_valid, text.stop))
+            kept = [i for i in range(n_ref + n_img + n_valid + n_pad) if i not in pads]
             mask = torch.zeros(1, 1, n_ref + n_img + n_valid + n_pad)
-            mask[..., -n_pad:] = -torch.finfo(torch.float32).max
+            mask[..., pads] = -torch.finfo(torch.float32).max
             full["attention_mask"] = mask
-            short = dict(full, attention_mask=None, pe=full["pe"][:, :, :-n_pad])
+            short = dict(full, attention_mask=None, pe=full["pe"][:, :, kept])
             if single:
-                short["img"] = full["img"][:, :-n_pad].clone()
+                short["img"] = full["img"][:, kept].clone()
             else:
                 short["txt"] = full["txt"][:, :n_valid].clone()
             return full, short
@@ -213,13 +248,15 @@ def test_hunyuan_video_text_mask_follows_merged_keys(host, one_torch_thread):
                                                skip_first_blocks=0, skip_last_blocks=0))
             outs = []
             for which, args in enumerate(full_and_short()):
-                span = fam.image_span(spec, args, n_img, n_valid if which else n_valid + n_pad, info.family)
-                assert span is not None and span.img_start == n_ref and span.n_txt == 0
-                tokens = args["img"][:, n_ref:n_ref + n_img]
+                n_txt = n_valid if which else n_valid + n_pad
+                span = fam.image_span(spec, args, n_img, n_txt, info.family, text_first)
+                assert span.img_start == n_ref + (n_txt if single and text_first else 0)
+                tokens = args["img"][:, span.img_start:span.img_start + n_img]
                 plan = method.plan(tokens, (5, 7), 1, 4, 0.9)
                 assert plan is not None and plan.n_out < n_img
-                outs.append(fam.run_block_merged(args, original, plan, span, info.family, method.key_bias(plan)))
-            got, want = outs[0]["img"][:, :n_ref + n_img], outs[1]["img"][:, :n_ref + n_img]
+                out = fam.run_block_merged(args, original, plan, span, info.family, method.key_bias(plan))
+                outs.append(out["img"][:, span.img_start - n_ref:span.img_start + n_img])  # the image stream
+            got, want = outs
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (single, pr, (got - want).abs().max())
 
@@ -255,14 +292,16 @@ def test_hunyuan_video_reference_latent_and_token_replace(host):
 
 def test_hunyuan_video_pruned_blocks_match_the_full_blocks(host):
     """CAT on the host's own HunyuanVideo double and single blocks, with reference tokens before the image,
-    the text after it and padded text keys masked: with the cache filled from the same input, the selected
-    tokens' outputs equal the full block's (the cached keys sit at the image's place, the mask keeps the
-    full key length)."""
+    the text where this host puts it and padded text keys masked: with the cache filled from the same input,
+    the selected tokens' outputs equal the full block's (the cached keys sit at the image's place, the mask
+    keeps the full key length)."""
     import importlib
     host.load_pack()
     cat = importlib.import_module(f"{host.PACK_NAME}.kernels.cat")
     fam = importlib.import_module(f"{host.PACK_NAME}.kernels.families")
-    dm = host.tiny_hunyuan_video().model.diffusion_model
+    model = host.tiny_hunyuan_video()
+    text_first = _hunyuan_text_first(host, model)
+    dm = model.model.diffusion_model
     family = fam.hunyuan_video_family("HunyuanVideo", 1, 1)
     n_ref, n_img, n_txt = 7, 35, 16
     gen = torch.Generator().manual_seed(3)
@@ -279,19 +318,20 @@ def test_hunyuan_video_pruned_blocks_match_the_full_blocks(host):
             return {"img": i, "txt": t}
 
         def args():  # fresh tensors per run: the double block adds to `txt` in place
-            a = _hunyuan_block_args(dm, n_ref, n_img, n_txt, single)
+            a = _hunyuan_block_args(dm, n_ref, n_img, n_txt, single, text_first)
             a["attention_mask"] = torch.zeros(1, 1, n_ref + n_img + n_txt)
-            a["attention_mask"][..., -5:] = -torch.finfo(torch.float32).max
+            text = _text_positions(n_ref, n_img, n_txt, text_first)
+            a["attention_mask"][..., text.stop - 5:text.stop] = -torch.finfo(torch.float32).max
             return a
         spec = family.blocks[1 if single else 0]
-        span = fam.image_span(spec, args(), n_img, n_txt, family)
-        assert span.img_start == n_ref and span.n_txt == 0
+        span = fam.image_span(spec, args(), n_img, n_txt, family, text_first)
+        assert span.img_start == n_ref + (n_txt if single and text_first else 0)
         store = {}
         with torch.no_grad():
             full = cat.run_block_pruned(args(), original, span, family, None, store)
             assert len(store) == 1
             part = cat.run_block_pruned(args(), original, span, family, selection, store)
-        idx = (n_ref + selection)[:, :, None].expand(-1, -1, dm.hidden_size)
+        idx = (span.img_start + selection)[:, :, None].expand(-1, -1, dm.hidden_size)
         assert torch.allclose(part["img"].gather(1, idx), full["img"].gather(1, idx), atol=1e-5), single
 
 
@@ -313,23 +353,41 @@ def test_lumina2_merges_only_the_image_tokens(host):
 
 def test_lumina2_masked_caption_runs_unreduced(host):
     """A caption mask that masks any key means rows whose image tokens may start at different places:
-    those calls run unreduced, exactly as unpatched. (CFG 1: this host's NextDiT cannot batch a caption
-    mask over cond and uncond, patched or not.)"""
+    those calls run unreduced, exactly as unpatched. A host that hands its layers no mask (0.33 drops the
+    caption mask) attends to every key, and the same patch reduces. (CFG 1: some hosts' NextDiT cannot
+    batch a caption mask over cond and uncond, patched or not.)"""
+    import importlib
     model = host.tiny_lumina2()
     mask = torch.ones(1, 16, dtype=torch.long)
     mask[0, 3] = 0
     kw = dict(latent=torch.zeros(1, 16, 16, 12), cond_extra={"attention_mask": mask}, cfg=1.0)
-    patched, spy = _patched_with_spy(host, model)
+    host.load_pack()
+    patching = importlib.import_module(f"{host.PACK_NAME}.nodes.patching")
+    masked = []  # per layer call: whether the pack saw a mask that masks keys (beneath the method)
+
+    def record(args, extra):
+        masked.append("attn_mask" in args)
+        return extra["original_block"](args)
+
+    family = patching.detect_family(model, "test").family
+    spied = model.clone()
+    patching.set_block_replaces(spied, family, {spec.key: record for spec in family.blocks})
+    patched, spy = _patched_with_spy(host, spied)
     try:
         unpatched = host.sample(model, **kw)
     except RuntimeError as host_error:
-        # Hosts from 0.3.75 on hand the integer caption mask to SDPA unconverted and fail without the
-        # pack: the patched model must fail the same way, never differently and never instead.
+        # Hosts 0.3.75 hand the integer caption mask to SDPA unconverted and fail without the pack: the
+        # patched model must fail the same way, never differently and never instead.
         with pytest.raises(RuntimeError) as patched_error:
             host.sample(patched, **kw)
         assert str(patched_error.value) == str(host_error)
     else:
-        assert torch.equal(host.sample(patched, **kw), unpatched)
-    assert not spy.seen
+        out = host.sample(patched, **kw)
+        assert masked and len(set(masked)) == 1, "the host masks every layer call alike"
+        if masked[0]:
+            assert torch.equal(out, unpatched) and not spy.seen
+        else:
+            assert spy.seen, "no key is masked: the image tokens are reduced"
+    spy.seen.clear()
     host.sample(patched, latent=kw["latent"], **LUMINA_COND)
     assert spy.seen, "without masked keys the same patch merges"

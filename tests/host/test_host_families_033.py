@@ -33,22 +33,29 @@ class Case:
 VIDEO = (1, 16, 3, 10, 14)     # 3 frames of 5 x 7 tokens at patch 2
 CASES = {
     "chroma_radiance": Case("tiny_chroma_radiance", "Chroma Radiance", (1, 3, 64, 48), (8, 6)),
-    "wan_animate": Case("tiny_wan_animate", "Wan Animate", VIDEO, (3, 5, 7), dict(ctx_dim=4096),
+    "wan_animate": Case("tiny_wan_animate", "Wan Animate", VIDEO, (3, 5, 7), {},
                         (("pose_video_latent", VIDEO),)),
-    "wan_scail": Case("tiny_scail", "Wan SCAIL / SCAIL-2", VIDEO, (3, 5, 7), dict(ctx_dim=4096),
+    "wan_scail": Case("tiny_scail", "Wan SCAIL / SCAIL-2", VIDEO, (3, 5, 7), {},
                       (("reference_latents", (1, 16, 1, 10, 14)), ("pose_video_latent", VIDEO))),
     # SCAIL-2 in replacement mode (its other rotary layout), with its identity masks
-    "wan_scail2": Case("tiny_scail2", "Wan SCAIL / SCAIL-2", VIDEO, (3, 5, 7), dict(ctx_dim=4096),
+    "wan_scail2": Case("tiny_scail2", "Wan SCAIL / SCAIL-2", VIDEO, (3, 5, 7), {},
                        (("reference_latents", (1, 16, 1, 10, 14)), ("pose_video_latent", VIDEO),
                         ("driving_mask_28ch", (1, 3, 28, 10, 14)), ("ref_mask_28ch", (1, 4, 28, 10, 14))),
                        (("ref_mask_flag", False),)),
+    "zimage_pixel": Case("tiny_zimage_pixel", "Z-Image (pixel space)", (1, 3, 48, 56), (6, 7)),
+    # Krea 2 takes Wan 2.1's latents, (B, 16, 1, H, W) for an image; its reference keeps a modulation of its own
+    "krea2": Case("tiny_krea2", "Krea 2", (1, 16, 1, 12, 10), (1, 6, 5), dict(ctx_dim=64)),
+    "krea2_reference": Case("tiny_krea2", "Krea 2", (1, 16, 1, 12, 10), (1, 6, 5), dict(ctx_dim=64),
+                            (("reference_latents", (1, 16, 1, 8, 6)),),
+                            (("reference_latents_method", "index_timestep_zero"),)),
+    "kandinsky5": Case("tiny_kandinsky5", "Kandinsky 5", VIDEO, (3, 5, 7), dict(pooled_dim=32)),
+    "kandinsky5_image": Case("tiny_kandinsky5", "Kandinsky 5", (1, 16, 10, 14), (5, 7), dict(pooled_dim=32)),
     "ltx2": Case("tiny_ltxav", "LTX-2", ((1, 128, 3, 4, 6), (1, 8, 10, 16)), (3, 4, 6), dict(ctx_dim=128)),
     "minimax_h3": Case("tiny_minimax_h3", "MiniMax H3", ((1, 24, 3, 10, 14), (1, 32, 2, 12)), (3, 5, 7),
                        dict(ctx_dim=64)),
 }
 METHODS = {"SDTMPatchModel": dict(start_percent=0.0), "CATPruningPatchModel": dict(full_percent=0.3),
            "TokenDensityPatchModel": dict(start_percent=0.0)}
-REL_L2_BOUND = 0.4  # random weights: bounds on plumbing, not image quality
 
 
 def build(host, family):
@@ -93,7 +100,8 @@ def node(host, node_id, model, **overrides):
 
 
 def first_block_inputs(host, model, **sample_kw):
-    """(image start, image tokens, the first block's img) of the first model call, as the pack saw it."""
+    """(image start, image tokens, the first block's img) of the first model call whose first block the pack
+    offered the method (Flux-like families read the text order from a call, so from the second on)."""
     host.load_pack()
     sdtm = importlib.import_module(f"{host.PACK_NAME}.kernels.sdtm")
     patching = importlib.import_module(f"{host.PACK_NAME}.nodes.patching")
@@ -123,32 +131,40 @@ def test_detection_picks_the_family(host, family):
 @pytest.mark.parametrize("family", list(CASES))
 def test_exactly_the_latent_tokens_are_reduced(host, family):
     """Mark the latent: two runs that differ only in the latent differ in the first block's input at exactly
-    the tokens the pack takes for the image (text, reference and pose tokens stay put)."""
+    the tokens the pack takes for the image (text, reference and pose tokens stay put; Z-Image's refiner
+    layers mix its image padding, which follows the image, with the image)."""
     model = build(host, family)
     case = CASES[family]
-    kw = sample_kwargs(family, steps=1, denoise=0.5)  # sigma < 1: the model's input carries the latent
+    host.load_pack()
+    registry = importlib.import_module(f"{host.PACK_NAME}.kernels.registry")
+    family_of = registry.describe(model.get_model_object("diffusion_model"), "test").family
+    pad = (-math.prod(case.grid)) % family_of.pad_multiple if family_of.pad_multiple else 0
+    kw = sample_kwargs(family, steps=2, denoise=0.5)  # sigma < 1: the model's input carries the latent
     gen = torch.Generator().manual_seed(3)
     marked = latent(case, lambda shape: torch.randn(shape, generator=gen))
     start, n_img, plain = first_block_inputs(host, model, **kw)
     start_m, n_img_m, changed = first_block_inputs(host, model, **{**kw, "latent": marked})
     assert (start, n_img) == (start_m, n_img_m) and n_img == math.prod(case.grid)
     moved = (plain != changed).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
-    assert moved == list(range(start, start + n_img)), (start, n_img, moved)
+    assert moved == list(range(start, start + n_img + pad)), (start, n_img, moved)
 
 
 @pytest.mark.parametrize("family", list(CASES))
 @pytest.mark.parametrize("node_id", list(METHODS))
 def test_identity_is_exact_and_each_method_stays_near_unpatched(host, family, node_id):
+    """Near: closer to the unpatched result than the unpatched result of another seed is (random weights make
+    any fixed bound arbitrary)."""
     model = build(host, family)
     kw = sample_kwargs(family)
     base = streams(host.sample(model, **kw))
+    other_seed = streams(host.sample(model, seed=1, **kw))[0]
     identity = node(host, node_id, model, start_percent=1.0)
     assert all(torch.equal(a, b) for a, b in zip(streams(host.sample(identity, **kw)), base)), \
         "start_percent 1 is the unpatched model"
     out = streams(host.sample(node(host, node_id, model, **METHODS[node_id]), **kw))
     assert len(out) == len(base) and all(torch.isfinite(o).all() and o.shape == b.shape for o, b in zip(out, base))
     assert not torch.equal(out[0], base[0]), "the method reduced tokens"
-    assert ((out[0] - base[0]).norm() / base[0].norm()).item() < REL_L2_BOUND
+    assert (out[0] - base[0]).norm() < (other_seed - base[0]).norm()
 
 
 def test_every_diffusion_model_class_of_the_host_is_supported_or_refused_by_name(host):

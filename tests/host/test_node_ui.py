@@ -42,8 +42,7 @@ def test_the_node_shows_what_the_run_did(host, monkeypatch):
     fake = types.ModuleType("server")
     fake.PromptServer = types.SimpleNamespace(instance=server)
     monkeypatch.setitem(sys.modules, "server", fake)
-    clone = node.PREPARE_CLASS_CLONE({"UNIQUE_ID": "17"})
-    (patched,) = clone.execute(model=host.tiny_flux(), **host.node_inputs(node, start_percent=0.0)).args
+    (patched,) = host.run_node(node, node_id="17", model=host.tiny_flux(), **host.node_inputs(node, start_percent=0.0))
     host.sample(patched, steps=3)
     assert len(shown) == 1 and shown[0][0] == "17", shown
     assert "image tokens computed" in shown[0][1] and "s/step over 3 steps" in shown[0][1], shown

@@ -7,8 +7,9 @@
   model file has a download hint.
 - Host: every node type is registered (ComfyUI's built-in nodes, comfy_extras included, plus this
   pack's nodes), every link carries the type its source declares and its target accepts, the
-  widgets_values of each node fit the node's widget inputs, in order, and a patch node running a
-  named preset holds that preset's values. A workflow whose extra.requires_comfyui is newer than the
+  widgets_values of each node fit the node's widgets in the order the frontend saves them (a DynamicCombo's
+  chosen option brings its own; inputs and outputs a newer host added after the saved ones are left to
+  their defaults), and a patch node running a named preset holds that preset's values. A workflow whose extra.requires_comfyui is newer than the
   host skips there, with that reason (tools.comfy_host.workflow_needs_newer_host).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ IDS = [p.name for p in WORKFLOWS]
 # Nodes that only exist in the frontend: they have no Python class and never reach the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # a combo whose chosen option brings its own widgets (0.33's SaveVideo)
 SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # Model file combos list the files under ComfyUI/models/, which is empty here: such values
 # cannot be checked against the options, only their type.
@@ -231,28 +233,56 @@ def registry(host):
     return mapping, set(pack), failed
 
 
-def split_inputs(cls) -> tuple[dict, list, set]:
-    """({input name: (type, options)}, [widget input names in the frontend's order], {required names})."""
+def input_type(entry) -> tuple[str, dict]:
+    """(type, options) of one INPUT_TYPES entry; a list of choices is a COMBO."""
+    typ = entry[0]
+    opts = dict(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else {}
+    if isinstance(typ, (list, tuple)):
+        typ, opts = "COMBO", {**opts, "options": list(typ)}
+    return typ, opts
+
+
+def split_inputs(cls) -> tuple[dict, set]:
+    """({input name: (type, options)}, {required names})."""
     spec = cls.INPUT_TYPES()
-    inputs, widgets = {}, []
-    required = set(spec.get("required") or {})
+    inputs = {name: input_type(entry) for section in ("required", "optional")
+              for name, entry in (spec.get(section) or {}).items()}
+    return inputs, set(spec.get("required") or {})
+
+
+def is_widget(typ: str, opts: dict) -> bool:
+    """Also an input of several widget types ("FLOAT,INT"), which the frontend draws as a widget."""
+    return ((all(t in WIDGET_TYPES for t in typ.split(",")) or typ == DYNAMIC_COMBO) and not opts.get("forceInput")
+            and not opts.get("hidden"))
+
+
+def expected_widgets(spec: dict, values: list, start: int = 0, prefix: str = "") -> list:
+    """[(name, type, options)] of the widgets the frontend draws for these INPUT_TYPES, in the order it saves
+    their widgets_values: required then optional inputs; a "control" entry after an input with
+    control_after_generate; after a DynamicCombo, the widgets of the option its value chose, named
+    "<combo>.<input>" (the frontend's dynamicComboWidget inserts them right after the combo). `start`: the
+    position of these widgets' values in `values`."""
+    out = []
     for section in ("required", "optional"):
         for name, entry in (spec.get(section) or {}).items():
-            typ = entry[0]
-            opts = dict(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            if isinstance(typ, (list, tuple)):
-                typ, opts = "COMBO", {**opts, "options": list(typ)}
-            inputs[name] = (typ, opts)
-            # a widget, also of several widget types ("FLOAT,INT": the frontend draws a number)
-            if all(t in WIDGET_TYPES for t in typ.split(",")) and not opts.get("forceInput"):
-                widgets.append(name)
-    return inputs, widgets, required
+            typ, opts = input_type(entry)
+            if not is_widget(typ, opts):
+                continue
+            out.append((prefix + name, typ, opts))
+            if opts.get("control_after_generate"):
+                out.append((prefix + name, "control", {}))
+            if typ == DYNAMIC_COMBO:
+                at = start + len(out) - 1
+                chosen = next((o for o in opts["options"] if at < len(values) and o["key"] == values[at]), None)
+                if chosen is not None:
+                    out += expected_widgets(chosen["inputs"], values, start + len(out), f"{prefix}{name}.")
+    return out
 
 
 def check_value(where: str, typ: str, opts: dict, value):
-    if "," in typ:  # several widget types: a value of any of them
-        typ = next((t for t in typ.split(",") if t == {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}.get(
-            type(value))), typ.split(",")[0])
+    if "," in typ:  # several widget types: a value of one of them
+        kind = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}.get(type(value))
+        typ = kind if kind in typ.split(",") else typ.split(",")[0]
     if typ == "INT":
         assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an INT"
     elif typ == "FLOAT":
@@ -263,6 +293,10 @@ def check_value(where: str, typ: str, opts: dict, value):
         return
     elif typ == "STRING":
         assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
+        return
+    elif typ == DYNAMIC_COMBO:
+        keys = [o["key"] for o in opts["options"]]
+        assert value in keys, f"{where}: {value!r} is not one of {keys}"
         return
     elif typ == "COMBO":
         assert isinstance(value, str), f"{where}: {value!r} is not a COMBO choice"
@@ -306,7 +340,10 @@ def test_workflow_against_host(host, registry, path):
             continue
         cls = mapping[n["type"]]
         where = f"{path.name}: node {n['id']} ({n['type']})"
-        inputs, widgets, required = split_inputs(cls)
+        inputs, required = split_inputs(cls)
+        values = list(n.get("widgets_values", []))
+        expected = expected_widgets(cls.INPUT_TYPES(), values)
+        widgets = [name for name, typ, _ in expected if typ != "control" and "." not in name]
         outputs = list(cls.RETURN_TYPES)
 
         # Slots: named inputs of the class with its types; outputs in RETURN_TYPES order.
@@ -317,26 +354,24 @@ def test_workflow_against_host(host, registry, path):
         for name, (typ, _) in inputs.items():
             if name in required and name not in widgets:
                 assert name in linked, f"{where}: required input {name!r} ({typ}) is not connected"
-        assert len(n["outputs"]) == len(outputs), f"{where}: {len(n['outputs'])} outputs, class has {outputs}"
+        # A file lists the outputs the class had when it was saved: a host may add outputs after them (0.33's
+        # SaveImage returns its IMAGE), which the frontend adds on load; never other or more outputs.
+        assert len(n["outputs"]) <= len(outputs), f"{where}: {len(n['outputs'])} outputs, class has {outputs}"
         for slot, out in enumerate(n["outputs"]):
             assert out["type"] == outputs[slot], f"{where}: output {slot} is {out['type']}, class says {outputs[slot]}"
 
-        # Widgets: one value per widget input in declaration order (required, then optional), and
-        # an extra control value ("fixed", "randomize", ...) after inputs with control_after_generate.
-        values = list(n.get("widgets_values", []))
-        expected = []
-        for name in widgets:
-            expected.append(name)
-            if inputs[name][1].get("control_after_generate"):
-                expected.append((name, "control_after_generate"))
-        assert len(values) == len(expected), (
-            f"{where}: {len(values)} widgets_values for {len(expected)} widgets {expected}")
-        for key, value in zip(expected, values):
-            if isinstance(key, tuple):
-                assert value in SEED_CONTROL_VALUES, f"{where}: {key[0]} control {value!r}"
+        # Widgets: one value per widget, in the frontend's order (expected_widgets). A file saved before a host
+        # added optional inputs with defaults after them (0.33's CreateVideo bit_depth) holds no values for
+        # those: the frontend leaves them at their defaults.
+        missing = [name for name, typ, opts in expected[len(values):]
+                   if not (name in inputs and name not in required and "default" in opts)]
+        assert len(values) <= len(expected) and not missing, (
+            f"{where}: {len(values)} widgets_values for {len(expected)} widgets {[w[0] for w in expected]}")
+        for (name, typ, opts), value in zip(expected, values):
+            if typ == "control":
+                assert value in SEED_CONTROL_VALUES, f"{where}: {name} control {value!r}"
             else:
-                typ, opts = inputs[key]
-                check_value(f"{where} {key}", typ, opts, value)
+                check_value(f"{where} {name}", typ, opts, value)
 
         # Values the widgets accept one by one can still be rejected together at execution.
         if n["type"] in PATCH_NODES:

@@ -136,6 +136,7 @@ def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: in
         call = _call(p, 1 - p)
         plan = method.begin_call(state, call, x)
         state.kv.setdefault(plan.signature, {0: {}})
+        call.reduced = plan.selection is not None  # the block runner prunes the blocks of a pruned call
         exact = a + b * (1 - p)
         if turn_at is not None and i >= turn_at:
             exact = a + b * (2 * (1 - turn_at / 10) - (1 - p))
@@ -143,6 +144,22 @@ def _run_linear_noise(forecast: float, first_off_trend: bool = True, turn_at: in
         res = method.end_call(state, call, fed)
         out.append((res, exact))
     return out
+
+
+def test_a_pruned_call_whose_blocks_all_ran_unreduced_keeps_what_they_computed():
+    """A call CAT planned to prune but whose blocks ran on every token (a layout the adapter could not
+    verify): nothing is replaced by the cache, and the call is recorded as a full one."""
+    method = CATPruning(CATConfig(ratio=0.75, full_percent=0.15, refresh_every=0))
+    state = method.new_run_state()
+    x = torch.zeros(1, 4, 16, 16)
+    for i in range(3):
+        call = _call(i / 10, 1 - i / 10)
+        plan = method.begin_call(state, call, x)
+        state.kv.setdefault(plan.signature, {0: {}})
+        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(i))
+        assert method.end_call(state, call, noise) is None, "call.reduced stays False: no block pruned"
+    assert plan.selection is not None, "the last call was planned as pruned"
+    assert torch.equal(unpatchify(state.rows[plan.rows[0]].prev[None], x.shape, 2)[0], noise[0])
 
 
 def _served(steps, i):

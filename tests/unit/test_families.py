@@ -2,26 +2,40 @@
 import torch
 
 from kernels import families
-from kernels.families import CONDS_KEY, BlockSpec, Renamed, block_view, image_span, scail_family
+from kernels.families import CONDS_KEY, block_view, image_span, scail_family
 
 
-def test_renamed_block_args_reach_the_runners_and_go_back():
-    """The runners see img/txt/vec/pe; the host's block gets its own names back, and so does its caller."""
-    family = families.Family("K", (BlockSpec(("layer", 0), 0, False),), has_rope=False,
-                             block_args=Renamed((("img", "x"), ("pe", "freqs"))))
-    x, freqs = torch.randn(1, 6, 4), torch.randn(1, 6, 2)
+def test_minimax_h3_block_args_show_a_batch_of_one_and_keep_the_video_segment_modulated():
+    """The runners see MiniMax H3's batch-less sequence as a batch of one; a reduced video keeps its segment's
+    modulation row over its new length, and the host's block gets its own arguments back."""
+    family = families.minimax_h3_family("MiniMaxH3", 1)
+    n_text, n_audio, n_video = 3, 4, 12
+    h = torch.randn(n_text + n_audio + n_video, 8)
+    segments = [(0, 3, 1), (3, 7, 2), (7, 19, 0)]
+    args = {"img": h, "t_emb": torch.randn(2, 8), "mod_segments": segments, "rope_freqs": torch.randn(1, 19, 1, 2, 2, 2),
+            "transformer_options": {}}
     seen = {}
 
-    def host_block(args):
-        seen.update(args)
-        return {"x": args["x"] * 2}
+    def host_block(a):
+        seen.update(a)
+        return {"img": a["img"] * 2}
 
-    view, block, back = block_view(family, {"x": x, "freqs": freqs, "transformer_options": {}}, host_block)
-    assert view["img"] is x and view["pe"] is freqs and "x" not in view
-    out = block({**view, "img": x[:, :3]})
-    assert seen["x"].shape[1] == 3 and seen["freqs"] is freqs and "img" not in seen
-    assert torch.equal(out["img"], x[:, :3] * 2)
-    assert set(back(out)) == {"x"}
+    view, block, back = block_view(family, args, host_block)
+    assert view["img"].shape == (1, 19, 8) and view["pe"] is args["rope_freqs"]
+    span = image_span(family.blocks[0], view, n_video, 0, family)
+    assert (span.img_start, span.n_img, span.pe_dim) == (7, 12, 1)
+    out = block({**view, "img": view["img"][:, :13], "pe": view["pe"][:, :13]})
+    assert seen["img"].shape == (13, 8) and seen["mod_segments"] == [(0, 3, 1), (3, 7, 2), (7, 13, 0)]
+    assert seen["rope_freqs"].shape[1] == 13 and "pe" not in seen
+    assert out["img"].shape == (1, 13, 8) and back(out)["img"].shape == (13, 8)
+
+
+def test_minimax_h3_masked_video_runs_unreduced_with_the_reason():
+    family = families.minimax_h3_family("MiniMaxH3", 1)
+    args = {"img": torch.randn(10, 8), "mod_segments": [(0, 2, 1), (2, 10, torch.zeros(8, dtype=torch.long))],
+            "rope_freqs": torch.randn(1, 10, 1, 2, 2, 2)}
+    view, _, _ = block_view(family, args, lambda a: a)
+    assert isinstance(view, str) and "per token" in view
 
 
 def test_families_without_block_args_pass_the_call_through():

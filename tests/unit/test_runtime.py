@@ -9,7 +9,7 @@ from kernels.families import block_flops, flux_family, qwen_image_family
 from kernels.runtime import CALL_KEY, MergingMethod, Runtime, RunStats, TokenMethod, token_grid
 from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
 
-FLUX = flux_family("Flux", 1, 1)
+FLUX = flux_family("Flux", 1, 1, text_order_from_calls=False)  # a fixed layout; TextOrder has its own tests
 
 
 def _args(n_txt=4, n_img=16, c=8, pe_len=None):

@@ -1,0 +1,149 @@
+"""kernels/families.py: the text order and the per-range modulation read from the calls, host-free.
+
+The host tests (tests/host/test_host_image_tokens.py) check the same against ComfyUI's own models; these
+drive kernels.runtime with hand-made block calls, so each rule is seen on its own.
+"""
+import logging
+
+import pytest
+import torch
+
+from kernels import families
+from kernels.families import TextOrder, flux_family, image_span, modulation_mismatch, nextdit_family, shift_ranges
+from kernels.runtime import CALL_KEY, Runtime, TokenMethod
+
+N_TXT, N_IMG, C = 4, 16, 8
+FLUX = flux_family("Flux", 1, 1)
+
+
+class Recorder(TokenMethod):
+    """Records the span of every block call it is given and runs the block unchanged."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.spans = []
+
+    def run_block(self, block):
+        self.spans.append((block.spec.key, block.span))
+        return block.original(block.args)
+
+
+def _double_then_single(rt, to, text_first: bool, tamper: bool = False):
+    """One model call of a Flux-like host: a double block, then a single block over the joined streams."""
+    g = torch.Generator().manual_seed(0)
+    call_to = dict(to)
+    rt.begin_call(call_to, torch.zeros(1, 16, 8, 8), 0.5, 0.5, N_TXT)
+    img, txt = torch.randn(1, N_IMG, C, generator=g), torch.randn(1, N_TXT, C, generator=g)
+    pe = torch.randn(1, 1, N_TXT + N_IMG, 2, 2, 2, generator=g)
+    replaces = rt.block_replaces()
+    out = replaces[("double_block", 0)]({"img": img, "txt": txt, "vec": torch.zeros(1, C), "pe": pe,
+                                         "transformer_options": call_to},
+                                        {"original_block": lambda a: {"img": a["img"], "txt": a["txt"]}})
+    streams = [out["txt"] + tamper, out["img"]]
+    seq = torch.cat(streams if text_first else streams[::-1], 1)
+    replaces[("single_block", 0)]({"img": seq, "vec": torch.zeros(1, C), "pe": pe, "transformer_options": call_to},
+                                  {"original_block": lambda a: {"img": a["img"]}})
+    return call_to[CALL_KEY]
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_the_text_order_is_read_from_the_single_blocks_and_then_serves_the_double_blocks(text_first):
+    method = Recorder()
+    rt = Runtime(method, FLUX, 2, "k")
+    to = {}
+    rt.start_run(to)
+    _double_then_single(rt, to, text_first)
+    assert [key for key, _ in method.spans] == [("single_block", 0)], "the double block waits for the order"
+    single = method.spans[0][1]
+    assert single.img_start == (N_TXT if text_first else 0) and single.text_first is text_first
+    method.spans.clear()
+    _double_then_single(rt, to, text_first)
+    double = dict(method.spans)[("double_block", 0)]
+    assert (double.n_txt, double.n_txt_after) == ((N_TXT, 0) if text_first else (0, N_TXT))
+    assert double.key_offset == (N_TXT if text_first else 0)
+
+
+def test_a_single_block_without_the_text_stream_at_an_end_runs_unreduced_with_one_warning(caplog):
+    method = Recorder()
+    rt = Runtime(method, FLUX, 2, "k")
+    to = {}
+    rt.start_run(to)
+    with caplog.at_level(logging.WARNING, logger="token_reduction"):
+        for _ in range(3):
+            call = _double_then_single(rt, to, True, tamper=True)
+    assert method.spans == [], "neither block may be reduced"
+    assert "neither end" in call.text_first
+    warnings = [r.getMessage() for r in caplog.records if "not recognised" in r.getMessage()]
+    assert len(warnings) == 1 and "text stream" in warnings[0], warnings
+
+
+def test_single_stream_order_needs_the_exact_text_stream():
+    g = torch.Generator().manual_seed(1)
+    txt, img = torch.randn(2, 3, C, generator=g), torch.randn(2, 9, C, generator=g)
+    assert families.single_stream_text_first(torch.cat([txt, img], 1), txt, 3) is True
+    assert families.single_stream_text_first(torch.cat([img, txt], 1), txt, 3) is False
+    assert isinstance(families.single_stream_text_first(torch.cat([img, txt], 1), txt + 1e-6, 3), str)
+    assert isinstance(families.single_stream_text_first(torch.cat([img, txt], 1), None, 3), str)
+    assert families.single_stream_text_first(img, None, 0) is True, "no text: nothing to order"
+
+
+def test_a_family_of_a_fixed_layout_never_waits():
+    order = TextOrder(flux_family("reference", 1, 1, text_order_from_calls=False))
+    assert order.of(FLUX.blocks[0], {"img": torch.zeros(1, 4, 2), "txt": torch.zeros(1, 2, 2)}, None) is True
+
+
+# ---- per-range modulation ---------------------------------------------------------------------------
+
+def _nextdit_args(ranges):
+    """A NextDiT layer call: [caption 8, reference 6, image 16] with `timestep_zero_index` ranges."""
+    return {"img": torch.randn(1, 30, C), "x_mask": None, "pe": torch.randn(1, 30, 1, 2, 2, 2),
+            "vec": torch.randn(2, C), "timestep_zero_index": ranges}
+
+
+def test_named_ranges_outside_the_image_keep_the_call_reduced_and_follow_it_back():
+    fam = nextdit_family("NextDiT", 1)
+    args = _nextdit_args([(14, 30), (0, 8)])  # the image range and the caption get the real timestep
+    span = image_span(fam.blocks[0], args, N_IMG, 0, fam)
+    assert not isinstance(span, str) and span.img_start == 14
+    reduced = dict(args, img=args["img"][:, :22])  # 8 of the 16 image tokens left
+    assert shift_ranges(args, reduced, span.img_start + N_IMG, 8)["timestep_zero_index"] == [(14, 22), (0, 8)]
+
+
+def test_a_range_that_splits_the_image_tokens_runs_unreduced():
+    fam = nextdit_family("NextDiT", 1)
+    why = image_span(fam.blocks[0], _nextdit_args([(20, 30)]), N_IMG, 0, fam)
+    assert isinstance(why, str) and "timestep_zero_index" in why
+
+
+def test_ranges_the_block_does_not_name_are_caught_from_the_modulation():
+    img = torch.zeros(2, N_IMG, C)
+    # Qwen-Image-Edit 2511: the modulation carries a second set of rows for the reference tokens
+    assert "more rows" in modulation_mismatch({"img": img, "vec": torch.zeros(4, C)}, FLUX, 0, N_IMG)
+    # Flux's index_timestep_zero: ModulationOut-like tensors with a range axis of 2
+    ranged = (torch.zeros(2, 2, C), torch.zeros(2, 2, C))
+    assert "range axis" in modulation_mismatch({"img": img, "vec": (ranged, ranged)}, FLUX, 0, N_IMG)
+    plain = (torch.zeros(2, 1, C), torch.zeros(2, 1, C))
+    assert modulation_mismatch({"img": img, "vec": (plain, plain)}, FLUX, 0, N_IMG) is None
+
+
+def test_a_reduced_block_gets_ranges_that_point_at_the_same_tokens():
+    """Through the runtime: the block the method calls on fewer image tokens sees the reference range moved."""
+    from kernels.sdtm import EVERY_STEP_MERGED, SDTM, SDTMConfig
+    fam = nextdit_family("NextDiT", 1)
+    rt = Runtime(SDTM(SDTMConfig(**{**EVERY_STEP_MERGED, "start_percent": 0.0, "ratio": 0.5, "deviation": 0.0})),
+                 fam, 2, "k")
+    to = {}
+    rt.start_run(to)
+    call_to = dict(to)
+    rt.begin_call(call_to, torch.zeros(1, 16, 8, 8), 0.5, 0.5, 0)
+    seen = []
+
+    def layer(a):
+        seen.append((a["img"].shape[1], a["timestep_zero_index"]))
+        return {"img": a["img"]}
+
+    args = dict(_nextdit_args([(0, 14), (30, 30)]), vec=torch.randn(1, C), transformer_options=call_to)
+    rt.block_replaces()[("layer", 0)](args, {"original_block": layer})
+    (length, ranges), = seen
+    assert length < 30 and ranges == [(0, 14), (length, length)]
