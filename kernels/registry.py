@@ -130,8 +130,8 @@ REGISTRY: tuple[Entry, ...] = (
                   "sized for every token, which fewer image tokens would break"),
     Entry("WanDancer", ("comfy.ldm.wan.model_wandancer.WanDancerModel",), refused=_UNVERIFIED),
     Entry("Wan causal (autoregressive)", ("comfy.ldm.wan.ar_model.CausalWanModel",),
-          refused="its frame-by-frame generation calls the blocks directly, with key/value caches across frames, "
-                  "past any per-block hook"),
+          refused="its frame-by-frame generation, the way it is meant to run, calls the blocks directly with "
+                  "key/value caches across frames, past any per-block hook"),
     Entry("HiDream O1", ("comfy.ldm.hidream_o1.model.HiDreamO1Transformer",),
           refused="its layers' attention is bound to the options of the whole model call, so the per-block "
                   "attention hooks that CAT's cache and proportional attention need cannot reach it; and any block "
