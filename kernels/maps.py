@@ -12,12 +12,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .attention import get_mask, override_attention
-from .families import Family, TextOrder, block_flops, block_tokens, block_view
-from .runtime import chained, locate, observe, stop_observing
+from .families import Family, TextOrder, block_flops, block_tokens, block_view, image_span
+from .runtime import chained, observe, stop_observing
 
 KINDS = ("attention_text", "attention_image", "merge_size", "merge_groups", "computed")
 KIND_HELP = {
@@ -251,6 +252,7 @@ class ActiveCall:
     computed: dict = field(default_factory=dict)   # block -> mask row
     txt_stream: torch.Tensor | None = None         # families.TextOrder's per-call state
     text_first: bool | str | None = None
+    pending: dict = field(default_factory=dict)    # (text first?, kind, step, block) -> map, until the order shows
 
     # -- the runtime's observer interface --
     def plan(self, block: int, plan):
@@ -313,20 +315,33 @@ def _recorder_replace(spec, family, previous, text_order):
     def record(args, run_block, call, seen):
         if not spec.text_in_img and args.get("txt") is not None:
             call.n_txt = args["txt"].shape[1]
-        span = locate(spec, args, call, family, text_order)
-        if span is None or isinstance(span, str):
+        text_first = text_order.of(spec, args, call)
+        if call.pending and text_first is not None:  # the order is verified (or not): keep the right maps
+            for (order, kind, step, block), m in call.pending.items():
+                if order is text_first:
+                    call.store.put(kind, step, block, m)
+            call.pending.clear()
+        # Until this call shows the text order, a double block is probed for both; its counts do not depend on it.
+        orders = (True, False) if text_first is None else (text_first,)
+        spans = {} if isinstance(text_first, str) else \
+            {order: image_span(spec, args, call.n_img, call.n_txt, family, order) for order in orders}
+        if not spans or any(s is None or isinstance(s, str) for s in spans.values()):
             out = run_block(args)
             text_order.block_done(spec, out, call)
             return out
+        span = spans[orders[0]]
         store, step, block = call.store, call.step, spec.index
         full_len = args["img"].shape[1]
 
         new_args = args
         if store.wants_attention(step, block) and (("attention_image", step, block) not in store.maps):
             new_args = dict(args)
-            new_args["transformer_options"] = override_attention(
-                args.get("transformer_options") or {},
-                _attention_probe(call, block, span, span.n_txt + full_len + span.n_txt_after))
+            to = args.get("transformer_options") or {}
+            for order, s in spans.items():
+                put = store.put if text_first is not None else \
+                    (lambda kind, st, bl, m, order=order: call.pending.setdefault((order, kind, st, bl), m))
+                to = override_attention(to, _attention_probe(call, block, s, s.n_txt + full_len + s.n_txt_after, put))
+            new_args["transformer_options"] = to
         out = run_block(new_args)
         text_order.block_done(spec, out, call)
         if (step, block) not in store.counts and store.refused is None:
@@ -338,14 +353,15 @@ def _recorder_replace(spec, family, previous, text_order):
     return replace
 
 
-def _attention_probe(call: ActiveCall, block: int, span, full_len: int):
-    """An attention hook that records the attention the image keys receive (once per block call)."""
+def _attention_probe(call: ActiveCall, block: int, span, full_len: int, put: Callable):
+    """An attention hook that records, through `put(kind, step, block, map)`, the attention the image keys
+    receive (once per block call)."""
     done = {"v": False}
 
     def probe(ordinal, args, kwargs):
         if not done["v"]:
             try:
-                done["v"] = _probe(call, block, span.key_offset, span, full_len, args, kwargs)
+                done["v"] = _probe(call, block, span.key_offset, span, full_len, args, kwargs, put)
             except Exception as e:  # a map is never worth a failed generation
                 done["v"] = True
                 log.warning("Token Map Recorder: attention map of block %d skipped: %s: %s", block,
@@ -355,7 +371,7 @@ def _attention_probe(call: ActiveCall, block: int, span, full_len: int):
     return probe
 
 
-def _probe(call, block, offset, span, full_len, args, kwargs) -> bool:
+def _probe(call, block, offset, span, full_len, args, kwargs, put) -> bool:
     n_img = span.n_img
     q, k = args[0], args[1]
     heads = args[3] if len(args) > 3 else kwargs.get("heads")
@@ -405,7 +421,7 @@ def _probe(call, block, offset, span, full_len, args, kwargs) -> bool:
             full = torch.zeros(n_img, device=q.device, dtype=m.dtype)
             full[expand[1].bool()] = m
             m = full
-        call.store.put(name, call.step, block, m.to(torch.float16))
+        put(name, call.step, block, m.to(torch.float16))
     return True
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LAYOUTS_PATH = Path(__file__).resolve().parent / "checkpoint_layouts.json"
+LAYOUTS_PATH = Path(__file__).resolve().parent / "checkpoint_layouts.json"  # read by tools/comfy_host.py
 
 _FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
          "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 2, "depth_single_blocks": 2,
@@ -130,17 +130,19 @@ def main(argv=None):
         sys.exit(err)
     layouts = json.loads(LAYOUTS_PATH.read_text()) if LAYOUTS_PATH.exists() else {}
     for family in families:
-        layouts[family] = layout(family)
-        print(f"{family}: {len(layouts[family])} tensors")
+        layouts[family] = {"model_config": FULL_SIZE[family][0], "tensors": layout(family)}
+        print(f"{family}: {len(layouts[family]['tensors'])} tensors")
     LAYOUTS_PATH.write_text(dumps(layouts))
 
 
 def dumps(layouts: dict) -> str:
-    """One tensor per line, so a changed layout reads as a short diff."""
+    """{family: {"model_config": the supported_models class detection must pick, "tensors": {name: shape}}},
+    one tensor per line, so a changed layout reads as a short diff."""
     families = []
-    for family, tensors in sorted(layouts.items()):
-        lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(tensors.items()))
-        families.append(f"{json.dumps(family)}: {{\n{lines}\n}}")
+    for family, entry in sorted(layouts.items()):
+        lines = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(entry["tensors"].items()))
+        families.append(f'{json.dumps(family)}: {{\n  "model_config": {json.dumps(entry["model_config"])},\n'
+                        f'  "tensors": {{\n{lines}\n  }}\n}}')
     return "{\n" + ",\n".join(families) + "\n}\n"
 
 

@@ -186,11 +186,11 @@ _layouts: dict | None = None
 
 
 def checkpoint_layout(family: str) -> dict:
-    """{tensor name: shape} of the family's published checkpoint at depth 2 (tools/checkpoint_layouts.json)."""
+    """{"model_config": class name, "tensors": {name: shape}} of the family's published checkpoint at depth 2,
+    written by tools/checkpoint_layouts.py (this module is also loaded alone, by path: it reads the file)."""
     global _layouts
     if _layouts is None:
-        from tools.checkpoint_layouts import LAYOUTS_PATH
-        _layouts = json.loads(LAYOUTS_PATH.read_text())
+        _layouts = json.loads((Path(__file__).resolve().parent / "checkpoint_layouts.json").read_text())
     return _layouts[family]
 
 
@@ -201,9 +201,9 @@ def detected_model_config(family: str, marker_keys: tuple = ()):
     __index_timestep_zero__). HostTooOld when this host does not know the family."""
     import torch
     import comfy.model_detection
-    from tools.checkpoint_layouts import FULL_SIZE
-    expected = FULL_SIZE[family][0]
-    sd = {k: torch.empty(shape, device="meta") for k, shape in checkpoint_layout(family).items()}
+    layout = checkpoint_layout(family)
+    expected = layout["model_config"]
+    sd = {k: torch.empty(shape, device="meta") for k, shape in layout["tensors"].items()}
     sd.update((k, torch.empty(0, device="meta")) for k in marker_keys)
     unet_config = comfy.model_detection.detect_unet_config(sd, "")
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd) if unet_config else None

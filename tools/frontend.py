@@ -179,7 +179,9 @@ class CDP:
         return errors
 
     def close_dialogs(self):
-        self.eval("document.querySelectorAll('.p-dialog-close-button, .p-dialog [aria-label=\"Close\"]')"
+        """Click every open dialog's close button ([role=dialog]: PrimeVue's in frontend 1.27 and 1.32, its own
+        in 1.49, whose button reads "Close dialog")."""
+        self.eval("document.querySelectorAll('.p-dialog-close-button, [role=dialog] [aria-label^=\"Close\"]')"
                   ".forEach(b => b.click()); true")
         time.sleep(0.3)
 
@@ -258,6 +260,36 @@ def load_workflow(page: CDP, wf: dict):
     time.sleep(0.5)
 
 
+def node_key(node_id) -> str:
+    """A node id as both forms agree on it: workflow files hold numbers, frontend 1.49 keeps them as strings."""
+    return str(node_id)
+
+
 def drawn_sizes(page: CDP) -> dict:
-    """{node id: [w, h]} as the frontend draws the loaded graph (a node grows to fit its widgets)."""
-    return {n["id"]: n["size"] for n in page.eval("app.graph._nodes.map(n => ({id: n.id, size: [...n.size]}))")}
+    """{node_key(id): [w, h]} as the frontend draws the loaded graph (a node grows to fit its widgets)."""
+    return {node_key(n["id"]): n["size"]
+            for n in page.eval("app.graph._nodes.map(n => ({id: n.id, size: [...n.size]}))")}
+
+
+def drawn_rectangles(page: CDP) -> dict:
+    """{node_key(id): (left, top, right, bottom)} of the loaded graph's nodes as the frontend draws them, its own
+    title bar height above pos included."""
+    return {node_key(n["id"]): tuple(n["box"]) for n in page.eval("""app.graph._nodes.map(n => ({id: n.id,
+        box: [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]}))""")}
+
+
+def model_hints(graph: dict) -> set:
+    """The download URLs of the model hints anywhere in a serialized graph (subgraph definitions included)."""
+    found = set()
+    if isinstance(graph, dict):
+        for m in (graph.get("properties") or {}).get("models", []) if isinstance(graph.get("properties"), dict) else []:
+            if isinstance(m, dict) and isinstance(m.get("url"), str):
+                found.add(m["url"])
+        values = graph.values()
+    elif isinstance(graph, list):
+        values = graph
+    else:
+        return found
+    for v in values:
+        found |= model_hints(v)
+    return found

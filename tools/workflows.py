@@ -17,9 +17,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import importlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 
-from tools import cli, comfy_host  # noqa: E402
+from tools import cli, comfy_host, frontend  # noqa: E402
 
 
 def synced(node_cls, patching, values: list, old_names: list[str] | None) -> list:
@@ -31,13 +32,19 @@ def synced(node_cls, patching, values: list, old_names: list[str] | None) -> lis
     return [named.get(w.id, stored.get(w.id, w.default)) for w in widgets]
 
 
+def overlapping(boxes: dict) -> list:
+    """The pairs of {id: (left, top, right, bottom)} rectangles that overlap."""
+    return [((a, ra), (b, rb)) for (a, ra), (b, rb) in itertools.combinations(boxes.items(), 2)
+            if not (ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1])]
+
+
 def fit_sizes(wf: dict, drawn: dict) -> bool:
-    """Give each node the size the frontend draws it at (`drawn`: {node id: [w, h]}, tools/thumbnails.py reads
-    it); a node that grew pushes the nodes below it in its column down by as much, so none comes to overlap.
-    True when anything changed."""
+    """Give each node the size the frontend draws it at (`drawn`: frontend.drawn_sizes, as tools/thumbnails.py
+    reads it); a node that grew pushes the nodes below it in its column down by as much, so none comes to
+    overlap. True when anything changed."""
     changed = False
     for node in sorted(wf["nodes"], key=lambda n: n["pos"][1]):
-        size = [round(v) for v in drawn.get(node["id"], node["size"])]
+        size = [round(v) for v in drawn.get(frontend.node_key(node["id"]), node["size"])]
         if size == list(node["size"]):
             continue
         grow = size[1] - node["size"][1]

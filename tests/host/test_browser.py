@@ -25,6 +25,7 @@ import pytest
 from tools import frontend
 from tools.comfy_host import PACK_ROOT, workflow_needs_newer_host
 from tools.thumbnails import SIZE as THUMBNAIL_SIZE
+from tools.workflows import overlapping
 
 OUT = PACK_ROOT / "out" / "browser"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
@@ -101,6 +102,9 @@ def comfy_server(host):
         pytest.fail(str(e))
 
 
+LOADED_HINTS: set = set()  # the model download URLs of every workflow this page has opened
+
+
 @pytest.fixture(scope="module")
 def page(comfy_server):
     chromium = frontend.chromium()
@@ -109,11 +113,13 @@ def page(comfy_server):
     try:
         with frontend.open_page(comfy_server["url"], chromium) as cdp:
             # What the stock frontend logs while it starts in a fresh user directory: each must be named
-            # host noise (a 404 for user.css and the like, its own settings code), nothing of the pack's.
+            # host noise (a 404 for user.css and the like, its own settings code) or be explained by the
+            # default workflow it opens (0.33's asks for the sizes of its model downloads), nothing of the pack's.
             start = cdp.new_errors()
             OUT.mkdir(parents=True, exist_ok=True)
             (OUT / "startup_errors.txt").write_text("\n".join(f"[{host_noise(e)}] {e}" for e in start))
-            assert unexplained(start) == []
+            LOADED_HINTS.update(frontend.model_hints(cdp.eval("app.graph.serialize()")))
+            assert unexplained(start, LOADED_HINTS) == []
             yield cdp
     except frontend.StartError as e:
         pytest.fail(str(e))
@@ -170,13 +176,15 @@ HOST_NOISE = (
     ("404 for user.css (a fresh user directory has none)", _local_404(r"/(api/userdata/)?user\.css")),
     ("404 for favicon.ico (ComfyUI serves none)", _local_404(r"/favicon\.ico")),
     ("404 for the listings of the user's saved workflows and subgraphs (a fresh user directory has none)",
-     _local_404(r"/api/userdata\?dir=(workflows|subgraphs%2F)&[\w=&]+")),
+     _local_404(r"/api/userdata\?dir=(workflows|subgraphs(%2F)?)&[\w=&]+")),
     ("404 for the user's comfy.templates.json (a fresh user directory has none)",
      _local_404(r"/api/userdata/comfy\.templates\.json")),
     ("the stock frontend's TypeError (reading 'id') in a settings onChange at start, all in its bundle",
      lambda m: m.startswith(("exception: TypeError: Cannot read properties of undefined (reading 'id')",
                              "console error: TypeError: Cannot read properties of undefined (reading 'id')"))
      and _in_host_bundle(m)),
+    ("frontend 1.49's settings store reading the graph before the app made it, all in its bundle",
+     lambda m: m.startswith("console error: ComfyApp graph accessed before initialization") and _in_host_bundle(m)),
 )
 
 
@@ -229,36 +237,39 @@ def test_workflow_loads_in_ui(page, path):
         return app.graph._nodes.map(n => ({id: n.id, type: n.type, known: !!LiteGraph.registered_node_types[n.type],
             widgets: (n.widgets || []).map(w => w.name), pack: pack.includes(n.type)}));
     })()""" % json.dumps(PACK_TYPES))
-    by_id = {n["id"]: n for n in report}
+    by_id = {frontend.node_key(n["id"]): n for n in report}
     for node in wf["nodes"]:
-        got = by_id.get(node["id"])
+        got = by_id.get(frontend.node_key(node["id"]))
         assert got is not None and got["type"] == node["type"], f"{path.name}: node {node['id']} not loaded"
         assert got["known"], f"{path.name}: node type {node['type']} unknown to the frontend"
         if got["pack"]:
             assert got["widgets"], f"{path.name}: {node['type']} shows no widgets"
         if node["type"] == "TokenMapOverlay":
             assert "token_map_viewer" in got["widgets"]
-    # The frontend draws every node at the file's size (none had to grow to fit its widgets or panel), so
-    # the rectangles test_workflows.py checks for overlaps are the ones on screen.
-    drawn = frontend.drawn_sizes(page)
-    for node in wf["nodes"]:
-        assert all(abs(a - b) <= 1 for a, b in zip(drawn[node["id"]], node["size"])), (
-            f"{path.name}: node {node['id']} ({node['type']}) drawn at {drawn[node['id']]}, saved at {node['size']}")
+    # As this frontend draws them (a node may grow to fit its widgets: 0.33's CreateVideo has one more), no
+    # two nodes overlap on screen.
+    assert overlapping(frontend.drawn_rectangles(page)) == [], f"{path.name}: nodes overlap as drawn"
     # Saving gives back the file's widget values: the viewer widgets add nothing to them.
-    saved = {n["id"]: n for n in page.eval("app.graph.serialize()")["nodes"]}
+    saved = {frontend.node_key(n["id"]): n for n in page.eval("app.graph.serialize()")["nodes"]}
     for node in wf["nodes"]:
         if node["type"] in PACK_TYPES:
-            assert saved[node["id"]].get("widgets_values") == node["widgets_values"], node["type"]
+            assert saved[frontend.node_key(node["id"])].get("widgets_values") == node["widgets_values"], node["type"]
     page.screenshot(OUT / f"workflow_{path.stem}.png")
     errors = page.new_errors()
     (OUT / f"workflow_{path.stem}_errors.txt").write_text("\n".join(f"[{host_noise(e)}] {e}" for e in errors))
-    hints = {m["url"] for n in wf["nodes"] for m in n["properties"].get("models", [])}
+    # Frontend 1.49 keeps the workflows loaded before open, and asks again for their model downloads' sizes.
+    LOADED_HINTS.update(frontend.model_hints(wf))
     inputs = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"}
-    assert unexplained(errors, hints, inputs) == []
+    assert unexplained(errors, LOADED_HINTS, inputs) == []
 
 
-BUILD_TINY_GRAPH = """(() => {
-    app.graph.clear();
+# A new, empty workflow as the frontend opens one. (Clearing the graph instead lets frontend 1.49 give a new node
+# the widget values it keeps for an earlier node of the same id.)
+NEW_GRAPH = ("await app.loadGraphData({last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [], config: {}, "
+             "extra: {}, version: 0.4});")
+
+BUILD_TINY_GRAPH = """(async () => {
+    """ + NEW_GRAPH + """
     const mk = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
     const set = (n, name, v) => { n.widgets.find(w => w.name === name).value = v; };
     const loader = mk("TinyFluxLoader", 20, 20), sdtm = mk("SDTMPatchModel", 260, 20);
@@ -378,8 +389,8 @@ def test_patch_node_presets_show_their_values_greyed(page):
     what it replaces."""
     table = frontend.http_json(page.url + "/token_reduction/presets")
     entry = table["SDTMPatchModel"]
-    state = page.eval("""(() => {
-        app.graph.clear();
+    state = page.eval("""(async () => {
+        """ + NEW_GRAPH + """
         const n = LiteGraph.createNode('SDTMPatchModel'); n.pos = [100, 100]; app.graph.add(n);
         const w = name => n.widgets.find(x => x.name === name), preset = w('preset');
         const snap = () => ({preset: preset.value,
@@ -422,17 +433,18 @@ def test_template_browser_lists_every_workflow_with_its_thumbnail(comfy_server):
 
 
 def test_template_browser_shows_the_pack_cards(page):
-    """Templates -> Extensions -> the pack: one card per workflow, each with its picture loaded."""
+    """Templates -> Extensions -> the pack: one card per workflow, each with its picture loaded (the dialog is
+    found by its role, which every frontend gives it)."""
     page.eval("(async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); return true; })()")
-    page.wait_for("[...document.querySelectorAll('.p-dialog *')].some(e => e.children.length === 0 && "
+    page.wait_for("[...document.querySelectorAll('[role=dialog] *')].some(e => e.children.length === 0 && "
                   f"e.textContent.trim() === '{frontend.PACK_DIR_NAME}')", 30, "the pack in the template browser")
-    page.eval("""(() => { const e = [...document.querySelectorAll('.p-dialog *')].find(e => e.children.length === 0
+    page.eval("""(() => { const e = [...document.querySelectorAll('[role=dialog] *')].find(e => e.children.length === 0
         && e.textContent.trim() === '%s'); (e.closest('[role=button], button, a, li, [role=option]') || e).click();
         return true; })()""" % frontend.PACK_DIR_NAME)
     # The cards render, and load their pictures, as they scroll into view: scroll through the list, a
     # step per poll, and note each card seen with its picture loaded.
     scan = """(() => { const stems = %s, seen = (window.__trSeen ??= new Set());
-        const leaves = [...document.querySelectorAll('.p-dialog *')].filter(e => e.children.length === 0
+        const leaves = [...document.querySelectorAll('[role=dialog] *')].filter(e => e.children.length === 0
             && stems.includes(e.textContent.trim()));
         for (const t of leaves) {
             let c = t; while (c && !c.querySelector('img')) c = c.parentElement;
@@ -447,7 +459,7 @@ def test_template_browser_shows_the_pack_cards(page):
         if (box && !bottom) box.scrollTop += box.clientHeight / 2;
         else if (box && leaves.length === stems.length) box.scrollTop = 0;
         return seen.size === stems.length; })()""" % (json.dumps([p.stem for p in WORKFLOWS]), THUMBNAIL_SIZE[0])
-    page.wait_for("(() => { const e = [...document.querySelectorAll('.p-dialog img')]; return e.some(i => i.complete "
+    page.wait_for("(() => { const e = [...document.querySelectorAll('[role=dialog] img')]; return e.some(i => i.complete "
                   f"&& i.naturalWidth === {THUMBNAIL_SIZE[0]}); }})()", 30, "the first card pictures")
     time.sleep(1)
     page.screenshot(OUT / "templates_dialog.png", close_dialogs=False)
@@ -467,7 +479,7 @@ _BUNDLE_STACK = (f"\n    at onChange ({_L}/assets/index-BKdH1OFt.js:58:253162)"
                  f"\n    at load ({_L}/assets/GraphView-DVNkY3oT.js:8:222161)")
 _PACK_FRAME = f"\n    at draw ({_L}/extensions/{frontend.PACK_DIR_NAME}/token_maps.js:210:7)"
 _HF = "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"
-# As logged by frontends 1.32.9 (0.3.75, under the CSP) and 1.27.10 (0.3.64, offline).
+# As logged by frontends 1.32.9 (0.3.75, under the CSP), 1.27.10 (0.3.64, offline) and 1.49.6 (0.33).
 HOST_EXAMPLES = [
     "console error: security: Connecting to 'https://api.comfy.org/nodes?node_id=comfy-core' violates the "
     "following Content Security Policy directive: \"connect-src 'self'\". The action has been blocked. "
@@ -482,6 +494,9 @@ HOST_EXAMPLES = [
     _404 + f"{_L}/api/userdata/comfy.templates.json",
     "console error: TypeError: Cannot read properties of undefined (reading 'id')" + _BUNDLE_STACK,
     "exception: TypeError: Cannot read properties of undefined (reading 'id')" + _BUNDLE_STACK,
+    # frontend 1.49.6 (0.33)
+    "console error: ComfyApp graph accessed before initialization" + _BUNDLE_STACK,
+    _404 + f"{_L}/api/userdata?dir=subgraphs&recurse=true&split=false&full_info=true",
 ]
 
 

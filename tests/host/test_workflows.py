@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import itertools
 import json
 import math
 import re
@@ -28,6 +27,7 @@ import pytest
 from kernels.registry import SUPPORTED, TESTED_COMFYUI
 from tools.comfy_host import PACK_ROOT, parse_requirement, workflow_needs_newer_host
 from tools.thumbnails import COMMENT, SIZE, jpeg_comment, workflow_digest
+from tools.workflows import overlapping
 
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 IDS = [p.name for p in WORKFLOWS]
@@ -135,10 +135,7 @@ def model_files(node: dict) -> list:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
 def test_nodes_do_not_overlap(path):
-    boxes = rectangles(load(path))
-    for (a, ra), (b, rb) in itertools.combinations(boxes.items(), 2):
-        apart = ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1]
-        assert apart, f"{path.name}: nodes {a} {ra} and {b} {rb} overlap"
+    assert overlapping(rectangles(load(path))) == [], f"{path.name}: nodes overlap"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)

@@ -10,7 +10,7 @@ def _wf():
 
 def test_a_grown_node_pushes_the_nodes_below_it_in_its_column():
     wf = _wf()
-    assert fit_sizes(wf, {1: [300, 272]})
+    assert fit_sizes(wf, {"1": [300, 272]})  # keyed as frontend.drawn_sizes keys them
     pos = {n["id"]: n["pos"] for n in wf["nodes"]}
     assert wf["nodes"][0]["size"] == [300, 272]
     assert pos[2] == [0, 332]      # below, same column: down by 72
@@ -20,5 +20,5 @@ def test_a_grown_node_pushes_the_nodes_below_it_in_its_column():
 
 def test_sizes_as_drawn_change_nothing():
     wf = _wf()
-    assert not fit_sizes(wf, {n["id"]: list(n["size"]) for n in wf["nodes"]})
+    assert not fit_sizes(wf, {str(n["id"]): list(n["size"]) for n in wf["nodes"]})
     assert wf == _wf()
