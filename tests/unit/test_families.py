@@ -77,3 +77,47 @@ def test_scail_calls_that_do_not_add_up_run_unreduced_with_the_reason():
     call = scail_call(1, 3, n_pose=12)
     del call["transformer_options"]["grid_sizes"]
     assert "grid_sizes" in image_span(family.blocks[0], call, 3 * 35, 0, family)
+
+
+class PerFrame:
+    """A stand-in for the host's CompressedTimestep: one row per frame of `per_frame` tokens."""
+
+    def __init__(self, data, per_frame):
+        self.data, self.patches_per_frame = data, per_frame
+
+
+def test_ltx2_block_args_show_the_video_and_take_each_kept_tokens_own_entries():
+    """The runners see LTX-2's video; a reduced call hands the block each kept token's own rotary entries and
+    timesteps (per frame or per token), and the audio beside it."""
+    family = families.ltxav_family("LTXAV", 1)
+    frames, per_frame = 2, 3
+    vx, ax = torch.randn(1, frames * per_frame, 4), torch.randn(1, 5, 4)
+    per_token = torch.arange(frames * per_frame, dtype=torch.float32).view(1, -1, 1).expand(1, -1, 6)
+    args = {"img": (vx, ax), "v_pe": (torch.arange(6.0).view(1, 6, 1, 1, 1, 1), True), "v_cross_pe": (vx, False),
+            "v_timestep": PerFrame(torch.tensor([[[10.0], [20.0]]]), per_frame), "v_cross_scale_shift_timestep": per_token,
+            "v_cross_gate_timestep": PerFrame(torch.ones(1, 1, 2), per_frame), "transformer_options": {}}
+    seen = {}
+
+    def host_block(a):
+        seen.update(a)
+        return {"img": a["img"]}
+
+    view, block, back = block_view(family, args, host_block)
+    assert view["img"] is vx and view["audio"] is ax and view["pe"].shape == (1, 6, 1)
+    kept = torch.tensor([[1, 4]])  # one token of each frame, as a reduced call's positions come back
+    out = block({**view, "img": vx[:, [1, 4]], "pe": view["pe"][:, [1, 4]]})
+    assert seen["img"][1] is ax and seen["v_pe"][1] is True
+    assert seen["v_pe"][0].flatten().tolist() == [1.0, 4.0]
+    assert seen["v_timestep"].flatten().tolist() == [10.0, 20.0]
+    assert torch.equal(seen["v_cross_scale_shift_timestep"], per_token[:, [1, 4]])
+    assert seen["v_cross_gate_timestep"] is args["v_cross_gate_timestep"]  # one row for every token
+    assert torch.equal(seen["v_cross_pe"][0], vx[0, kept[0]].unsqueeze(0))
+    assert isinstance(back(out)["img"], tuple)
+
+
+def test_ltx2_calls_with_a_guide_attention_mask_run_unreduced_with_the_reason():
+    family = families.ltxav_family("LTXAV", 1)
+    args = {"img": (torch.randn(1, 6, 4), torch.randn(1, 2, 4)), "self_attention_mask": object(),
+            "transformer_options": {}}
+    view, _, _ = block_view(family, args, lambda a: a)
+    assert isinstance(view, str) and "guide" in view
