@@ -8,12 +8,14 @@ that differs between token ranges follows a reduced call (`shift_ranges`) or the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .attention import override_attention, seq_dim
+from .token_ops import take_rows
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,63 @@ class Family:
     pe_has_text: bool = True       # pe covers cat(txt, img), not the image alone
     key_mask_arg: str | None = None  # args key of a per-key mask over the joint sequence
     layer_list: str | None = None  # no patches_replace hook: the glue patches these layers' forward
+    layer_args: tuple = ()         # with layer_list: (layer forward parameter, block-args key) of those read
+    layer_mask: str | None = None  # with layer_list: the block-args key of a key mask (masking any key: unreduced)
     pad_multiple: int | None = None  # image tokens padded to a multiple of this (Z-Image)
     text_order_from_calls: bool = False  # single-stream blocks join the streams in an order TextOrder reads
     modulation_range_dim: int | None = None  # axis of a modulation tensor that would index token ranges
+    block_args: "BlockArgs | None" = None  # the host names its block arguments otherwise (see BlockArgs)
+    locate: Callable | None = None  # (runner args, n_img) -> image start in args["img"], or why not found
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+
+class BlockArgs:
+    """How a family's block call maps onto the runners' arguments: "img" (B, L, C) holding the image tokens,
+    "txt", "vec", "pe", the key mask and "transformer_options"; and back (LTX-2's (video, audio) pairs,
+    MiniMax H3's batch-less sequence). Families whose blocks use the runners' names need none."""
+
+    def view(self, args: dict) -> dict | str | None:
+        """The runners' arguments of a host block call; None: a call left alone by design; a string: why the
+        call cannot be reduced."""
+        raise NotImplementedError
+
+    def host(self, view: dict, args: dict) -> dict:
+        """Host block arguments from (possibly reduced) runner arguments; `args`: the host call's own."""
+        raise NotImplementedError
+
+    def out_view(self, out: dict) -> dict:
+        """A host block's output as the runners read it ({"img": ...})."""
+        return self.view(out)
+
+    def out_host(self, out: dict, args: dict) -> dict:
+        """The runners' output as the host's block wrapper returns it."""
+        return self.host(out, args)
+
+
+def block_view(family: Family, args: dict, host_block: Callable) -> tuple:
+    """(runner args or why not, the block on runner args, the runners' output back to the host's) of one block
+    call; `host_block` runs the block (and any replace beneath) on host args."""
+    adapter = family.block_args
+    if adapter is None:
+        return args, host_block, _same
+    view = adapter.view(args)
+    if not isinstance(view, dict):
+        return view, host_block, _same
+    return (view, lambda a: adapter.out_view(host_block(adapter.host(a, args))),
+            lambda out: adapter.out_host(out, args))
+
+
+def _same(out):
+    return out
+
+
+def block_tokens(family: Family, args: dict) -> int:
+    """Tokens of args["img"] in a host block call, as the runners see them."""
+    view = family.block_args.view(args) if family.block_args is not None else args
+    return view["img"].shape[1] if isinstance(view, dict) else 0
 
 
 def flux_family(name: str, n_double: int, n_single: int, text_order_from_calls: bool = True) -> Family:
@@ -84,7 +136,201 @@ def nextdit_family(name: str, n_layers: int, pad_multiple: int | None = None) ->
     (x_mask); Z-Image pads each part to `pad_multiple`: [caption, pad, image, pad]."""
     blocks = tuple(BlockSpec(("layer", i), i, False, img_at_end=True) for i in range(n_layers))
     return Family(name, blocks, has_rope=True, pe_token_dim=1, key_mask_arg="x_mask", layer_list="layers",
-                  pad_multiple=pad_multiple)
+                  layer_args=(("x", "img"), ("x_mask", "x_mask"), ("freqs_cis", "pe"), ("adaln_input", "vec"),
+                              ("transformer_options", "transformer_options")),
+                  layer_mask="x_mask", pad_multiple=pad_multiple)
+
+
+def krea2_family(name: str, n_blocks: int) -> Family:
+    """Krea 2 (SingleStreamDiT): one sequence [text, image, references] per block, no per-block hook (the glue
+    patches its blocks' forward); the host names the image range in transformer_options["img_slice"]."""
+    blocks = tuple(BlockSpec(("layer", i), i, True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, layer_list="blocks", locate=_img_slice_start,
+                  layer_args=(("x", "img"), ("vec", "vec"), ("freqs", "pe"), ("mask", "mask"),
+                              ("transformer_options", "transformer_options")), layer_mask="mask")
+
+
+def _img_slice_start(args: dict, n_img: int):
+    """The image starts where the host's img_slice (text length, sequence length) says."""
+    img_slice = (args.get("transformer_options") or {}).get("img_slice")
+    n = args["img"].shape[1]
+    if not img_slice or img_slice[1] != n or n - img_slice[0] < n_img:
+        return f"img_slice {img_slice} of a {n}-token block does not hold the {n_img} image tokens"
+    return int(img_slice[0])
+
+
+def scail_family(name: str, n_blocks: int) -> Family:
+    """Wan SCAIL: Wan's blocks over [reference frames, video, time concat?, pose tokens]."""
+    blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, locate=_scail_image_start)
+
+
+def kandinsky5_family(name: str, n_blocks: int) -> Family:
+    """Kandinsky 5: visual blocks over the video tokens alone, text by cross-attention. Its per-block hook
+    calls the blocks with argument names they do not take (0.33), so the glue patches their forward."""
+    blocks = tuple(BlockSpec(("layer", i), i, False, cross_attention=True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, locate=_whole_sequence,
+                  layer_list="visual_transformer_blocks",
+                  layer_args=(("visual_embed", "img"), ("text_embed", "txt"), ("time_embed", "vec"), ("freqs", "pe"),
+                              ("transformer_options", "transformer_options")))
+
+
+def minimax_h3_family(name: str, n_blocks: int) -> Family:
+    """MiniMax H3: one packed sequence [text, conditions, audio, video] of batch 1 per block, the video last,
+    with modulation per segment (mod_segments) and a rotary table over the whole sequence."""
+    blocks = tuple(BlockSpec(("double_block", i), i, True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, block_args=MiniMaxH3Args(),
+                  locate=_video_segment_start)
+
+
+class MiniMaxH3Args(BlockArgs):
+    """MiniMax H3's block arguments: h (S, C) without a batch axis, t_emb, mod_segments [(start, stop, row)]
+    covering h with the video last, rope_freqs (1, S, 1, ...). The runners see h as a batch of one; a reduced
+    video keeps its segment's modulation row over its new length."""
+
+    def view(self, args: dict) -> dict | str:
+        segments = args.get("mod_segments") or []
+        h = args["img"]
+        if h.ndim != 2 or not segments or segments[-1][1] != h.shape[0]:
+            return "expected h (tokens, channels) with mod_segments ending at its last token"
+        if isinstance(segments[-1][2], torch.Tensor):
+            return "the video has a modulation row per token (a denoise mask)"
+        return {**args, "img": h.unsqueeze(0), "pe": args["rope_freqs"]}
+
+    def host(self, view: dict, args: dict) -> dict:
+        h = view["img"][0]
+        start, _, row = args["mod_segments"][-1]
+        host = {k: v for k, v in view.items() if k != "pe"}
+        host.update(img=h, rope_freqs=view["pe"], mod_segments=args["mod_segments"][:-1] + [(start, h.shape[0], row)])
+        return host
+
+    def out_view(self, out: dict) -> dict:
+        return {**out, "img": out["img"].unsqueeze(0)}
+
+    def out_host(self, out: dict, args: dict) -> dict:
+        return {**out, "img": out["img"][0]}
+
+
+def _video_segment_start(args: dict, n_img: int):
+    """MiniMax H3: the video is the last modulation segment."""
+    start, stop, _ = args["mod_segments"][-1]
+    if stop - start != n_img:
+        return f"the last segment holds {stop - start} tokens, expected the {n_img} video tokens"
+    return start
+
+
+def ltxav_family(name: str, n_blocks: int) -> Family:
+    """LTX-2 (LTXAVModel): each block takes (video, audio) tokens; video self-attention first, then text
+    cross-attention, audio, and audio-video cross-attention. Only the video tokens are reduced."""
+    blocks = tuple(BlockSpec(("double_block", i), i, False, cross_attention=True) for i in range(n_blocks))
+    return Family(name, blocks, has_rope=True, pe_token_dim=1, pe_has_text=False, block_args=LTXAVArgs(),
+                  locate=_whole_sequence)
+
+
+LTX_VIDEO_TOKEN_ARGS = ("v_pe", "v_cross_pe", "v_timestep", "v_cross_scale_shift_timestep", "v_cross_gate_timestep")
+
+
+class LTXAVArgs(BlockArgs):
+    """LTX-2's block arguments: img = (video, audio). The runners see the video as img and, as its "pe", each
+    token's index; when they reduce the video, every per-video-token argument (the rotary tables, the
+    timesteps, per token or compressed per frame) is taken at the indices that come back, so each kept or
+    representative token keeps its own. The audio passes through the block beside the reduced video."""
+
+    def view(self, args: dict) -> dict | str | None:
+        vx, ax = args["img"]
+        if args.get("self_attention_mask") is not None:
+            return "a guide attention mask (keyframe guides) indexes the video tokens"
+        to = args.get("transformer_options") or {}
+        if to.get("stg_skip_self_attn") or not to.get("run_vx", True):
+            return None  # spatio-temporal guidance replaces the video self-attention here: left alone
+        index = torch.arange(vx.shape[1], device=vx.device, dtype=torch.float32).view(1, -1, 1)
+        return {**args, "img": vx, "audio": ax, "pe": index}
+
+    def host(self, view: dict, args: dict) -> dict:
+        vx = view["img"]
+        host = {k: v for k, v in view.items() if k not in ("pe", "audio")}
+        host["img"] = (vx, view["audio"])
+        if vx.shape[1] != args["img"][0].shape[1]:  # reduced: each token's own entries, by its index
+            index = view["pe"][..., 0].long()
+            for key in LTX_VIDEO_TOKEN_ARGS:
+                host[key] = _tokens_at(args[key], index)
+        return host
+
+    def out_view(self, out: dict) -> dict:
+        vx, ax = out["img"]
+        return {**out, "img": vx, "audio": ax}
+
+    def out_host(self, out: dict, args: dict) -> dict:
+        host = {k: v for k, v in out.items() if k != "audio"}
+        host["img"] = (out["img"], out["audio"])
+        return host
+
+
+def _tokens_at(value, index: torch.Tensor):
+    """A per-video-token argument of LTX-2 at token `index` (B, K): a rotary (table, split) pair, a timestep
+    tensor (B, 1 or tokens, F), or the host's per-frame CompressedTimestep (returned per token)."""
+    if isinstance(value, tuple):
+        return (take_rows(value[0], index, 1),) + tuple(value[1:])
+    if isinstance(value, torch.Tensor):
+        return value if value.shape[1] == 1 else take_rows(value, index, 1)
+    per_frame, data = int(getattr(value, "patches_per_frame", 0) or 0), getattr(value, "data", None)
+    if per_frame < 1 or not isinstance(data, torch.Tensor):
+        raise TypeError(f"LTX-2: an unknown per-token timestep {type(value).__name__}")
+    if data.shape[1] == 1:
+        return value  # one entry for every token
+    return take_rows(data, torch.div(index, per_frame, rounding_mode="floor"), 1)
+
+
+def first_stream(x, shapes):
+    """The image (video) stream of a latent that packs several streams (LTX-2, MiniMax H3: video, audio), as
+    the host packs them (each flattened into (B, 1, n) and joined); `x` itself when nothing is packed."""
+    if not shapes or len(shapes) < 2:
+        return x
+    n = math.prod(shapes[0][1:])
+    return x[:, :, :n].reshape(x.shape[0], *shapes[0][1:])
+
+
+def with_first_stream(x, shapes, first):
+    """`x` with its first packed stream replaced by `first`."""
+    if not shapes or len(shapes) < 2:
+        return first
+    n = math.prod(shapes[0][1:])
+    return torch.cat([first.reshape(x.shape[0], 1, n).to(x.dtype), x[:, :, n:]], dim=-1)
+
+
+CONDS_KEY = "token_reduction_conds"  # transformer_options: the model call's own conditioning (reference latents)
+
+
+def _conds(args: dict) -> dict:
+    return (args.get("transformer_options") or {}).get(CONDS_KEY) or {}
+
+
+def _whole_sequence(args: dict, n_img: int):
+    """The block sees the image tokens alone."""
+    n = args["img"].shape[1]
+    return 0 if n == n_img else f"{n} tokens in the block, expected the {n_img} image tokens alone"
+
+
+def _frame_tokens(latent, per_frame: int) -> int:
+    """Tokens of a conditioning video latent (B, C, T, H, W) at `per_frame` tokens a frame; 0 for none."""
+    return int(latent.shape[2]) * per_frame if isinstance(latent, torch.Tensor) and latent.ndim == 5 else 0
+
+
+def _scail_image_start(args: dict, n_img: int):
+    """SCAIL: its grid (transformer_options["grid_sizes"]) spans the reference frames, the latent's and any
+    time-concatenated frames; the pose tokens follow. The reference latent says where the image starts."""
+    grid = (args.get("transformer_options") or {}).get("grid_sizes")
+    if grid is None or len(grid) != 3:
+        return "no (frames, height, width) grid_sizes in transformer_options"
+    per_frame = int(grid[1]) * int(grid[2])
+    conds = _conds(args)
+    n_ref = _frame_tokens(conds.get("reference_latent"), per_frame)
+    n_concat = _frame_tokens(conds.get("time_dim_concat"), per_frame)
+    n_grid = int(grid[0]) * per_frame
+    if n_ref + n_img + n_concat != n_grid or args["img"].shape[1] < n_grid:
+        return (f"grid of {n_grid} tokens in a block of {args['img'].shape[1]}, expected {n_ref} reference + "
+                f"{n_img} image + {n_concat} concatenated tokens")
+    return n_ref
 
 
 @dataclass
@@ -119,7 +365,12 @@ def image_span(spec: BlockSpec, args: dict, n_img: int, n_txt_single: int, famil
     n_txt_arg = args["txt"].shape[1] if args.get("txt") is not None else 0
     n_after = 0
     pad = (-n_img) % family.pad_multiple if family.pad_multiple else 0
-    if spec.text_in_img:  # the text stream, then the image stream, or the other way round
+    if family.locate is not None:  # the family reads the image start from the call's own tensors
+        start = family.locate(args, n_img)
+        if isinstance(start, str):
+            return start
+        n_txt = 0
+    elif spec.text_in_img:  # the text stream, then the image stream, or the other way round
         stream = img.shape[1] - n_txt_single
         start = (n_txt_single if text_first else 0) + (stream - n_img - pad if spec.img_at_end else 0)
         n_txt = 0

@@ -16,7 +16,7 @@ import torch
 
 from .attention import override_attention
 from .block_runners import run_block_merged
-from .families import BlockSpec, Family, ImageSpan, TextOrder, image_span, shift_ranges, split_tokens
+from .families import BlockSpec, Family, ImageSpan, TextOrder, block_view, image_span, shift_ranges, split_tokens
 from .flops import matmul_flops
 from .token_ops import MergePlan
 
@@ -475,26 +475,39 @@ class Runtime:
         method, family, key, text_order = self.method, self.family, self.key, self.text_order
 
         def replace(args, extra):
-            original = chained(extra["original_block"], previous)
+            host_block = chained(extra["original_block"], previous)
             to = args.get("transformer_options") or {}
             call = to.get(CALL_KEY)
             if call is None or self.steps_aside(to):
-                return original(args)
+                return host_block(args)
             call.release_previous_output()
-            out = run(args, original, extra["original_block"], call, to)
+            view, original, back = block_view(family, args, host_block)
+            # The text order is read from the host's own block, not through replaces chained beneath (families
+            # read through a block_args view never read it).
+            own_block = extra["original_block"] if family.block_args is None else original
+            out = (back(run(view, original, own_block, call, to)) if isinstance(view, dict)
+                   else unreduced(view, args, host_block))
             call.previous_output = out
             return out
 
-        def run(args, original, host_block, call, to):
+        def unreduced(why, args, host_block):
+            if why is not None:
+                not_recognised(why)
+            return host_block(args)
+
+        def not_recognised(why):
+            warn_once((family.name, why), f"{method.name}: {family.name} block call not recognised ({why}); "
+                                          "such calls run unreduced")
+
+        def run(args, original, own_block, call, to):
             if not spec.text_in_img and args.get("txt") is not None:
                 call.n_txt = args["txt"].shape[1]
             out = None
-            text_first = text_order.of(spec, args, call, host_block)
+            text_first = text_order.of(spec, args, call, own_block)
             span = text_first if text_first is None or isinstance(text_first, str) else \
                 image_span(spec, args, call.n_img, call.n_txt, family, text_first)
             if isinstance(span, str):  # the call does not look as the family describes it
-                warn_once((family.name, span), f"{method.name}: {family.name} block call not recognised ({span}); "
-                                               "such calls run unreduced")
+                not_recognised(span)
             elif span is not None:
                 if call.observer is not None:
                     hook = call.observer.attention_hook(spec.index, span,

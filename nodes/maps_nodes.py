@@ -60,7 +60,7 @@ class TokenMapRecorder(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps, blocks, attention_steps, attention_blocks, queries,
                 max_megabytes) -> io.NodeOutput:
-        info = detect_family(model, "Token Map Recorder")
+        info = detect_family(model, "Token Map Recorder", "maps")
         n_blocks = info.family.num_blocks
         for name, text in (("steps", steps), ("attention_steps", attention_steps)):
             try:

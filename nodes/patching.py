@@ -18,7 +18,7 @@ from comfy_api.latest import io
 
 import torch
 
-from ..kernels.families import Family
+from ..kernels.families import CONDS_KEY, Family, first_stream, with_first_stream
 from ..kernels.registry import SUPPORTED, SUPPORTED_TEXT, ModelInfo, UnsupportedModelError, describe
 from ..kernels.runtime import METHODS_KEY, OBSERVER_KEY, Installed, Runtime, row_keys, warn_once
 from ..kernels.schedule import ProgressMap
@@ -36,9 +36,10 @@ def model_input():
     return io.Model.Input("model", tooltip=f"The diffusion model to accelerate: {SUPPORTED_TEXT}.")
 
 
-def detect_family(model, method_name: str) -> ModelInfo:
-    """The family adapter for a MODEL, or a clear error naming the family and what is supported."""
-    return describe(model.get_model_object("diffusion_model"), method_name, type(model.model).__name__)
+def detect_family(model, method_name: str, feature: str = "") -> ModelInfo:
+    """The family adapter for a MODEL, or a clear error naming the family and what is supported (and whether
+    it supports `feature`: registry.Entry.refused_features)."""
+    return describe(model.get_model_object("diffusion_model"), method_name, type(model.model).__name__, feature)
 
 
 _progress_maps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -103,23 +104,28 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None, obser
 
     def apply_model_wrapper(executor, *args, **kwargs):
         named = call_arguments(executor, args, kwargs)
-        x, sigma, context = named["x"], named["t"], named["c_crossattn"]
-        transformer_options = named["transformer_options"]
+        packed, sigma, context = named["x"], named["t"], named["c_crossattn"]
+        transformer_options, conds = named["transformer_options"], named.get("kwargs", {})
+        transformer_options[CONDS_KEY] = conds  # the call's own conditioning, for the families that read it
+        shapes = conds.get("latent_shapes")  # LTX-2, MiniMax H3: video and audio packed in one latent
+        x = first_stream(packed, shapes)
         n_txt = context.shape[1] if context is not None and context.ndim == 3 else 0
         # one device sync per call: the first row's sigma (progress) and the smallest (noise recoverable)
         sigma_value, sigma_min = torch.stack([sigma.flatten()[0], sigma.min()]).tolist()
         progress = progress_map(executor.class_obj.model_sampling)(sigma_value)
         runtime.begin_call(transformer_options, x, sigma_value, progress, n_txt,
                            row_keys(transformer_options, x.shape[0]))
-        out = executor(*args, **kwargs)
+        packed_out = executor(*args, **kwargs)
         if runtime.stateful(transformer_options) and sigma_min > 0:
             # Methods work on the predicted noise (x - denoised) / sigma: eps, or a flow model's velocity.
+            out = first_stream(packed_out, shapes)
             s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(out.dtype)
             reused = runtime.end_call(transformer_options, (x.to(out.dtype) - out) / s)
             if reused is not None:
                 new_noise, computed = reused
                 out = torch.where(computed, out, x.to(out.dtype) - new_noise.to(out.dtype) * s)
-        return out
+                packed_out = with_first_stream(packed_out, shapes, out)
+        return packed_out
 
     def outer_sample_wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
@@ -159,36 +165,34 @@ def set_block_replaces(model, family: Family, replaces: dict):
         for spec in family.blocks:
             name = f"diffusion_model.{family.layer_list}.{spec.key[1]}"
             if name + ".forward" not in model.object_patches:
-                model.add_object_patch(name + ".forward", _hooked_nextdit_forward(model.get_model_object(name),
-                                                                                 spec.key, masked))
+                model.add_object_patch(name + ".forward", _hooked_layer_forward(model.get_model_object(name),
+                                                                                spec.key, family, masked))
 
 
-# NextDiT's layer arguments the pack reads, by the host's parameter name -> the block-args key it uses.
-NEXTDIT_LAYER_ARGS = {"x": "img", "x_mask": "x_mask", "freqs_cis": "pe", "adaln_input": "vec",
-                      "transformer_options": "transformer_options"}
-
-
-def _hooked_nextdit_forward(layer, key, masked: dict):
-    """NextDiT's layer forward routed through the call's `patches_replace["dit"][key]` entry.
+def _hooked_layer_forward(layer, key, family: Family, masked: dict):
+    """A layer's forward routed through the call's `patches_replace["dit"][key]` entry (NextDiT, Krea 2,
+    Kandinsky 5), its arguments named for the replace by `family.layer_args`.
 
     Arguments are bound by the host's own signature: any the pack does not read (0.33's
     `timestep_zero_index`) travel in the block args under their own name, so the replace sees them and the
-    original layer gets them back. A caption mask that masks any key means rows' image tokens start at
-    different places: passed as `attn_mask`, the call then runs unreduced."""
+    original layer gets them back. A key mask (`family.layer_mask`: NextDiT's caption mask) that masks any
+    key means rows' image tokens start at different places: passed as `attn_mask`, the call then runs
+    unreduced."""
+    names = dict(family.layer_args)  # layer parameter -> block-args key
     run = type(layer).forward.__get__(layer)
     signature = inspect.signature(run)
     params = signature.parameters
-    missing = [name for name in NEXTDIT_LAYER_ARGS if name not in params]
+    missing = [name for name in names if name not in params]
     if missing:  # a layer the pack cannot read: it runs as the host wrote it, unreduced
         warn_once(("layer forward", type(layer).__name__), f"token reduction: {type(layer).__name__}'s layer forward "
                   f"has no {', '.join(missing)} argument; its layers run unreduced")
         return run
-    passed_on = [name for name, p in params.items() if name not in NEXTDIT_LAYER_ARGS
+    passed_on = [name for name, p in params.items() if name not in names
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_keyword = next((name for name, p in params.items() if p.kind == p.VAR_KEYWORD), None)
 
     def original(a):
-        kwargs = {name: a[ours] for name, ours in NEXTDIT_LAYER_ARGS.items()}
+        kwargs = {name: a[ours] for name, ours in names.items()}
         kwargs.update((name, a[name]) for name in passed_on if name in a)
         kwargs.update(a.get(UNNAMED_LAYER_KWARGS, {}))
         return {"img": run(**kwargs)}
@@ -201,16 +205,16 @@ def _hooked_nextdit_forward(layer, key, masked: dict):
         replace = to.get("patches_replace", {}).get("dit", {}).get(key)
         if replace is None:
             return run(*args, **kwargs)
-        block_args = {ours: named[name] for name, ours in NEXTDIT_LAYER_ARGS.items()}
+        block_args = {ours: named[name] for name, ours in names.items()}
         block_args.update((name, named[name]) for name in passed_on if name in named)
         if var_keyword and named.get(var_keyword):
             block_args[UNNAMED_LAYER_KWARGS] = named[var_keyword]
-        x_mask = block_args["x_mask"]
-        if x_mask is not None:
-            if masked["mask"] is not x_mask:
-                masked.update(mask=x_mask, any=bool((x_mask != 0).any()))
+        mask = block_args.get(family.layer_mask) if family.layer_mask else None
+        if mask is not None:
+            if masked["mask"] is not mask:
+                masked.update(mask=mask, any=bool((mask != 0).any()))
             if masked["any"]:
-                block_args["attn_mask"] = x_mask
+                block_args["attn_mask"] = mask
         return replace(block_args, {"original_block": original})["img"]
 
     return forward

@@ -129,7 +129,7 @@ def calibrate_model(model, positive, flops_saving: float, width: int, height: in
     if positive is None:
         raise ValueError("Token Ratio Schedule: calibration needs the 'positive' conditioning when a model is "
                          "connected (the prompt to calibrate with)")
-    info = detect_family(model, "Token Ratio Schedule calibration")
+    info = detect_family(model, "Token Ratio Schedule calibration", "calibration")
     n_txt = int(positive[0][0].shape[1])
     key = (id(model.model), str(model.patches_uuid), info.family.name, width, height, steps, round(flops_saving, 4),
            n_txt)

@@ -76,6 +76,33 @@ FULL_SIZE = {
 }
 
 
+# The families new in ComfyUI 0.33 (their layouts are written with 0.33; older hosts skip them)
+_WAN_14B = {**_WAN_13B, "dim": 5120, "ffn_dim": 13824, "num_heads": 40}
+_ZIMAGE = FULL_SIZE["zimage"][1]
+FULL_SIZE.update({
+    "chroma_radiance": ("ChromaRadiance", {**FULL_SIZE["chroma"][1], "image_model": "chroma_radiance", "in_channels": 3,
+                                           "out_channels": 3, "patch_size": 16, "nerf_hidden_size": 64,
+                                           "nerf_mlp_ratio": 4, "nerf_depth": 4, "nerf_max_freqs": 8,
+                                           "nerf_tile_size": 512, "nerf_final_head_type": "conv",
+                                           "nerf_embedder_dtype": None},
+                        {"txt_ids_dims": [], "vec_in_dim": None, "use_x0": False, "use_sequential_txt_ids": False}),
+    # five blocks: Wan Animate has a face-adapter block per five, by which detection knows it
+    "wan_animate": ("WAN22_Animate", {**_WAN_14B, "model_type": "animate", "in_dim": 36, "num_layers": 5}, {}),
+    "wan_scail": ("WAN21_SCAIL", {**_WAN_14B, "model_type": "scail", "in_dim": 20}, {}),
+    "wan_scail2": ("WAN21_SCAIL2", {**_WAN_14B, "model_type": "scail2", "in_dim": 20}, {}),
+    "kandinsky5": ("Kandinsky5", {"image_model": "kandinsky5", "model_dim": 1792, "ff_dim": 7168, "time_dim": 512,
+                                  "visual_embed_dim": 132, "patch_size": (1, 2, 2), "num_text_blocks": 2,
+                                  "num_visual_blocks": 2, "axes_dims": (16, 24, 24)}, {}),
+    "krea2": ("Krea2", {"image_model": "krea2", "features": 6144, "heads": 48, "kvheads": 12, "layers": 2,
+                        "channels": 16, "patch": 2, "txtdim": 2560, "txtlayers": 12}, {}),
+    "minimax_h3": ("MiniMaxH3", {"image_model": "minimax_h3", "num_layers": 2}, {}),
+    "ltxav": ("LTXAV", {"image_model": "ltxav", "num_layers": 2}, {}),
+    "zimage_pixel": ("ZImagePixelSpace", {**_ZIMAGE, "image_model": "zimage_pixel", "patch_size": 16, "in_channels": 3,
+                                          "decoder_hidden_size": 3840, "decoder_num_res_blocks": 4,
+                                          "decoder_max_freqs": 8, "decoder_in_channels": 16 * 16 * 3}, {}),
+})
+
+
 def layout(family: str) -> dict:
     """{tensor name: shape} of the family's published model at depth 2, built on the meta device by the host."""
     import torch

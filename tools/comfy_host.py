@@ -355,11 +355,18 @@ def tiny_flux2(seed: int = 0, depth: int = 2, depth_single: int = 2, dtype=None)
 def tiny_zimage(seed: int = 0, layers: int = 2, dtype=None):
     """Z-Image (hosts from 0.3.75 on): NextDiT with its own modulation, caption and image each padded
     to a multiple of 32 tokens; the adaLN input is 256 wide, so the width is at least 256."""
+    return _open_gates(tiny_model("zimage", {**_zimage_sizes(layers), "multiple_of": 16}, seed, dtype))
+
+
+def _zimage_sizes(layers: int) -> dict:
+    return {"dim": 256, "cap_feat_dim": 32, "n_layers": layers, "n_refiner_layers": 1, "n_heads": 8, "n_kv_heads": 8,
+            "axes_dims": [8, 12, 12]}
+
+
+def _open_gates(patcher):
+    """Z-Image's tanh-gated layer updates at a visible size (random gates sit near 0)."""
     import torch
-    patcher = tiny_model("zimage", {"dim": 256, "cap_feat_dim": 32, "n_layers": layers, "n_refiner_layers": 1,
-                                    "n_heads": 8, "n_kv_heads": 8, "axes_dims": [8, 12, 12], "multiple_of": 16},
-                         seed, dtype)
-    with torch.no_grad():  # tanh-gated layer updates of a visible size (random gates sit near 0)
+    with torch.no_grad():
         for layer in patcher.model.diffusion_model.layers:
             layer.adaLN_modulation[-1].bias.add_(1.0)
     return patcher
@@ -392,28 +399,134 @@ def _build(model_config, seed, dtype):
                                             offload_device=torch.device("cpu"))
 
 
-def conditioning(context_len: int = 16, extra: dict | None = None):
+def conditioning(context_len: int = 16, extra: dict | None = None, ctx_dim: int = 32, pooled_dim: int = 32):
     """(positive, negative): the random text conditioning sample() uses, the same on every call."""
     import torch
     gen = torch.Generator().manual_seed(1234)
-    ctx_dim = 32
     pos = [[torch.randn(1, context_len, ctx_dim, generator=gen),
-            {"pooled_output": torch.randn(1, 32, generator=gen), **(extra or {})}]]
+            {"pooled_output": torch.randn(1, pooled_dim, generator=gen), **(extra or {})}]]
     neg = [[torch.randn(1, context_len, ctx_dim, generator=gen),
-            {"pooled_output": torch.randn(1, 32, generator=gen), **(extra or {})}]]
+            {"pooled_output": torch.randn(1, pooled_dim, generator=gen), **(extra or {})}]]
     return pos, neg
 
 
 def sample(model, seed: int = 0, steps: int = 6, cfg: float = 3.0, height: int = 64, width: int = 64,
            batch: int = 1, denoise: float = 1.0, latent=None, context_len: int = 16, sampler: str = "euler",
-           scheduler: str = "simple", noise_mask=None, cond_extra: dict | None = None):
+           scheduler: str = "simple", noise_mask=None, cond_extra: dict | None = None, ctx_dim: int = 32,
+           pooled_dim: int = 32):
     """comfy.sample.sample with CFG and random text conditioning; returns the latent. `cond_extra` is
     added to both conditionings (e.g. Lumina 2's attention_mask, which sets its caption length)."""
     import torch
     import comfy.sample
-    pos, neg = conditioning(context_len, cond_extra)
+    pos, neg = conditioning(context_len, cond_extra, ctx_dim, pooled_dim)
     if latent is None:
         latent = torch.zeros(batch, 16, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
                                denoise=denoise, disable_pbar=True, seed=seed, noise_mask=noise_mask)
+
+
+# ---- tiny models of the families new in ComfyUI 0.33 ------------------------------------------------
+
+def tiny_chroma_radiance(seed: int = 0, patch: int = 8, dtype=None):
+    """Chroma Radiance: Chroma's blocks on pixel patches (here 8x8) with a NeRF head painting each patch;
+    latents are images (B, 3, H, W)."""
+    return tiny_model("chroma_radiance", {"context_in_dim": 32, "hidden_size": 64, "num_heads": 2, "depth": 2,
+                                          "depth_single_blocks": 2, "axes_dim": _flux_axes(64, 2), "out_dim": 64,
+                                          "hidden_dim": 32, "n_layers": 2, "patch_size": patch,
+                                          "nerf_hidden_size": 16, "nerf_depth": 1, "nerf_tile_size": 0}, seed, dtype)
+
+
+def _tiny_wan(family: str, layers: int, seed: int, dtype):
+    import torch
+    patcher = tiny_model(family, _wan_sizes(layers, 64, 2), seed, dtype)
+    patcher.model.diffusion_model.patch_embedding.to(torch.float32)  # ComfyUI keeps it in fp32 (x.float())
+    return patcher
+
+
+def tiny_wan_animate(seed: int = 0, layers: int = 5, dtype=None):
+    """Wan 2.2 Animate: Wan's blocks, a pose embedding added to the video tokens and a face adapter after every
+    fifth block; latents (B, 16, T, H, W) with a 20-channel image-and-mask concat."""
+    return _tiny_wan("wan_animate", layers, seed, dtype)
+
+
+def tiny_scail(seed: int = 0, layers: int = 2, dtype=None):
+    """Wan SCAIL: Wan's blocks over [reference frames, video, pose tokens]; latents (B, 16, T, H, W) with a
+    4-channel mask."""
+    return _tiny_wan("wan_scail", layers, seed, dtype)
+
+
+def tiny_scail2(seed: int = 0, layers: int = 2, dtype=None):
+    """Wan SCAIL-2: SCAIL plus additive identity-mask streams (28 channels) over the reference, video and pose
+    tokens."""
+    return _tiny_wan("wan_scail2", layers, seed, dtype)
+
+
+def tiny_kandinsky5(seed: int = 0, layers: int = 2, dtype=None):
+    """Kandinsky 5 video: visual blocks that cross-attend to the text; latents (B, 16, T, H, W) with a
+    16-channel image and 1-channel mask concat, patched 1x2x2 into 132 inputs."""
+    return tiny_model("kandinsky5", {"model_dim": 128, "ff_dim": 256, "time_dim": 64, "num_text_blocks": 1,
+                                     "num_visual_blocks": layers, "in_text_dim": 32, "in_text_dim2": 32},
+                      seed, dtype)
+
+
+def tiny_krea2(seed: int = 0, layers: int = 2, dtype=None):
+    """Krea 2: single-stream blocks over [text, image, references] (no per-block hook: the pack patches its
+    layers); text arrives as txtlayers stacked states (here 2 x 32 = 64 wide)."""
+    return tiny_model("krea2", {"features": 128, "heads": 2, "kvheads": 1, "multiplier": 2, "layers": layers,
+                                "txtdim": 32, "txtlayers": 2, "txtheads": 2, "txtkvheads": 2}, seed, dtype)
+
+
+def tiny_minimax_h3(seed: int = 0, layers: int = 2, dtype=None):
+    """MiniMax H3: one packed sequence [text, audio, video] per block, batch 1; latents are (video
+    (1, 24, T, H, W), audio (1, 32, 2, T_audio)) pairs; text 64 wide."""
+    import torch
+    patcher = tiny_model("minimax_h3", {"hidden_size": 128, "num_layers": layers, "token_refiner_num_layers": 1,
+                                        "num_attention_heads": 2, "attention_head_dim": 64, "ffn_hidden_size": 256,
+                                        "text_dim": 64, "timestep_input_dim": 64, "time_embed_hidden_size": 128,
+                                        "time_embed_dim": 64, "rope_inv_freq_len": 8}, seed, dtype)
+    dm = patcher.model.diffusion_model
+    with torch.no_grad():
+        dm.rope.inv_freq.copy_(1.0 / 100.0 ** (torch.arange(8) / 8))  # a rotary table that turns
+        for block in dm.blocks:  # gated block updates of a visible size (random gates sit near 0)
+            gates = block.adaln_proj.linear.bias.view(3, 6, -1)  # (modality, shift/scale/gate x 2, width)
+            gates[:, 2].add_(1.0)
+            gates[:, 5].add_(1.0)
+    return patcher
+
+
+def tiny_ltxav(seed: int = 0, layers: int = 2, dtype=None):
+    """LTX-2 (LTXAVModel): blocks over (video, audio) token pairs; latents are (video (B, 128, T, H, W), audio
+    (B, 8, T_audio, 16)) pairs; text 128 wide (video and audio halves)."""
+    return tiny_model("ltxav", {"cross_attention_dim": 64, "audio_cross_attention_dim": 32, "attention_head_dim": 32,
+                                "audio_attention_head_dim": 16, "num_attention_heads": 2,
+                                "audio_num_attention_heads": 2, "caption_channels": 64, "num_layers": layers,
+                                "connector_attention_head_dim": 32, "connector_num_attention_heads": 2,
+                                "connector_num_layers": 1}, seed, dtype)
+
+
+def tiny_zimage_pixel(seed: int = 0, layers: int = 2, patch: int = 8, dtype=None):
+    """Z-Image pixel space (NextDiTPixelSpace): Z-Image's layers on pixel patches (here 8x8) with a per-patch
+    decoder; latents are images (B, 3, H, W)."""
+    return _open_gates(tiny_model("zimage_pixel", {**_zimage_sizes(layers), "patch_size": patch,
+                                                   "decoder_hidden_size": 64, "decoder_num_res_blocks": 1,
+                                                   "decoder_in_channels": patch * patch * 3}, seed, dtype))
+
+
+def diffusion_model_classes() -> set:
+    """Every diffusion model class the host's comfy/model_base.py builds: the `unet_model=` each of its model
+    classes passes or defaults to, read from the source and resolved in that module."""
+    import ast
+    import comfy.model_base as model_base
+    found = set()
+    for node in ast.walk(ast.parse(Path(model_base.__file__).read_text())):
+        values = [k.value for k in node.keywords if k.arg == "unet_model"] if isinstance(node, ast.Call) else []
+        if isinstance(node, ast.FunctionDef) and node.args.defaults:
+            named = node.args.args[-len(node.args.defaults):]
+            values += [d for a, d in zip(named, node.args.defaults) if a.arg == "unet_model"]
+        for value in values:
+            if isinstance(value, ast.Name) and value.id == "unet_model":
+                continue  # passed on from the caller's own parameter
+            found.add(eval(compile(ast.Expression(value), model_base.__file__, "eval"), vars(model_base)))
+    return found
+

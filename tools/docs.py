@@ -30,7 +30,10 @@ def support_matrix() -> str:
     rows = ["| family | " + " | ".join(columns) + " | example workflow |",
             "|---|" + "---|" * len(columns) + "---|"]
     for e in REGISTRY:
-        cells = [f"no: {e.refused}"] + ["no"] * (len(columns) - 1) if e.refused else ["yes"] * len(columns)
+        if e.refused:
+            cells = [f"no: {e.refused}"] + ["no"] * (len(columns) - 1)
+        else:
+            cells = ["yes"] * len(SPECS) + [f"no: {e.refused_features['maps']}" if "maps" in e.refused_features else "yes"]
         workflow = f"[`{e.workflow}`](workflows/{urllib.parse.quote(e.workflow)})" if e.workflow else ""
         rows.append(f"| {e.label} | " + " | ".join(cells) + f" | {workflow} |")
     rows.append("")

@@ -195,11 +195,14 @@ def host_noise(message: str) -> str | None:
     return next((name for name, test in HOST_NOISE if test(message)), None)
 
 
+UPLOAD_NODES = ("LoadImage", "LoadVideo")  # nodes whose first widget names a file the user uploads
+
+
 def unexplained(errors: list, model_urls=(), input_files=()) -> list:
     """The errors that are neither host noise nor explained by the workflows loaded: their model download
     hints (`model_urls`: the missing-models dialog asks each for its size, refused by the CSP or offline,
-    and may log one "Error fetching file size" per refused request) and the LoadImage example files the user
-    supplies (`input_files`: their previews are 404s)."""
+    and may log one "Error fetching file size" per refused request) and the example files the user supplies to
+    UPLOAD_NODES (`input_files`: their previews are 404s)."""
     refused = [e for e in errors if model_urls and not ours(e) and _refused_call(e, tuple(model_urls))]
     left, sizes = [], 0
     for e in errors:
@@ -260,7 +263,7 @@ def test_workflow_loads_in_ui(page, path):
     (OUT / f"workflow_{path.stem}_errors.txt").write_text("\n".join(f"[{host_noise(e)}] {e}" for e in errors))
     # Frontend 1.49 keeps the workflows loaded before open, and asks again for their model downloads' sizes.
     LOADED_HINTS.update(frontend.model_hints(wf))
-    inputs = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"}
+    inputs = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] in UPLOAD_NODES}
     assert unexplained(errors, LOADED_HINTS, inputs) == []
 
 

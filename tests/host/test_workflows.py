@@ -111,9 +111,11 @@ NOTE_TITLE_SHOWN = 200  # this much of a note's title bar (canvas units) must be
 # detail): a workflow opens at a zoom where its text is drawn.
 MIN_ZOOM = 0.6
 NOTES = FRONTEND_ONLY
-# The loader types that name model files, and the models/ folder each reads.
+# The loader types that name model files, and the models/ folder (or folders) each reads.
 LOADER_DIRS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
-               "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints"}
+               "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints",
+               "CLIPVisionLoader": "clip_vision", "LTXVAudioVAELoader": "checkpoints",
+               "LTXAVTextEncoderLoader": ("text_encoders", "checkpoints")}
 # What a note's title must name for each pack node in the workflow.
 METHOD_WORDS = {"SDTMPatchModel": "SDTM", "CATPruningPatchModel": "CAT", "TokenDensityPatchModel": "Density",
                 "TokenRatioSchedule": "Token Ratio Schedule", "TokenMapRecorder": "Token Map Recorder",
@@ -176,7 +178,9 @@ def test_every_model_file_has_a_download_hint(path):
         hints = {m["name"]: m for m in n["properties"].get("models", [])}
         assert sorted(hints) == sorted(files), f"{path.name}: node {n['id']} hints {sorted(hints)} for {files}"
         for m in hints.values():
-            assert m["directory"] == LOADER_DIRS[n["type"]], f"{path.name}: {m['name']} goes to {m['directory']}"
+            dirs = LOADER_DIRS[n["type"]]
+            dirs = (dirs,) if isinstance(dirs, str) else dirs
+            assert m["directory"] in dirs, f"{path.name}: {m['name']} goes to {m['directory']}"
             assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"]), m
 
 
@@ -251,7 +255,9 @@ def split_inputs(cls) -> tuple[dict, set]:
 
 
 def is_widget(typ: str, opts: dict) -> bool:
-    return (typ in WIDGET_TYPES or typ == DYNAMIC_COMBO) and not opts.get("forceInput") and not opts.get("hidden")
+    """Also an input of several widget types ("FLOAT,INT"), which the frontend draws as a widget."""
+    return ((all(t in WIDGET_TYPES for t in typ.split(",")) or typ == DYNAMIC_COMBO) and not opts.get("forceInput")
+            and not opts.get("hidden"))
 
 
 def expected_widgets(spec: dict, values: list, start: int = 0, prefix: str = "") -> list:
@@ -278,6 +284,9 @@ def expected_widgets(spec: dict, values: list, start: int = 0, prefix: str = "")
 
 
 def check_value(where: str, typ: str, opts: dict, value):
+    if "," in typ:  # several widget types: a value of one of them
+        kind = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}.get(type(value))
+        typ = kind if kind in typ.split(",") else typ.split(",")[0]
     if typ == "INT":
         assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an INT"
     elif typ == "FLOAT":
@@ -295,8 +304,8 @@ def check_value(where: str, typ: str, opts: dict, value):
         return
     elif typ == "COMBO":
         assert isinstance(value, str), f"{where}: {value!r} is not a COMBO choice"
-        if value.lower().endswith(MODEL_FILE_SUFFIXES):
-            return  # a model file name: the options list the (absent) files on disk, nothing to check
+        if value.lower().endswith(MODEL_FILE_SUFFIXES) or any(k.endswith("_upload") for k in opts):
+            return  # a model file or the user's own upload: the options list the files on disk, nothing to check
         assert value in opts.get("options", []), f"{where}: {value!r} is not one of {opts.get('options')}"
         return
     if "min" in opts:
