@@ -392,9 +392,13 @@ def test_matches_comfyui_flux(host, model):
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    flux = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"),
-                **CFG.flux_params())
-    flux.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("class_")}, strict=True)
+    # Every field this host version needs comes from its own detection of a Flux checkpoint; the sizes are ours.
+    # The weights load through its state-dict conversion, as a checkpoint's do.
+    model_config = host.detected_model_config("flux")
+    params = {**model_config.unet_config, **CFG.flux_params()}
+    flux = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"), **params)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("class_")}
+    flux.load_state_dict(model_config.process_unet_state_dict(weights), strict=True)
     flux.eval()
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, 32, 32, generator=gen)
