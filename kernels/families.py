@@ -451,6 +451,8 @@ def probe_text_first(args: dict, host_block: Callable, family: Family) -> bool |
                 host_block(dict(probe, img=image, txt=probe["txt"].clone(), transformer_options=to))
         except _QueriesSeen:
             pass
+        except Exception as e:  # a block that cannot run on two tokens: unverified, never the user's run failed
+            return f"the double block could not be probed ({type(e).__name__}: {str(e)[:100]})"
     if len(queries) != 2 or queries[0].shape[1] != 2:
         return "the double block's joint attention could not be observed"
     moved = torch.nonzero((queries[0] != queries[1]).any(dim=2).any(dim=0)).flatten().tolist()

@@ -181,3 +181,9 @@ def test_a_double_block_whose_attention_cannot_be_seen_runs_unreduced():
     assert families.probe_text_first(args, _joint_block(False), FLUX) is False
     why = families.probe_text_first(args, lambda a: {"img": a["img"], "txt": a["txt"]}, FLUX)
     assert isinstance(why, str) and "could not be observed" in why
+
+    def fails(a):
+        raise RuntimeError("shapes do not match")
+
+    why = families.probe_text_first(args, fails, FLUX)
+    assert isinstance(why, str) and "could not be probed" in why and "shapes do not match" in why
