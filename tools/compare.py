@@ -21,7 +21,9 @@ module is missing are printed as "not available" with the reason, never dropped 
     (other seeds; the unpatched row's own KID is the noise floor).
     Then "fidelity at equal FLOPs": the naive merge's ratio and the step count are swept, and the
     PSNR and KID of those baselines are interpolated (linearly in FLOPs) at each method's FLOPs
-    (both on the first --sweep-samples images of every row; KID wants a few hundred).
+    (both on the first --sweep-samples images of every row; KID wants a few hundred). And the plain step
+    caches (tools/step_cache.py, every layout, the pack's forecast and a second-order one): per method row the
+    median and the best layout whose FLOPs are no higher (issue 22's bar).
 (b) Tiny ComfyUI models (tools/comfy_host.py builders, random weights) through comfy.sample.sample,
     with the pack's own node and ComfyUI's EasyCache (LazyCache on SD3, which has no
     DIFFUSION_MODEL wrapper) and one stack. PSNR on latents, scaled by the unpatched latents'
@@ -56,6 +58,7 @@ from tools import cli  # noqa: E402
 from tools.report import Report, peak_memory, sync  # noqa: E402
 from tools import metrics as M  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
+from tools import step_cache  # noqa: E402
 
 
 
@@ -71,6 +74,10 @@ REUSE_ONLY = comparison_name(BY_KEY["cat"], "ratio 0.99 (reuse between full step
 CALIBRATED_SAVINGS = (0.4, 0.55)
 NAIVE_RATIO = 0.5
 STEP_FRACTIONS = (0.6, 0.5)
+# Plain step caches (tools/step_cache.py), every layout: kind -> (label, forecast order, damping). The
+# second-order one is in the spirit of TaylorSeer, damped as the pack's forecast.
+CACHE_SWEEPS = {"cache": ("plain step cache (the pack's forecast)", 1, 0.5),
+                "cache-taylor": ("second-order step cache (TaylorSeer-style)", 2, 0.5)}
 
 
 def naive_config(ratio: float) -> SDTMConfig:
@@ -166,6 +173,7 @@ class Settings:
     seed: int = 0
     naive_sweep: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75)
     step_fractions: tuple | None = None   # swept step counts as fractions; default every count from 30% to steps - 1
+    cache_sweeps: tuple = tuple(CACHE_SWEEPS)   # plain step caches over every layout (CACHE_SWEEPS)
     device: str = "cpu"
 
 
@@ -414,8 +422,39 @@ CURVE_NAMES = {"naive": "naive merge (ratio)", "steps": "fewer steps (count)",
                "steps-ab2": "fewer steps, AB2 sampler (count)"}
 
 
-def equal_flops(res: dict, curves: list[Curve], s: Settings, kid: KidReference | None = None) -> list[dict]:
-    """Per method row: its PSNR (and KID) on the sweep images and each baseline curve's at its FLOPs."""
+@dataclass
+class CacheSweep:
+    """PSNR of a step cache at every layout: (FLOPs / unpatched, PSNR dB, layout), sorted by FLOPs."""
+    name: str
+    points: list
+
+    def at_most(self, f: float) -> dict | None:
+        """The median and the best layout whose FLOPs are no higher than f (None: none is that cheap)."""
+        fit = [p for p in self.points if p[0] <= f + 1e-9]
+        if not fit:
+            return None
+        best = max(fit, key=lambda p: p[1])
+        return {"median": statistics.median(p[1] for p in fit), "best": best[1], "best_layout": best[2],
+                "layouts": len(fit)}
+
+
+def cache_sweep(model, base: Result, s: Settings, kind: str) -> CacheSweep:
+    """Every step-cache layout (step_cache.layouts) on the first sweep images; a layout's FLOPs are its
+    full steps over all steps (a skipped step calls no model)."""
+    label, order, forecast = CACHE_SWEEPS[kind]
+    n = min(s.sweep_samples, s.samples)
+    pts = []
+    for layout in step_cache.layouts(s.steps):
+        row = Row(layout.name, step_cache.cache_options(layout, forecast, order))
+        images, _ = generate(model, row, s, n)
+        pts.append((layout.full_steps(s.steps) / s.steps, R.psnr(images, base.images[:n]), layout.name))
+    return CacheSweep(label, sorted(pts))
+
+
+def equal_flops(res: dict, curves: list[Curve], s: Settings, kid: KidReference | None = None,
+                caches: list[CacheSweep] = ()) -> list[dict]:
+    """Per method row: its PSNR (and KID) on the sweep images, each baseline curve's at its FLOPs and the
+    step caches' (median and best) at no more FLOPs."""
     base = next(iter(res.values()))
     n = min(s.sweep_samples, s.samples)
     out = []
@@ -427,6 +466,7 @@ def equal_flops(res: dict, curves: list[Curve], s: Settings, kid: KidReference |
                  "kid": kid.kid(r.images[:n], s)[0] if kid is not None else None}
         entry["psnr_curves"] = {c.name: c.at(f) for c in curves}
         entry["kid_curves"] = {c.name: c.at(f, "kid") for c in curves}
+        entry["caches"] = {c.name: c.at_most(f) for c in caches}
         out.append(entry)
     return out
 
@@ -467,6 +507,34 @@ def report_equal_flops(rep: Report, curves: list[Curve], table: list[dict], s: S
         rep()
     else:
         report_kid_equal_flops(rep, curves, table, n)
+
+
+def report_caches(rep: Report, caches: list[CacheSweep], table: list[dict], s: Settings):
+    """Each method row against the plain step caches whose FLOPs are no higher: the median and the best."""
+    if not caches:
+        return
+    n = min(s.sweep_samples, s.samples)
+    rep(f"### (a) Against plain step caches at no more FLOPs (PSNR vs unpatched, first {n} images)")
+    rep()
+    for c in caches:
+        rep(f"- {c.name}: " + ", ".join(f"{k} -> {f:.3f} FLOPs, {_db(p)} dB" for f, p, k in c.points))
+    rep()
+    header = ["method", "FLOPs / unpatched", "method PSNR dB"]
+    for c in caches:
+        header += [f"{c.name}: median / best at <= FLOPs", "method - median", "method - best"]
+    rows = []
+    for e in table:
+        row = [e["name"], f"{e['flops']:.3f}", _db(e["psnr"])]
+        for c in caches:
+            hit = e["caches"][c.name]
+            row += ["none this cheap", "-", "-"] if hit is None else [
+                f"{_db(hit['median'])} / {_db(hit['best'])} ({hit['best_layout']}; {hit['layouts']} layouts)",
+                f"{e['psnr'] - hit['median']:+.2f}", f"{e['psnr'] - hit['best']:+.2f}"]
+        rows.append(row)
+    rep.table(header, rows)
+    rep("A layout: a warm-up of full steps, then one full step every few steps; the others carry each batch row's "
+        "last full output along its trend (tools/step_cache.py), with no token-level work.")
+    rep()
 
 
 KID_MIN_IMAGES = 64   # below this, KID's subsets are too small to rank methods (the sign flips)
@@ -681,9 +749,12 @@ def _main(args, argv: list[str]) -> dict:
         report_reference(rep, res, s, source, model)
         base = res[rows[0].name]
         curves = [sweep(model, base, s, kind, kid=kid) for kind in CURVE_NAMES]
-        table = equal_flops(res, curves, s, kid)
+        caches = [cache_sweep(model, base, s, kind) for kind in s.cache_sweeps]
+        table = equal_flops(res, curves, s, kid, caches)
         report_equal_flops(rep, curves, table, s)
-        out["reference"] = {"source": source, "results": res, "curves": curves, "equal_flops": table}
+        report_caches(rep, caches, table, s)
+        out["reference"] = {"source": source, "results": res, "curves": curves, "caches": caches,
+                            "equal_flops": table}
     if "host" in sections and not args.no_host:
         run_host(rep, args.quick, 20 if not args.quick else 12)
     if "full" in sections:
@@ -709,8 +780,15 @@ def summary(args, s: Settings, ref: dict) -> dict:
         return {e["name"]: None if e["psnr_curves"][curve] is None else e["psnr"] - e["psnr_curves"][curve][0]
                 for e in ref["equal_flops"]}
     euler, ab2 = versus(CURVE_NAMES["steps"]), versus(CURVE_NAMES["steps-ab2"])
+    plain = CACHE_SWEEPS["cache"][0]
+    caches = {e["name"]: e["caches"].get(plain) for e in ref["equal_flops"]}
     for row in rows:
         row["vs_fewer_steps"], row["vs_fewer_steps_ab2"] = euler.get(row["name"]), ab2.get(row["name"])
+        hit = caches.get(row["name"])
+        if hit is not None:  # the plain step cache at no more FLOPs, on the sweep images
+            psnr = next(e["psnr"] for e in ref["equal_flops"] if e["name"] == row["name"])
+            row.update(vs_cache_median=psnr - hit["median"], vs_cache_best=psnr - hit["best"],
+                       cache_best_layout=hit["best_layout"])
     return {"model": args.model, "steps": s.steps, "samples": s.samples, "sweep_samples": s.sweep_samples,
             "source": ref["source"], "rows": rows}
 

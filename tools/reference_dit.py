@@ -47,6 +47,9 @@ MODELS = {"64px": WEIGHTS_PATH, "128px": WEIGHTS_PATH.with_name("reference_dit_1
 APPLY_MODEL_HOOKS_KEY = "reference_apply_model_hooks"
 # Hooks run after it, hook(x, sigma, options, out) -> out (a stateful method such as CAT reuses cached noise).
 APPLY_MODEL_AFTER_KEY = "reference_apply_model_after_hooks"
+# Wrappers around the whole call, wrapper(call_next, x, sigma, class_ids, options) -> out, outermost first: this
+# model's analogue of an APPLY_MODEL wrapper that may skip the model (a step cache, tools/step_cache.py).
+MODEL_WRAPPERS_KEY = "reference_model_wrappers"
 
 
 @dataclass
@@ -508,6 +511,13 @@ def method_options(method, model: ReferenceDiT, method_key: str = "sdtm", base: 
 def model_call(model: ReferenceDiT, x: Tensor, sigma: float, class_ids: Tensor, transformer_options=None) -> Tensor:
     """One model call with a per-call copy of transformer_options (like ComfyUI's calc_cond_batch)."""
     to = dict(transformer_options or {})
+    call = functools.partial(_hooked_call, model)
+    for wrapper in reversed(to.get(MODEL_WRAPPERS_KEY, [])):
+        call = functools.partial(wrapper, call)
+    return call(x, sigma, class_ids, to)
+
+
+def _hooked_call(model: ReferenceDiT, x: Tensor, sigma: float, class_ids: Tensor, to: dict) -> Tensor:
     for hook in to.get(APPLY_MODEL_HOOKS_KEY, []):
         hook(x, sigma, to)
     s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)

@@ -1,0 +1,134 @@
+"""Plain step caches on the reference model: the simple alternative a preset must beat at equal work.
+
+At each sampling step either the full model runs, or every batch row's last full output is carried along
+its trend, with no token-level work:
+- order 1: the pack's own forecast (kernels.forecast.Trend: damped slope between the last two full steps,
+  held while the trend predicts worse than holding);
+- order 2: a second-order forecast in the spirit of TaylorSeer (arXiv 2503.06923): the polynomial through
+  the last three full outputs (Newton divided differences in sigma), each order damped.
+The run's first full step starts no trend (at pure noise the prediction is roughly the mean image).
+
+Layouts: a warm-up of `warmup` full steps, then one full step every `every` steps. A skipped step calls no
+model, so a layout costs its full steps over all steps (FLOPs counted by the sampler's FlopCounterMode).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kernels.forecast import Trend  # noqa: E402
+from tools import reference_dit as R  # noqa: E402
+
+WARMUPS = range(2, 11)   # the layouts every comparison lists
+EVERY = range(2, 7)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Full steps: the first `warmup`, then the last of every `every` steps after them."""
+
+    warmup: int
+    every: int
+
+    def is_full(self, step: int) -> bool:
+        return step < self.warmup or (step - self.warmup + 1) % self.every == 0
+
+    def full_steps(self, steps: int) -> int:
+        return sum(self.is_full(i) for i in range(steps))
+
+    @property
+    def name(self) -> str:
+        return f"warm-up {self.warmup}, every {self.every}"
+
+
+def layouts(steps: int, warmups=WARMUPS, every=EVERY) -> list[Layout]:
+    """Every layout with a warm-up shorter than the run; of layouts with the same full steps (short runs) the
+    first only, so that none counts twice in a median."""
+    seen, out = set(), []
+    for layout in (Layout(w, r) for w in warmups for r in every if w < steps):
+        mask = tuple(layout.is_full(i) for i in range(steps))
+        if mask not in seen:
+            seen.add(mask)
+            out.append(layout)
+    return out
+
+
+class Taylor:
+    """One row's second-order forecast: the polynomial through its last three full outputs, each order
+    damped (`damping[k]` scales the k+1-th divided difference); lower orders until three are seen."""
+
+    def __init__(self, damping: tuple):
+        self.damping = tuple(damping)
+        self.points: list = []   # (sigma, output), newest last; the run's first full step excluded
+        self.first: tuple | None = None
+
+    def record(self, out: torch.Tensor, sigma: float):
+        if self.first is None:
+            self.first = (sigma, out)
+            return
+        self.points = (self.points + [(sigma, out)])[-(len(self.damping) + 1):]
+
+    def carry(self, sigma: float) -> torch.Tensor:
+        points = self.points or [self.first]
+        sig = [p[0] for p in reversed(points)]         # newest first
+        diff = [p[1] for p in reversed(points)]
+        for j in range(1, len(sig)):                    # divided differences in place
+            for i in range(len(sig) - 1, j - 1, -1):
+                diff[i] = (diff[i - 1] - diff[i]) / (sig[i - j] - sig[i])
+        out, basis = diff[0], 1.0
+        for j in range(1, len(sig)):
+            basis = basis * (sigma - sig[j - 1])
+            out = out + (self.damping[j - 1] * basis) * diff[j]
+        return out
+
+
+class StepCache:
+    """One sampling run's step cache: a reference_dit.MODEL_WRAPPERS_KEY wrapper (fresh per run)."""
+
+    def __init__(self, layout: Layout, forecast: float = 0.5, order: int = 1):
+        if order not in (1, 2):
+            raise ValueError(f"step cache: order must be 1 or 2, got {order}")
+        self.layout, self.forecast, self.order = layout, float(forecast), order
+        self.step, self.sigma = -1, None
+        self.rows: list = []
+
+    def options(self, base: dict | None = None) -> dict:
+        to = dict(base or {})
+        to[R.MODEL_WRAPPERS_KEY] = [self] + list(to.get(R.MODEL_WRAPPERS_KEY, []))
+        return to
+
+    def __call__(self, call_next, x, sigma, class_ids, options):
+        sigma = float(sigma)
+        if sigma != self.sigma:
+            self.step, self.sigma = self.step + 1, sigma
+        if self.layout.is_full(self.step) or len(self.rows) != x.shape[0]:
+            out = call_next(x, sigma, class_ids, options)
+            self._record(out, sigma)
+            return out
+        return torch.stack([self._carry(row, sigma) for row in self.rows]).to(x.dtype)
+
+    def _record(self, out: torch.Tensor, sigma: float):
+        if len(self.rows) != out.shape[0]:
+            self.rows = [Trend() if self.order == 1 else Taylor((self.forecast,) * 2) for _ in range(out.shape[0])]
+        for row, o in zip(self.rows, out.detach().float().unbind(0)):
+            if self.order == 1:
+                row.record(o, sigma, self.forecast)
+            else:
+                row.record(o, sigma)
+
+    def _carry(self, row, sigma: float) -> torch.Tensor:
+        if self.order == 1:
+            return row.carry(row.full, row.sigma, sigma, self.forecast)
+        return row.carry(sigma)
+
+
+def cache_options(layout: Layout, forecast: float = 0.5, order: int = 1):
+    """A Row.build-style factory: model -> transformer_options of a fresh step cache."""
+    return lambda model: StepCache(layout, forecast, order).options()
