@@ -26,7 +26,7 @@ SEED = 0      # of the k-means initialisation
 @dataclass(frozen=True)
 class CATConfig:
     """Validated on construction."""
-    ratio: float = 0.95         # fraction of image tokens not computed per pruned step
+    ratio: float = 0.95         # fraction of image tokens not computed per pruned step (1: none, the step is skipped)
     full_percent: float = 0.28  # progress before which every step runs in full (the paper's t0)
     refresh_every: int = 2      # a full step after this many pruned steps (0: never, as the paper)
     clusters: int = 20
@@ -37,8 +37,8 @@ class CATConfig:
     cache_dtype: str = "model"  # cached keys/values: CACHE_DTYPES (kv_cache.py)
 
     def __post_init__(self):
-        if not (0.0 <= self.ratio < 1.0):
-            raise ValueError(f"{NAME}: ratio must lie in [0, 1), got {self.ratio}")
+        if not (0.0 <= self.ratio <= 1.0):
+            raise ValueError(f"{NAME}: ratio must lie in [0, 1], got {self.ratio}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"{NAME}: cache_dtype must be one of {', '.join(CACHE_DTYPES)}, "
                              f"got {self.cache_dtype!r}")
@@ -89,6 +89,7 @@ class CallPlan:
     selection: torch.Tensor | None       # (B, n_keep) token indices, or None for a full call
     signature: tuple = ()
     pruned: bool = False                 # some block of the call ran on the selection (a block may run unreduced)
+    skip: bool = False                   # nothing to compute: every token served from its forecast, no block runs
 
 
 @dataclass
@@ -130,6 +131,8 @@ class CATPruning(TokenMethod):
     def __init__(self, config: CATConfig, schedule: TokenRatioSchedule | None = None):
         self.config = config
         self.schedule = schedule
+        # ratio 1 without a schedule: a pruned step runs no block, so no key or value is ever read
+        self.keeps_kv = schedule is not None or config.ratio < 1.0
 
     def new_run_state(self) -> CATRunState:
         return CATRunState()
@@ -165,13 +168,16 @@ class CATPruning(TokenMethod):
         n_keep = self.n_keep(call.n_img, call.progress, call.num_blocks)
         full = (self._scheduled_full(call.progress, n_keep, call.n_img, state.steps.reduced_since_full)
                 or any(state.rows.get(r) is None or state.rows[r].prev is None for r in rows)
-                or signature not in state.kv)
-        selection = None
-        if not full:
-            selection = self._select([state.rows[r] for r in rows], call.grid, n_keep)
-            selection = selection if selection.device == x.device else selection.to(x.device)
+                or (n_keep > 0 and signature not in state.kv)
+                or (n_keep == 0 and not call.replaceable))
         state.steps.last_full = full
-        return CallPlan(rows, selection, signature)
+        if full:
+            return CallPlan(rows, None, signature)
+        if n_keep == 0:  # nothing to compute: every token is served from its forecast
+            empty = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
+            return CallPlan(rows, empty, signature, pruned=True, skip=True)
+        selection = self._select([state.rows[r] for r in rows], call.grid, n_keep)
+        return CallPlan(rows, selection if selection.device == x.device else selection.to(x.device), signature)
 
     def _scheduled_full(self, progress: float, n_keep: int, n_img: int, pruned_since_full: int) -> bool:
         c = self.config
@@ -236,7 +242,7 @@ class CATPruning(TokenMethod):
     def run_block(self, block: BlockCall) -> dict:
         state = block.run.state if block.run is not None else None
         plan = block.decision
-        if state is None or plan is None:
+        if state is None or plan is None or not self.keeps_kv:
             block.count(block.span.n_img)
             return block.original(block.args)
         store = state.kv.setdefault(plan.signature, {}).setdefault(block.spec.index, {})
@@ -267,7 +273,8 @@ SPEC = MethodSpec(
                  "values, carried along their recent trend. Place between the model loader and the sampler."),
     amount="How much to prune", config=CATConfig, method=CATPruning, presets=PRESETS,
     settings=(
-        Setting("ratio", "Fraction of image tokens not computed in a pruned step. Higher is faster.", 0.0, 0.99, 0.01),
+        Setting("ratio", "Fraction of image tokens not computed in a pruned step. Higher is faster; 1 computes none: "
+                         "a pruned step is served from the forecast alone.", 0.0, 1.0, 0.01),
         Setting("full_percent", "Progress before which every step runs on every token (the layout forms there).",
                 0.0, 1.0, 0.01),
         Setting("refresh_every", "One full step after this many pruned steps refreshes every cached value (0 = "

@@ -112,6 +112,9 @@ class DensitySchedule(MergingMethod):
             return 1
         return int(self.config.stage_windows[self.stage(progress)])
 
+    def merges(self, call) -> bool:
+        return any(self.window(b, call.num_blocks, call.progress) > 1 for b in range(call.num_blocks))
+
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
         k = self.window(block, num_blocks, progress)
         if k <= 1:

@@ -65,6 +65,14 @@ class DetailCache:
         return self.refresh_every > 0 and (state.steps.reduced_since_full >= self.refresh_every
                                            or any(k not in state.rows for k in call_rows(call, x.shape[0])))
 
+    def serves(self, state: DetailRunState, call, x: torch.Tensor) -> bool:
+        """A reduced call needs no model at all: its merged output would be ignored (weight 0) and every row's
+        forecast is at hand for this latent."""
+        if self.weight:
+            return False
+        rows = [state.rows.get(k) for k in call_rows(call, x.shape[0])]
+        return all(r is not None and r.full.shape == x.shape[1:] and r.full.device == x.device for r in rows)
+
     def end_call(self, state: DetailRunState, call, reduced: bool, noise: torch.Tensor):
         """(corrected forecast, all-False computed mask) for a reduced call; records full calls, returns None."""
         if noise.ndim not in (4, 5):

@@ -76,6 +76,7 @@ class CallInfo:
     previous_output: dict | None = field(default=None, repr=False, compare=False)
     txt_stream: torch.Tensor | None = field(default=None, repr=False, compare=False)  # families.TextOrder's
     text_first: bool | str | None = None  # this call's single-stream order (families.TextOrder)
+    replaceable: bool = True  # end_call will see the output (the host recovers the noise): a method may skip
 
     def release_previous_output(self):
         """Empty the dict the previous block returned: the host (Flux's forward_orig) holds it until the next
@@ -147,16 +148,17 @@ class RunStats:
     steps: int = 0          # model calls at a new sigma
     seconds: float = 0.0    # wall time of the run
 
-    def add(self, n_in: int, n_out: int, n_keys: int | None = None, n_other: int = 0):
+    def add(self, n_in: int, n_out: int, n_keys: int | None = None, n_other: int = 0, skipped: bool = False):
         """One block call: n_out of n_in image tokens computed against n_keys image keys (default n_out),
-        plus n_other other tokens."""
+        plus n_other other tokens; `skipped`: the block did not run at all (its other tokens neither)."""
         n_keys = n_out if n_keys is None else n_keys
         self.block_calls += 1
         self.tokens_in += n_in
         self.tokens_computed += n_out
         self.merged_calls += int(n_out < n_in)
-        self.linear += n_out + n_other
-        self.pairs += (n_out + n_other) * (n_keys + n_other)
+        if not skipped:
+            self.linear += n_out + n_other
+            self.pairs += (n_out + n_other) * (n_keys + n_other)
         self.full_linear += n_in + n_other
         self.full_pairs += (n_in + n_other) ** 2
 
@@ -215,6 +217,11 @@ class BlockCall:
         return self.run.decision if self.run is not None else None
 
     @property
+    def skipped(self) -> bool:
+        """The decision serves the whole call (its `skip`): no block runs, end_call replaces the output."""
+        return bool(getattr(self.decision, "skip", False))
+
+    @property
     def observed(self) -> bool:
         """An observer listens (a method may skip building a map nobody reads)."""
         return self.call.observer is not None
@@ -238,16 +245,22 @@ class BlockCall:
     def image_tokens(self) -> torch.Tensor:
         return self.pieces()[1]
 
-    def count(self, n_computed: int, n_keys: int | None = None):
-        """Record that `n_computed` image tokens ran (against `n_keys` image keys, default the same)."""
+    def count(self, n_computed: int, n_keys: int | None = None, skipped: bool = False):
+        """Record that `n_computed` image tokens ran (against `n_keys` image keys, default the same);
+        `skipped`: the block did not run."""
         x = self.args["img"]
         n_other = x.shape[1] - self.span.n_img + self.span.n_txt + self.span.n_txt_after
         if self.run is not None:
             stats = self.run.stats
             stats.width = stats.width or int(x.shape[-1])
-            stats.add(self.span.n_img, n_computed, n_keys, n_other)
+            stats.add(self.span.n_img, n_computed, n_keys, n_other, skipped)
         if self.call.observer is not None:
             self.call.observer.count(self.spec.index, self.span.n_img, n_computed, n_other, int(x.shape[-1]))
+
+    def skip(self) -> dict:
+        """The block's output in a skipped call: its inputs unchanged (end_call replaces the call's output)."""
+        self.count(0, 0, skipped=True)
+        return {name: self.args[name] for name in ("img", "txt") if name in self.args}
 
 
 def check_fractions(label: str, config, *names: str):
@@ -261,7 +274,9 @@ def check_fractions(label: str, config, *names: str):
 class TokenMethod:
     """What every method implements. Per model call, begin_call returns the method's decision for it (kept
     by the runtime for the blocks, as BlockCall.decision, and handed to end_call); end_call may return
-    (noise, computed pixel mask) to replace what was not computed. The base class reduces nothing."""
+    (noise, computed pixel mask) to replace what was not computed. A decision whose `skip` is true serves the
+    whole call itself (only where call.replaceable): no block runs, and end_call must replace every pixel.
+    The base class reduces nothing."""
 
     name = "token method"
     composable = True      # False: no other token-reduction method may patch the same model
@@ -299,7 +314,8 @@ class MergeCall:
     """A merging method's decision for one model call."""
 
     full: bool = False     # run every block on every token (a refresh step)
-    reduced: bool = False  # some block of the call ran on merged tokens
+    reduced: bool = False  # some block of the call ran on merged tokens (or, skipped, would have)
+    skip: bool = False     # the merged call would be ignored (detail_weight 0): run no block, serve the forecast
 
 
 class MergingMethod(TokenMethod):
@@ -316,6 +332,10 @@ class MergingMethod(TokenMethod):
 
     def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
         raise NotImplementedError
+
+    def merges(self, call: CallInfo) -> bool:
+        """Whether some block of this call merges (a call that merges nothing is a full call)."""
+        return self.is_active(call.progress)
 
     def weighted_attention(self) -> bool:
         """Proportional attention: a merged key counts as often as its group has tokens."""
@@ -344,7 +364,11 @@ class MergingMethod(TokenMethod):
         return self.detail_cache.new_run_state() if self.detail_cache is not None else None
 
     def begin_call(self, state, call, x) -> MergeCall:
-        return MergeCall(full=self.detail_cache.wants_full_call(state, call, x))
+        decision = MergeCall(full=self.detail_cache.wants_full_call(state, call, x))
+        if (call.replaceable and not decision.full and self.detail_cache.serves(state, call, x)
+                and self.merges(call)):
+            decision.skip = decision.reduced = True  # the merged call would be ignored: run none
+        return decision
 
     def end_call(self, state, call, decision: MergeCall, noise):
         return self.detail_cache.end_call(state, call, decision.reduced, noise)
@@ -435,12 +459,13 @@ class Runtime:
             not m.observes_only for m in transformer_options.get(METHODS_KEY, ()))
 
     def begin_call(self, transformer_options: dict, x: torch.Tensor, sigma: float, progress: float, n_txt: int,
-                   rows: tuple = ()) -> CallInfo | None:
+                   rows: tuple = (), replaceable: bool = True) -> CallInfo | None:
+        """`replaceable`: the host hands this call's output to end_call (else no method may skip it)."""
         if self.steps_aside(transformer_options):
             return None
         grid = token_grid(x.shape, self.patch)
         call = CallInfo(grid, math.prod(grid), n_txt, progress, sigma, rows, num_blocks=self.family.num_blocks,
-                        patch=self.patch)
+                        patch=self.patch, replaceable=replaceable)
         observer = transformer_options.get(OBSERVER_KEY)
         if observer is not None:
             call.observer = observer.begin_call(call)
@@ -514,8 +539,9 @@ class Runtime:
                                                         span.n_txt + args["img"].shape[1] + span.n_txt_after)
                     if hook is not None:
                         args = {**args, "transformer_options": override_attention(to, hook)}
-                out = method.run_block(BlockCall(args, keeping_ranges(original, args, span), spec, family, span, call,
-                                                 (to.get(RUNS_KEY) or {}).get(key)))
+                block = BlockCall(args, keeping_ranges(original, args, span), spec, family, span, call,
+                                  (to.get(RUNS_KEY) or {}).get(key))
+                out = block.skip() if block.skipped else method.run_block(block)
             out = original(args) if out is None else out
             text_order.block_done(spec, out, call)
             return out

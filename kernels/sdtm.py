@@ -94,9 +94,16 @@ class SDTM(MergingMethod):
         # Destinations move with block and step, so every token is computed on its own now and then.
         return SEED * 1_000_003 + block * 7919 + int(round(progress * 1e6))
 
-    def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
+    def num_remove(self, n_img: int, block: int, num_blocks: int, progress: float) -> int:
+        """Image tokens this block merges away."""
         r = self.ratio(block, num_blocks, progress)
-        num_remove = int((min(bucket_ratio(r), self._top) if self._moving_ratio else r) * tokens.shape[1])
+        return int((min(bucket_ratio(r), self._top) if self._moving_ratio else r) * n_img)
+
+    def merges(self, call) -> bool:
+        return any(self.num_remove(call.n_img, b, call.num_blocks, call.progress) > 0 for b in range(call.num_blocks))
+
+    def plan(self, tokens: torch.Tensor, grid, block: int, num_blocks: int, progress: float) -> MergePlan | None:
+        num_remove = self.num_remove(tokens.shape[1], block, num_blocks, progress)
         if num_remove <= 0:
             return None
         window = (1,) * (len(grid) - 2) + (self.config.window, self.config.window)

@@ -114,7 +114,7 @@ def install(model, method, method_key: str, info: ModelInfo, node_id=None, obser
         sigma_value, sigma_min = torch.stack([sigma.flatten()[0], sigma.min()]).tolist()
         progress = progress_map(executor.class_obj.model_sampling)(sigma_value)
         runtime.begin_call(transformer_options, x, sigma_value, progress, n_txt,
-                           row_keys(transformer_options, x.shape[0]))
+                           row_keys(transformer_options, x.shape[0]), replaceable=sigma_min > 0)
         packed_out = executor(*args, **kwargs)
         if runtime.stateful(transformer_options) and sigma_min > 0:
             # Methods work on the predicted noise (x - denoised) / sigma: eps, or a flow model's velocity.

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import step_plan
-from test_host_sdtm import (SD3_DEPTH, SUMMARY, assert_same_snapshot, build, count_flops, predicted_block_flops,
-                            snapshot)
+from test_host_sdtm import (SD3_DEPTH, SUMMARY, _block_modules, assert_same_snapshot, build, count_flops,
+                            predicted_block_flops, snapshot)
 
 FAMILIES = ["flux", "sd3"]
 PX = 128          # 128 px -> 16x16 latent -> 8x8 = 64 image tokens
@@ -255,6 +255,27 @@ def test_flops_follow_the_kept_fraction(host, cat_node, defaults, family):
         saved += rows * pruned_steps * (full - pruned)
     # outside the blocks: unchanged, plus the tiny k-means / selection work (no matmuls)
     assert abs(pat_total - (base_total - saved)) <= 0.002 * base_total, (pat_total, base_total - saved)
+
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_one_skips_the_pruned_steps(host, cat_node, defaults, family):
+    """At ratio 1 a pruned step runs no block (its output is every token's forecast): the blocks cost only the
+    full steps, and the picture stays finite and near the unpatched one."""
+    steps, px, n_txt = 4, 256, 16
+    n = (px // 16) ** 2
+    model = build(host, family)
+    dm = model.model.diffusion_model
+    cfg = dict(defaults, ratio=1.0, full_percent=0.5, refresh_every=0)
+    base, _ = count_flops(host, model, steps=steps, height=px, width=px, context_len=n_txt)
+    pat, _ = count_flops(host, patch(host, cat_node, model, **cfg), after_a_run=True, steps=steps, height=px,
+                         width=px, context_len=n_txt)
+    skipped = sum(p >= 0.5 for p in progresses(host, model, steps))
+    assert 0 < skipped < steps
+    for name in (f"{type(dm).__name__}.{block}" for block, _ in _block_modules(family, dm)):
+        assert pat[name] * steps == base[name] * (steps - skipped), name
+    out = sample(host, patch(host, cat_node, model, **dict(defaults, ratio=1.0)))
+    assert torch.isfinite(out).all() and rel_l2(sample(host, model), out) < REL_L2_BOUND[family]
 
 
 def _hidden(block):

@@ -229,8 +229,9 @@ def test_ratio_from_a_schedule_is_averaged_over_depth():
 
 
 def test_invalid_config_raises():
-    with pytest.raises(ValueError, match="ratio"):
-        CATPruning(CATConfig(ratio=1.0))
+    for ratio in (1.01, -0.1):
+        with pytest.raises(ValueError, match="ratio"):
+            CATPruning(CATConfig(ratio=ratio))
     with pytest.raises(ValueError, match="full_percent"):
         CATPruning(CATConfig(full_percent=1.5))
 
