@@ -23,7 +23,6 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -167,14 +166,11 @@ def fewer_steps_at(setup: Setup, share: float, sampler: str) -> float | None:
 
 def against_caches(result: dict, table: list[dict]) -> dict:
     """Median and best cache at no more FLOPs than `result`, and the margins over them."""
-    fit = [e for e in table if e["flops"] <= result["flops"] + 1e-9]
-    if not fit:
+    hit = SC.at_most([(e["flops"], e["psnr"], f"w{e['warmup']} r{e['every']}") for e in table], result["flops"])
+    if hit is None:
         return {"caches": 0}
-    best = max(fit, key=lambda e: e["psnr"])
-    median = statistics.median(e["psnr"] for e in fit)
-    return {"caches": len(fit), "median": median, "best": best["psnr"],
-            "best_layout": f"w{best['warmup']} r{best['every']}",
-            "over_median": result["psnr"] - median, "over_best": result["psnr"] - best["psnr"]}
+    return {"caches": hit["layouts"], "median": hit["median"], "best": hit["best"], "best_layout": hit["best_layout"],
+            "over_median": result["psnr"] - hit["median"], "over_best": result["psnr"] - hit["best"]}
 
 
 def meets_bar(result: dict, artifact_limit: float = 1.2) -> bool:

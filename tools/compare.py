@@ -430,12 +430,7 @@ class CacheSweep:
 
     def at_most(self, f: float) -> dict | None:
         """The median and the best layout whose FLOPs are no higher than f (None: none is that cheap)."""
-        fit = [p for p in self.points if p[0] <= f + 1e-9]
-        if not fit:
-            return None
-        best = max(fit, key=lambda p: p[1])
-        return {"median": statistics.median(p[1] for p in fit), "best": best[1], "best_layout": best[2],
-                "layouts": len(fit)}
+        return step_cache.at_most(self.points, f)
 
 
 def cache_sweep(model, base: Result, s: Settings, kind: str) -> CacheSweep:
@@ -485,14 +480,19 @@ def _against_baselines(curves: list[Curve], table: list[dict], metric: str, scal
     return rows
 
 
+def _sweeps_header(rep: Report, sweeps: list) -> list[str]:
+    """List each sweep's points (label, [(FLOPs, PSNR, setting)]); the first columns of the table after them."""
+    rep()
+    for label, points in sweeps:
+        rep(f"- {label}: " + ", ".join(f"{k} -> {f:.3f} FLOPs, {_db(p)} dB" for f, p, k in points))
+    rep()
+    return ["method", "FLOPs / unpatched", "method PSNR dB"]
+
+
 def report_equal_flops(rep: Report, curves: list[Curve], table: list[dict], s: Settings):
     n = min(s.sweep_samples, s.samples)
     rep(f"### (a) Fidelity at equal FLOPs (PSNR vs unpatched, first {n} images)")
-    rep()
-    for c in curves:
-        rep(f"- {c.name} sweep: " + ", ".join(f"{k} -> {f:.3f} FLOPs, {_db(p)} dB" for f, p, k in c.points))
-    rep()
-    header = ["method", "FLOPs / unpatched", "method PSNR dB"]
+    header = _sweeps_header(rep, [(f"{c.name} sweep", c.points) for c in curves])
     for c in curves:
         header += [f"{c.name} PSNR at equal FLOPs", "method - baseline dB"]
     rep.table(header, _against_baselines(curves, table, "psnr", 1.0, _db))
@@ -515,11 +515,7 @@ def report_caches(rep: Report, caches: list[CacheSweep], table: list[dict], s: S
         return
     n = min(s.sweep_samples, s.samples)
     rep(f"### (a) Against plain step caches at no more FLOPs (PSNR vs unpatched, first {n} images)")
-    rep()
-    for c in caches:
-        rep(f"- {c.name}: " + ", ".join(f"{k} -> {f:.3f} FLOPs, {_db(p)} dB" for f, p, k in c.points))
-    rep()
-    header = ["method", "FLOPs / unpatched", "method PSNR dB"]
+    header = _sweeps_header(rep, [(c.name, c.points) for c in caches])
     for c in caches:
         header += [f"{c.name}: median / best at <= FLOPs", "method - median", "method - best"]
     rows = []

@@ -13,6 +13,7 @@ model, so a layout costs its full steps over all steps (FLOPs counted by the sam
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,17 @@ class Layout:
     @property
     def name(self) -> str:
         return f"warm-up {self.warmup}, every {self.every}"
+
+
+def at_most(points, flops: float) -> dict | None:
+    """The caches no dearer than `flops`, from `points` (FLOPs share, PSNR dB, layout name): their median PSNR,
+    the best one and its layout, and how many (None: none is that cheap). The bar of issue 22 compares here."""
+    fit = [p for p in points if p[0] <= flops + 1e-9]
+    if not fit:
+        return None
+    best = max(fit, key=lambda p: p[1])
+    return {"median": statistics.median(p[1] for p in fit), "best": best[1], "best_layout": best[2],
+            "layouts": len(fit)}
 
 
 def layouts(steps: int, warmups=WARMUPS, every=EVERY) -> list[Layout]:
