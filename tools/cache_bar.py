@@ -254,9 +254,9 @@ def parse_args(argv=None):
         p.error(f"unknown candidate {', '.join(unknown)}; --list shows them")
     cli.writable_file(p, args.out)
     if not args.list:
-        cli.writable_dir(p, args.cache_dir, "--cache-dir")
         for name in args.model:
             cli.weights_file(p, R.MODELS[name], f"--model {name}")
+        cli.writable_dir(p, args.cache_dir, "--cache-dir")
     return args, known
 
 

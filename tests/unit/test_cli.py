@@ -82,6 +82,7 @@ WEIGHT_USERS = [
     ("demo", ["--model", "64px"], "64px"),
     ("compare", ["--model", "64px", "--sections", "reference"], "64px"),
     ("merge_error", ["--model", "64px"], "64px"),
+    ("cache_bar", ["--model", "64px"], "64px"),
     ("train_reference", ["--init-from"], "argument"),
     ("train_reference", ["--evaluate", "--out"], "argument"),
 ]
