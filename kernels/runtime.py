@@ -410,6 +410,9 @@ class CallListener:
 
 
 _warned: set = set()
+# Runs of at most this many steps are few-step runs (Flux schnell, Z-Image Turbo, Lightning LoRAs), where a
+# step cache has little to reuse and the evidence compares each preset with fewer steps instead.
+FEW_STEPS = 8
 
 
 def warn_once(key, message: str):
@@ -430,7 +433,13 @@ class Runtime:
         self.text_order = TextOrder(family)
 
     def start_run(self, transformer_options: dict, sigmas=None, latent_shape=None) -> Run:
-        """A fresh run; `sigmas` (the sampler's) and `latent_shape` start the observer's run."""
+        """A fresh run; `sigmas` (the sampler's) and `latent_shape` start the observer's run. A few-step run
+        gets one warning: there, sampling fewer steps does about as well as the presets (README, Few-step models)."""
+        steps = None if sigmas is None else sigmas.numel() - 1
+        if steps is not None and 0 < steps <= FEW_STEPS and not self.method.observes_only:
+            warn_once(("few steps", self.method.name),
+                      f"{self.method.name}: at {steps} steps, simply sampling fewer steps does about as well as this "
+                      "node at the same work (see 'Few-step models' in the pack's README).")
         run = Run(RunStats(), self.method.new_run_state(), time.perf_counter())
         transformer_options[RUNS_KEY] = {**transformer_options.get(RUNS_KEY, {}), self.key: run}
         if self.observer is not None:

@@ -447,3 +447,18 @@ def test_detail_cache_needs_a_full_call_first(host, sdtm_node, merging, family):
     cached = host.sample(patch(host, sdtm_node, model, **dict(plain, detail_cache=True)), **kw)
     assert torch.isfinite(cached).all() and not torch.equal(cached, host.sample(patch(host, sdtm_node, model,
                                                                                       **plain), **kw))
+
+
+def test_a_few_step_run_says_fewer_steps_may_serve_as_well(host, sdtm_node, defaults, caplog, monkeypatch):
+    """Through the node and ComfyUI's sampler: the sampler's own sigmas tell the run's length."""
+    import importlib
+    runtime = importlib.import_module(f"{host.PACK_NAME}.kernels.runtime")  # the pack as ComfyUI loaded it
+    monkeypatch.setattr(runtime, "_warned", set())
+    model = patch(host, sdtm_node, build(host, "flux"), **defaults)
+    with caplog.at_level(logging.WARNING, logger="token_reduction"):
+        host.sample(model, steps=runtime.FEW_STEPS + 1)
+        assert not [r for r in caplog.records if "fewer steps" in r.getMessage()]
+        host.sample(model, steps=4)
+    assert [r.getMessage() for r in caplog.records if "fewer steps" in r.getMessage()] == [
+        "SDTM: at 4 steps, simply sampling fewer steps does about as well as this node at the same work (see "
+        "'Few-step models' in the pack's README)."]

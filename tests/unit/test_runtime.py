@@ -147,3 +147,16 @@ def test_merging_methods_share_one_block_runner():
             return None
 
     assert Pool.run_block is SDTM.run_block
+
+
+def test_a_few_step_run_warns_once_and_a_longer_one_not(caplog, monkeypatch):
+    monkeypatch.setattr(runtime, "_warned", set())
+    rt = Runtime(SDTM(SDTMConfig()), FLUX, 2, "k")
+    with caplog.at_level(logging.WARNING, logger="token_reduction"):
+        rt.start_run({}, torch.linspace(1, 0, runtime.FEW_STEPS + 2))  # one step more than a few-step run
+        assert not caplog.records
+        for _ in range(2):
+            rt.start_run({}, torch.linspace(1, 0, 5))
+    assert [r.getMessage() for r in caplog.records] == [
+        "SDTM: at 4 steps, simply sampling fewer steps does about as well as this node at the same work (see "
+        "'Few-step models' in the pack's README)."]
