@@ -315,14 +315,20 @@ def _db(x: float) -> str:
     return "inf" if x == math.inf else ("-" if math.isnan(x) else f"{x:.2f}")
 
 
-def report_reference(rep: Report, res: dict, s: Settings, source: str, model):
+def weights_line(weights: Path) -> str:
+    """The training record of a weights file, as the evidence pages state it."""
+    meta = R.weights_metadata(weights)
+    return "Weights: " + ", ".join(f"{k} {meta[k]}" for k in ("steps", "final_loss", "complete", "date") if k in meta)
+
+
+def report_reference(rep: Report, res: dict, s: Settings, source: str, model, weights: Path | None = None):
+    """`weights`: the file the trained model came from, whose training metadata the page states."""
     c = model.config
     base = next(iter(res.values()))
     rep(f"## (a) Reference DiT: {source}")
     rep()
-    if source.startswith("trained") and hasattr(R, "weights_metadata"):
-        meta = R.weights_metadata(R.WEIGHTS_PATH)
-        rep("Weights: " + ", ".join(f"{k} {meta[k]}" for k in ("steps", "final_loss", "complete", "date") if k in meta))
+    if source.startswith("trained") and weights is not None:
+        rep(weights_line(weights))
         rep()
     rep(f"{c.depth_double} double + {c.depth_single} single blocks, hidden {c.hidden}; "
         f"{c.image_size}x{c.image_size} px, "
@@ -742,7 +748,7 @@ def _main(args, argv: list[str]) -> dict:
         rows = reference_rows(s)
         kid = kid_reference(model, s)
         res = run_reference(model, rows, s, kid=kid)
-        report_reference(rep, res, s, source, model)
+        report_reference(rep, res, s, source, model, REFERENCE_MODELS[args.model])
         base = res[rows[0].name]
         curves = [sweep(model, base, s, kind, kid=kid) for kind in CURVE_NAMES]
         caches = [cache_sweep(model, base, s, kind) for kind in s.cache_sweeps]

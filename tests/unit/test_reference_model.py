@@ -290,13 +290,16 @@ def test_demo_end_to_end(tmp_path, capsys):
                         "--scale", "1", "--threads", "1"])
     img = _read_png((tmp_path / "demo_side_by_side.png").read_bytes())
     rows = result["rows"]
-    assert [r.name for r in rows] == ["UNPATCHED", "SDTM", "DENSITY", "CAT", "2 STEPS, NOT 4"]
+    assert [r.name for r in rows] == ["UNPATCHED", "SDTM", "DENSITY", "CAT", "STEP CACHE, NO TOKEN WORK",
+                                      "2 STEPS, NOT 4"]
     assert img.shape[0] > len(rows) * 64 and img.shape[1] > 2 * 64
     label_column = img[:, :60]
     assert (label_column < 100).any(), "the rows carry their labels"
     assert rows[0].flops == 1.0 and rows[-1].flops == 0.5
     for r in rows[1:-1]:
         assert 0.0 < r.flops < 1.0 and r.psnr < float("inf"), r.name
+    cat, cache = rows[3], rows[4]
+    assert cache.flops < cat.flops, "the step cache keeps CAT's full steps and computes nothing between them"
     printed = capsys.readouterr().out
     assert printed.count("| ") >= len(rows) and result["recommendation"].lower() in printed.lower()
     assert (tmp_path / "demo_table.md").read_text().startswith("| setting |")
@@ -416,3 +419,11 @@ def test_matches_comfyui_flux(host, model):
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (sigma, (ours - theirs).abs().max())
         if options is not None:
             assert options[RUNS_KEY]["sdtm"].stats.merged_calls > 0
+
+
+def test_an_evidence_page_states_its_own_models_training_record():
+    from tools import compare
+    lines = {name: compare.weights_line(path) for name, path in compare.REFERENCE_MODELS.items() if path.is_file()}
+    assert {"64px", "128px"} <= set(lines)
+    assert lines["64px"] != lines["128px"]
+    assert f"steps {R.weights_metadata(compare.REFERENCE_MODELS['128px'])['steps']}," in lines["128px"]
