@@ -64,7 +64,13 @@ def settings(bias_free: bool = False, cache_options: bool = False) -> list[tuple
                     spec.config(**kwargs), bias_free_attention=True)))
     if cache_options:
         rows.append((FP8_CACHE, lambda: BY_KEY["cat"].with_settings(dict(cache_dtype="fp8"))))
+    rows.append((STEP_CACHE, lambda: BY_KEY["cat"].with_settings(dict(ratio=1.0))))
     return rows
+
+
+# The simple alternative beside the nodes: CAT at ratio 1 computes no token between its full steps and carries
+# the last full output along its trend, a plain step cache with CAT balanced's full steps (tools/step_cache.py).
+STEP_CACHE = "plain step cache (CAT balanced's full steps, no token work between them)"
 
 
 def preset_methods() -> dict[str, Callable]:
