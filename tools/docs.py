@@ -42,18 +42,6 @@ def support_matrix() -> str:
 
 
 EVIDENCE = ROOT / "docs" / "evidence"
-PRIMARY = ("128px", 10)  # the evidence run the README quotes
-
-
-def evidence(model: str, steps: int) -> dict | None:
-    path = EVIDENCE / f"{model}-{steps}steps.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def evidence_command(model: str, steps: int) -> str:
-    """The command that wrote an evidence page, as its header (tools/report.py) records it."""
-    page = (EVIDENCE / f"{model}-{steps}steps.md").read_text()
-    return re.search(r"^- Command: `(.+)`$", page, re.M).group(1)
 
 
 def _flux_dev_flops() -> dict:
@@ -64,56 +52,200 @@ def _flux_dev_flops() -> dict:
             for key, make in benchmark.preset_methods().items()}
 
 
+BAR_STEPS = 28         # the step-cache bar's evidence the README's table quotes (issue 22: Flux-dev's 20-50 steps)
+FEW_STEPS = (4, 8)     # the few-step runs it compares with fewer steps
+BAR_MODEL = "128px"    # the reference model the table lists; the lines below it cover every model
+
+
+def bar_evidence(steps: int) -> list | None:
+    """tools/cache_bar.py's results on the held-out split at `steps` (one entry per reference model)."""
+    path = EVIDENCE / f"step-cache-{steps}steps.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def bar_command(steps: int) -> str:
+    page = (EVIDENCE / f"step-cache-{steps}steps.md").read_text()
+    return re.search(r"^- Command: `(.+)`$", page, re.M).group(1)
+
+
+def _node_preset(key: str) -> tuple[str, str]:
+    node, preset = key.split(":")
+    return BY_KEY[node].display_name, preset
+
+
+def _db(value) -> str:
+    return "n/a" if value is None else f"{value:+.1f} dB"
+
+
+def _magnitudes(values) -> str:
+    lo, hi = min(abs(v) for v in values), max(abs(v) for v in values)
+    return f"{lo:.1f} dB" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f} to {hi:.1f} dB"
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:+.1f} dB" if f"{lo:+.1f}" == f"{hi:+.1f}" else f"{lo:+.1f} to {hi:+.1f} dB"
+
+
 def choose() -> str:
-    """Which node and preset for which goal: FLOPs at Flux-dev size, fidelity on the reference model."""
-    ev = evidence(*PRIMARY)
-    model, steps = PRIMARY
+    """Which node and preset for which goal: FLOPs at Flux-dev size; fidelity on the reference models against
+    the plain step cache and fewer steps at the same work (tools/cache_bar.py, held-out split)."""
+    ev = bar_evidence(BAR_STEPS)
     if ev is None:
-        return (f"No evidence run yet: `python tools/compare.py --model {model} --steps {steps} --sections reference "
-                f"--out docs/evidence/{model}-{steps}steps.md` writes the numbers this table quotes.")
+        return (f"No evidence run yet: `python tools/cache_bar.py --model 128px,64px --split held-out --steps "
+                f"{BAR_STEPS} --out docs/evidence/step-cache-{BAR_STEPS}steps.md` writes the numbers this table quotes.")
     flux = _flux_dev_flops()
-    rows = {r["key"]: r for r in ev["rows"] if r["key"]}
+    entry = next(e for e in ev if e["model"] == BAR_MODEL)
+    rows = {r["name"]: r for r in entry["results"]}
     lines = ["| node | preset | work kept at Flux-dev 1024², 28 steps | work kept here | PSNR vs unpatched | "
-             "vs fewer Euler steps, same work | vs fewer AB2 steps, same work | token artifacts |",
-             "|---|---|---|---|---|---|---|---|"]
+             "best step cache at no more work | vs that cache | vs the median step cache | "
+             "vs fewer Euler / AB2 steps, same work | token artifacts |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(flux, key=lambda k: (list(BY_KEY).index(k.split(":")[0]), flux[k])):
         r = rows.get(key)
         if r is None:
             continue
-        node, preset = key.split(":")
-        vs = ["n/a" if r.get(k) is None else f"{r[k]:+.1f} dB" for k in ("vs_fewer_steps", "vs_fewer_steps_ab2")]
-        lines.append(f"| {BY_KEY[node].display_name} | {preset} | {flux[key]:.2f} | {r['flops']:.2f} | {r['psnr']:.1f} dB | "
-                     f"{vs[0]} | {vs[1]} | {r['artifacts']:.2f} |")
-    better = [f"{BY_KEY[k.split(':')[0]].display_name} {k.split(':')[1]}" for k, r in rows.items()
-              if min((r.get(v) for v in ("vs_fewer_steps", "vs_fewer_steps_ab2") if r.get(v) is not None),
-                     default=0.0) < 0]
+        node, preset = _node_preset(key)
+        best = "none" if r.get("best") is None else f"{r['best']:.1f} dB ({r['best_layout']})"
+        lines.append(f"| {node} | {preset} | {flux[key]:.2f} | {r['flops']:.2f} | {r['psnr']:.1f} dB | {best} | "
+                     f"{_db(r.get('over_best'))} | {_db(r.get('over_median'))} | "
+                     f"{_db(r.get('over_euler_equal'))} / {_db(r.get('over_ab2_equal'))} | {r['artifacts']:.2f} |")
+    every = [r for e in ev for r in e["results"] if r.get("over_best") is not None]
+    at_best = [r for r in every if r["over_best"] >= 0]
+    below = [r["over_best"] for r in every if r["over_best"] < 0]
+    models = " and ".join(e["model"] for e in ev)
     lines += ["",
               f"Work kept: the transformer blocks' FLOPs relative to the unpatched model, counted at Flux-dev size "
               f"by the dry run of `python tools/benchmark.py --sections flops` (the same count as "
-              f"[docs/benchmark.md](docs/benchmark.md)). Fidelity: the pack's {model} reference model, {steps} Euler "
-              f"steps, {ev['samples']} images per row, on the CPU, made by `{evidence_command(model, steps)}` "
-              f"(`docs/evidence/{model}-{steps}steps.md`): PSNR against the unpatched picture of the same seed; "
-              "\"vs fewer steps\": against simply sampling with fewer steps at the same work, with Euler and with "
-              "the second-order AB2 sampler (above 0: the node is the better choice); token artifacts: 1 as "
-              "unpatched, above 1 per-token noise, below 1 softer detail."]
-    if better:
-        lines.append(f"Where fewer steps is the better choice on this model: {', '.join(sorted(better))}.")
-    elif any(r.get("vs_fewer_steps_ab2") is not None for r in rows.values()):
-        key, r = min(((k, r) for k, r in rows.items() if r.get("vs_fewer_steps_ab2") is not None),
-                     key=lambda kr: kr[1]["vs_fewer_steps_ab2"])
-        lines.append(f"On this model every preset beats fewer steps at the same work, with either sampler; the "
-                     f"smallest margin is {BY_KEY[key.split(':')[0]].display_name} {key.split(':')[1]}'s, "
-                     f"{r['vs_fewer_steps_ab2']:+.1f} dB over AB2.")
-    named = {r["name"]: r for r in ev["rows"]}
-    from tools.compare import MERGED_CALLS_IGNORED, REUSE_ONLY
-    ablations = [(name, named[name]) for name in (MERGED_CALLS_IGNORED, REUSE_ONLY) if name in named]
-    if ablations:
-        lines += ["", "What the merging and the token choice add, on the same run:"]
-        lines += [f"- {name}: {r['flops']:.2f} of the work, {r['psnr']:.1f} dB" for name, r in ablations]
+              f"[docs/benchmark.md](docs/benchmark.md)), and on the reference model. Fidelity: the pack's "
+              f"{BAR_MODEL} reference model, {BAR_STEPS} Euler steps at CFG {entry['cfg']}, the held-out split "
+              f"({_images(entry)} images whose seeds and classes no setting was tuned on), on the CPU, made by "
+              f"`{bar_command(BAR_STEPS)}` (`docs/evidence/step-cache-{BAR_STEPS}steps.md`). A plain step cache runs "
+              "the full model at a warm-up and then every few steps and carries its last output along the trend "
+              "in between, with no token work (`tools/step_cache.py`); every such layout whose work is no higher "
+              "than the preset's is compared (layout: warm-up w, a full step every r). \"vs fewer steps\": "
+              "simply sampling fewer steps at the same work. Above 0: the node is the better choice. Token "
+              "artifacts: 1 as unpatched, above 1 per-token noise, below 1 softer detail.",
+              "",
+              f"On both reference models ({models}) at {BAR_STEPS} steps, every preset is "
+              f"{_span([r['over_median'] for r in every])} against the median step cache at no more work. "
+              + (f"Against the best such cache, {len(at_best)} of {len(every)} are at or above it and the others "
+                 f"{_magnitudes(below)} below it. Which layout is best differs by model and by budget ("
+                 f"{_and(sorted({r['best_layout'] for r in every if r['name'].endswith(':balanced')}))} for the "
+                 "balanced presets), so a layout picked without measuring lands near the median; one picked by "
+                 "measuring on your model keeps the picture as well as these presets at the same work. The pack's "
+                 "own bar (at least 1 dB over the median cache and no worse than the best) is not met at "
+                 f"{BAR_STEPS} steps" + _where_met() + " ([docs/evidence.md](docs/evidence.md))." if below else
+                 "Every preset is at or above the best such cache.")]
     return "\n".join(lines)
 
 
-BLOCKS = {"support-matrix": support_matrix, "choose": choose}
+def _where_met() -> str:
+    """'; it is met at 10 steps on 128px by A and B, ...' over every bar run of 10 steps or more."""
+    met = []
+    for path in _bar_pages():
+        for e in json.loads(path.read_text()):
+            by_node: dict = {}
+            for r in e["results"]:
+                if ":" in r["name"] and r["meets_bar"]:
+                    node, preset = _node_preset(r["name"])
+                    by_node.setdefault(node, []).append(preset)
+            if e["steps"] >= 10 and e["steps"] != BAR_STEPS and by_node:
+                names = [f"{node} {_and(presets)}" for node, presets in by_node.items()]
+                met.append(f"at {e['steps']} steps on {e['model']} by {_and(names)}")
+    return f"; it is met {'; '.join(met)}" if met else ""
+
+
+def _bar_pages() -> list[Path]:
+    """The step-cache bar's JSON pages, fewest steps first."""
+    return sorted(EVIDENCE.glob("step-cache-*steps*.json"), key=lambda p: (int(re.search(r"(\d+)steps", p.name)[1]), p.name))
+
+
+def _images(entry: dict) -> int:
+    from tools.cache_bar import SPLITS
+    return SPLITS[entry["split"]].images
+
+
+def few_steps() -> str:
+    """Each preset at a few steps against simply sampling fewer steps at no more work, every model."""
+    evs = {k: bar_evidence(k) for k in FEW_STEPS}
+    if any(ev is None for ev in evs.values()):
+        return ("No few-step evidence yet: `python tools/cache_bar.py --model 128px,64px --split held-out --steps "
+                "4 --cfg 4 --out docs/evidence/step-cache-4steps.md` (and 8) writes it.")
+    columns = [(k, e["model"]) for k, ev in evs.items() for e in ev]
+    results = {(k, e["model"]): {r["name"]: r for r in e["results"]} for k, ev in evs.items() for e in ev}
+    keys = [k for k in results[columns[0]] if ":" in k]
+    lines = ["| node | preset | " + " | ".join(f"{k} steps, {m}" for k, m in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    ahead = {k: [] for k in FEW_STEPS}  # the presets above fewer steps on every model, per step count
+    for key in keys:
+        cells = []
+        for col in columns:
+            margin, mark = _few_steps_margin(results[col].get(key))
+            cells.append(_db(margin) + mark)
+        for k in FEW_STEPS:
+            margins = [_few_steps_margin(results[col].get(key))[0] for col in columns if col[0] == k]
+            if all(m is not None and m >= 0 for m in margins):
+                ahead[k].append(key)
+        node, preset = _node_preset(key)
+        lines.append(f"| {node} | {preset} | " + " | ".join(cells) + " |")
+    commands = ", ".join(f"`{bar_command(k)}`" for k in FEW_STEPS)
+    lines += ["",
+              "Each cell: the preset's PSNR against the better of fewer Euler or fewer AB2 steps at the same work "
+              "(PSNR interpolated between the neighbouring step counts; \\* where the preset keeps more work than "
+              "one step less: against one step less), on the held-out split; below 0, sampling fewer steps is the "
+              f"better choice. Made by {commands}.",
+              ""]
+    lines.append(" ".join(
+        f"At {k} steps, " + ("no preset beats fewer steps on every reference model." if not ahead[k] else
+                             f"only {_and([' '.join(_node_preset(key)) for key in ahead[k]])} beat fewer steps on "
+                             "every reference model.") for k in FEW_STEPS))
+    return "\n".join(lines)
+
+
+def splits() -> str:
+    """The tuning and held-out splits of tools/cache_bar.py (the code is their one home)."""
+    from tools.cache_bar import SPLITS
+    lines = ["| split | images | noise seeds | classes |", "|---|---|---|---|"]
+    for split in SPLITS.values():
+        seeds = [seed for seed, _ in split.batches]
+        classes = sorted({c for _, cs in split.batches for c in cs})
+        lines.append(f"| {split.name} | {split.images} | {min(seeds)}-{max(seeds)} | {_and([str(c) for c in classes])} |")
+    return "\n".join(lines)
+
+
+def bar_summary() -> str:
+    """Every step-cache bar run: per step count and model, the presets against the plain step caches."""
+    lines = ["| steps | model | presets | vs the median step cache | vs the best step cache | at or above the best | "
+             "meet the bar | page |", "|---|---|---|---|---|---|---|---|"]
+    for path in _bar_pages():
+        for e in json.loads(path.read_text()):
+            rs = [r for r in e["results"] if ":" in r["name"] and r.get("caches")]
+            if not rs:
+                continue
+            lines.append(f"| {e['steps']} | {e['model']} | {len(rs)} | {_span([r['over_median'] for r in rs])} | "
+                         f"{_span([r['over_best'] for r in rs])} | {sum(r['over_best'] >= 0 for r in rs)} | "
+                         f"{sum(bool(r['meets_bar']) for r in rs)} | [{path.stem}.md](evidence/{path.stem}.md) |")
+    return "\n".join(lines)
+
+
+def _and(items: list) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _few_steps_margin(r: dict | None) -> tuple[float | None, str]:
+    """(margin over the better fewer-steps sampler at equal work, or at no more work marked "\\*"; mark)."""
+    if r is None:
+        return None, ""
+    for suffix, mark in (("_equal", ""), ("", "\\*")):
+        vs = [r.get(f"over_{sampler}{suffix}") for sampler in ("euler", "ab2")]
+        if all(v is not None for v in vs):
+            return min(vs), mark
+    return None, ""
+
+
+BLOCKS = {"support-matrix": support_matrix, "choose": choose, "few-steps": few_steps, "splits": splits,
+          "bar-summary": bar_summary}
 
 
 def render(text: str) -> str:
