@@ -39,7 +39,7 @@ from kernels.methods import BY_KEY, SPECS  # noqa: E402
 from kernels.attention import ATTENTION_OVERRIDE_KEY  # noqa: E402
 from kernels.families import Family, flux_family, mmdit_family  # noqa: E402
 from kernels.runtime import RUNS_KEY, RunStats, Runtime  # noqa: E402
-from tools import cli  # noqa: E402
+from tools import cli, step_cache  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 from tools.report import Report, peak_memory, sync  # noqa: E402
 
@@ -64,12 +64,11 @@ def settings(bias_free: bool = False, cache_options: bool = False) -> list[tuple
                     spec.config(**kwargs), bias_free_attention=True)))
     if cache_options:
         rows.append((FP8_CACHE, lambda: BY_KEY["cat"].with_settings(dict(cache_dtype="fp8"))))
-    rows.append((STEP_CACHE, lambda: BY_KEY["cat"].with_settings(dict(ratio=1.0))))
+    rows.append((STEP_CACHE, step_cache.through_the_runtime))
     return rows
 
 
-# The simple alternative beside the nodes: CAT at ratio 1 computes no token between its full steps and carries
-# the last full output along its trend, a plain step cache with CAT balanced's full steps (tools/step_cache.py).
+# The simple alternative beside the nodes (step_cache.through_the_runtime).
 STEP_CACHE = "plain step cache (CAT balanced's full steps, no token work between them)"
 
 

@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 from kernels.draw import draw_text, text_width  # noqa: E402
 from kernels.runtime import RUNS_KEY  # noqa: E402
-from kernels.methods import BY_KEY, SPECS  # noqa: E402
-from tools import cli, metrics, procedural  # noqa: E402
+from kernels.methods import SPECS  # noqa: E402
+from tools import cli, metrics, procedural, step_cache  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -187,7 +187,7 @@ def run(args) -> dict:
     # What a user could do instead: fewer steps at about the FLOPs the methods spend, and a plain step cache
     # (CAT at ratio 1: its full steps, nothing computed between them).
     k = max(1, round(args.steps * sorted(r.flops for r in rows[1:])[len(rows[1:]) // 2]))
-    options = R.method_options(BY_KEY["cat"].with_settings(dict(ratio=1.0)), model, "demo")
+    options = R.method_options(step_cache.through_the_runtime(), model, "demo")
     images, seconds = sample(args.steps, options)
     rows.append(Row("STEP CACHE, NO TOKEN WORK", images, options[RUNS_KEY]["demo"].stats.flops_share(), seconds))
     images, seconds = sample(k)

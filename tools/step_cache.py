@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from kernels.forecast import Trend  # noqa: E402
+from kernels.methods import BY_KEY  # noqa: E402
 from tools import reference_dit as R  # noqa: E402
 
 WARMUPS = range(2, 11)   # the layouts every comparison lists
@@ -70,6 +71,19 @@ def layouts(steps: int, warmups=WARMUPS, every=EVERY) -> list[Layout]:
             seen.add(mask)
             out.append(layout)
     return out
+
+
+class FirstOrder:
+    """One row's first-order forecast: the pack's own trend (kernels.forecast.Trend), damped by `damping`."""
+
+    def __init__(self, damping: float):
+        self.trend, self.damping = Trend(), damping
+
+    def record(self, out: torch.Tensor, sigma: float):
+        self.trend.record(out, sigma, self.damping)
+
+    def carry(self, sigma: float) -> torch.Tensor:
+        return self.trend.carry(self.trend.full, self.trend.sigma, sigma, self.damping)
 
 
 class Taylor:
@@ -124,21 +138,20 @@ class StepCache:
             out = call_next(x, sigma, class_ids, options)
             self._record(out, sigma)
             return out
-        return torch.stack([self._carry(row, sigma) for row in self.rows]).to(x.dtype)
+        return torch.stack([row.carry(sigma) for row in self.rows]).to(x.dtype)
 
     def _record(self, out: torch.Tensor, sigma: float):
         if len(self.rows) != out.shape[0]:
-            self.rows = [Trend() if self.order == 1 else Taylor((self.forecast,) * 2) for _ in range(out.shape[0])]
+            self.rows = [FirstOrder(self.forecast) if self.order == 1 else Taylor((self.forecast,) * 2)
+                         for _ in range(out.shape[0])]
         for row, o in zip(self.rows, out.detach().float().unbind(0)):
-            if self.order == 1:
-                row.record(o, sigma, self.forecast)
-            else:
-                row.record(o, sigma)
+            row.record(o, sigma)
 
-    def _carry(self, row, sigma: float) -> torch.Tensor:
-        if self.order == 1:
-            return row.carry(row.full, row.sigma, sigma, self.forecast)
-        return row.carry(sigma)
+
+def through_the_runtime():
+    """The plain step cache as the pack's own runtime runs it: CAT at ratio 1 computes no token between its
+    full steps (CAT balanced's) and carries the last full output along its trend (skipped steps)."""
+    return BY_KEY["cat"].with_settings(dict(ratio=1.0))
 
 
 def cache_options(layout: Layout, forecast: float = 0.5, order: int = 1):
