@@ -49,8 +49,6 @@ class CATConfig:
             raise ValueError(f"{NAME}: refresh_every must be >= 0, got {self.refresh_every}")
 
 
-
-
 # The paper's setting, a comparison row in the evidence.
 PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0, forecast=0.0)
 # The faster preset: fewer full steps while the layout forms.
@@ -262,9 +260,6 @@ class CATPruning(TokenMethod):
         return run_block_pruned(block.args, block.original, block.span, block.family, selection, store,
                                 block.call.shared, block.pieces(), self.config.cache_dtype == "fp8")
 
-
-# The paper's setting (a comparison row): ratio 0.7, no refresh steps, cached noise held.
-PAPER_SETTING = dict(ratio=0.7, full_percent=0.28, refresh_every=0, forecast=0.0)
 
 SPEC = MethodSpec(
     key="cat", name=NAME, node_id="CATPruningPatchModel", display_name="CAT Cached Token Pruning",

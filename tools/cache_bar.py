@@ -124,11 +124,17 @@ def cache_table(setup: Setup, log=print) -> list[dict]:
     p = setup.path("caches.json")
     table = json.loads(p.read_text()) if p.is_file() else []
     done = {(e["warmup"], e["every"]) for e in table}
-    for layout in SC.layouts(setup.steps):
-        if (layout.warmup, layout.every) in done:
-            continue
+    todo = [layout for layout in SC.layouts(setup.steps) if (layout.warmup, layout.every) not in done]
+    if not todo:
+        return table
+    replay = SC.SharedWarmup()  # the unpatched run's calls up to the longest warm-up, recorded once
+    longest = max(layout.warmup for layout in todo)
+    sample_split(setup, SC.cache_options(SC.Layout(longest, setup.steps + 1), replay=replay))
+    replay.recording = False
+    for layout in todo:
         t = time.perf_counter()
-        e = measure(setup, SC.cache_options(layout), flops_share=layout.full_steps(setup.steps) / setup.steps)
+        e = measure(setup, SC.cache_options(layout, replay=replay),
+                    flops_share=layout.full_steps(setup.steps) / setup.steps)
         table.append({"warmup": layout.warmup, "every": layout.every, **e})
         p.write_text(json.dumps(table, indent=1))
         log(f"  cache {layout.name}: {e['flops']:.3f} FLOPs, {e['psnr']:.2f} dB ({time.perf_counter() - t:.0f} s)")

@@ -27,7 +27,8 @@ def test_layout_full_steps_are_the_warm_up_then_one_in_every():
 
 
 def test_layouts_list_each_distinct_layout_once():
-    assert len(SC.layouts(28)) == 45  # w 2..10, r 2..6: all distinct at 28 steps
+    assert len(SC.layouts(28)) == 13 * 5  # w 2..14, r 2..6: all distinct at 28 steps
+    assert max(lay.warmup for lay in SC.layouts(50)) == 25 and max(lay.warmup for lay in SC.layouts(12)) == 10
     short = SC.layouts(4)
     masks = [tuple(lay.is_full(i) for i in range(4)) for lay in short]
     assert len(masks) == len(set(masks)) == 3 and all(lay.warmup < 4 for lay in short)
@@ -91,6 +92,24 @@ def test_the_second_order_forecast_is_exact_on_a_quadratic_when_undamped():
     assert torch.allclose(taylor.carry(0.5), line)
     taylor.record(f(0.7), 0.7)
     assert torch.allclose(taylor.carry(0.4), f(0.4), atol=1e-5)
+
+
+def test_a_replayed_warm_up_is_the_computed_one_bit_for_bit(model):
+    """SharedWarmup serves the recorded unpatched calls to every layout (fewer calls), and the images are the same."""
+    steps, layout, replay = 10, SC.Layout(4, 3), SC.SharedWarmup()
+    R.sample(model, [0, 1], steps=steps, cfg=3.0, seed=0, transformer_options=SC.StepCache(SC.Layout(6, 99)).options(
+        replay.options()))
+    replay.recording = False
+    spy = Spy()
+    replayed = SC.StepCache(layout).options({R.MODEL_WRAPPERS_KEY: [replay, spy]})
+    out = R.sample(model, [0, 1], steps=steps, cfg=3.0, seed=0, transformer_options=replayed)
+    assert spy.sigmas == [s for i, s in enumerate(R.sigmas(steps)[:-1]) if layout.is_full(i) and i >= 6]
+    assert torch.equal(out, R.sample(model, [0, 1], steps=steps, cfg=3.0, seed=0,
+                                     transformer_options=SC.StepCache(layout).options()))
+    other_seed = SC.StepCache(layout).options({R.MODEL_WRAPPERS_KEY: [replay, spy]})
+    spy.sigmas.clear()
+    R.sample(model, [0, 1], steps=steps, cfg=3.0, seed=1, transformer_options=other_seed)
+    assert len(spy.sigmas) == layout.full_steps(steps)  # another noise: nothing to replay
 
 
 def test_a_layout_costs_its_full_steps(model):
