@@ -282,9 +282,7 @@ def main(argv=None):
             report(rep, setup, results, table)
             out.append({"model": name, "split": args.split, "steps": args.steps, "cfg": args.cfg,
                         "caches": table, "results": results})
-    rep.write(args.out)
-    if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    rep.write(args.out, out)
     return out
 
 

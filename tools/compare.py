@@ -41,7 +41,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -762,9 +761,7 @@ def _main(args, argv: list[str]) -> dict:
     if "full" in sections:
         run_full_size(rep)
     rep(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
-    rep.write(args.out)
-    if args.out and "reference" in out:
-        args.out.with_suffix(".json").write_text(json.dumps(summary(args, s, out["reference"]), indent=1) + "\n")
+    rep.write(args.out, summary(args, s, out["reference"]) if args.out and "reference" in out else None)
     out["report"] = "\n".join(rep.lines)
     return out
 

@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import json  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -182,9 +181,7 @@ def main(argv=None):
             report(rep, setup, layout, results)
             out.append({"model": name, "split": args.split, "steps": args.steps, "cfg": args.cfg,
                         "layout": [layout.warmup, layout.every], "results": results})
-    rep.write(args.out)
-    if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    rep.write(args.out, out)
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -38,9 +39,12 @@ class Report:
         self(f"- Command: `python {tool}{' ' + shlex.join(argv) if argv else ''}`")
         self()
 
-    def write(self, path: Path | None):
+    def write(self, path: Path | None, data=None):
+        """The report to `path` (None: nowhere), and `data` (if given) as JSON beside it, for tools/docs.py."""
         if path is not None:
             path.write_text("\n".join(self.lines) + "\n")
+            if data is not None:
+                path.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 def cpu_name() -> str:

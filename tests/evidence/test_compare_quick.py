@@ -17,6 +17,7 @@ Claims (their thresholds live in the asserts):
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -166,6 +167,7 @@ def test_quick_run_reports_kid_at_equal_flops(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "### (a) Fidelity at equal FLOPs" in text and "KID at equal FLOPs: not shown for 2 images" in text
     assert "token artifact ratio (median / mean)" in text and "| unpatched |" in text
+    assert json.loads((tmp_path / "r.json").read_text())["rows"], "the numbers beside the page, for tools/docs.py"
     for r in ref["results"].values():
         if r.row.missing is None and r.error is None:
             assert all(a == a and a > 0 for a in r.artifact), r.row.name
