@@ -461,6 +461,14 @@ def load_weights(path=WEIGHTS_PATH) -> ReferenceDiT:
     return model.eval()
 
 
+def shown_path(path) -> str:
+    """A path as pages state it: relative to the pack's folder when inside it (no machine's own paths)."""
+    try:
+        return Path(path).resolve().relative_to(WEIGHTS_PATH.parents[2]).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def build_model(config: DiTConfig | None = None, seed: int = 0, weights=WEIGHTS_PATH) -> tuple[ReferenceDiT, str]:
     """(model, source): trained weights from `weights` if that file exists, else seeded random init.
 
@@ -470,8 +478,8 @@ def build_model(config: DiTConfig | None = None, seed: int = 0, weights=WEIGHTS_
         model = load_weights(weights)
         if config is not None and config != model.config:
             raise ValueError(f"{weights} holds {model.config}, not the requested {config}")
-        return model, f"trained weights from {weights}"
-    missing = "" if weights is None else f"; no {weights}"
+        return model, f"trained weights from {shown_path(weights)}"
+    missing = "" if weights is None else f"; no {shown_path(weights)}"
     return ReferenceDiT(config).init_weights(seed).eval(), f"seeded random init (seed {seed}{missing})"
 
 

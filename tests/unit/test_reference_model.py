@@ -251,6 +251,8 @@ def test_weights_round_trip(model, tmp_path):
         R.build_model(R.DiTConfig(), weights=path)
     _, source = R.build_model(CFG, weights=tmp_path / "missing.safetensors")
     assert "random init" in source
+    assert R.shown_path(R.WEIGHTS_PATH) == "tools/weights/reference_dit.safetensors"  # pages name no machine's path
+    assert R.shown_path(path) == str(path)
 
 
 def _read_png(data: bytes):
