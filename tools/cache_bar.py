@@ -129,6 +129,7 @@ def cache_table(setup: Setup, log=print) -> list[dict]:
         return table
     replay = SC.SharedWarmup()  # the unpatched run's calls up to the longest warm-up, recorded once
     longest = max(layout.warmup for layout in todo)
+    # A layout with no full step after its warm-up: the recording pass computes the warm-up calls only.
     sample_split(setup, SC.cache_options(SC.Layout(longest, setup.steps + 1), replay=replay))
     replay.recording = False
     for layout in todo:

@@ -52,7 +52,7 @@ class OracleRefresh(SC.StepCache):
 
     def _record(self, out: torch.Tensor, sigma: float):
         if len(self.rows) == out.shape[0] and all(row.trend.slope is not None for row in self.rows):
-            guess = torch.stack([row.carry(sigma) for row in self.rows])
+            guess = self.forecast_at(sigma)
             grid = (out.shape[-2] // self.patch, out.shape[-1] // self.patch)
             self.missed = patchify(guess - out.float(), grid, self.patch).pow(2).sum(-1)
         super()._record(out, sigma)
@@ -97,7 +97,7 @@ def uniform_share(share: float):
     return lambda forecast, exact, grid, step, missed: forecast + share * (exact - forecast)
 
 
-def rows(layout: SC.Layout, steps: int) -> list[tuple[str, object, float]]:
+def rows() -> list[tuple[str, object, float]]:
     """(name, part or None for the cache alone, share of a skipped step a real method would compute)."""
     out = [("plain step cache (nothing refreshed)", None, 0.0)]
     for s in SHARES:
@@ -113,7 +113,7 @@ def rows(layout: SC.Layout, steps: int) -> list[tuple[str, object, float]]:
 def measure(setup: CB.Setup, layout: SC.Layout, table: list[dict], log=print) -> list[dict]:
     skipped = (setup.steps - layout.full_steps(setup.steps)) / setup.steps
     results = []
-    for name, part, share in rows(layout, setup.steps):
+    for name, part, share in rows():
         build = ((lambda model: SC.StepCache(layout).options()) if part is None else
                  (lambda model, part=part: OracleRefresh(layout, part, model.patch_size).options()))
         cost = None if share is None else layout.full_steps(setup.steps) / setup.steps + share * skipped

@@ -147,7 +147,11 @@ class StepCache:
 
     def skipped(self, call_next, x, sigma: float, class_ids, options) -> torch.Tensor:
         """A skipped step's output: every row's forecast (no model call)."""
-        return torch.stack([row.carry(sigma) for row in self.rows]).to(x.dtype)
+        return self.forecast_at(sigma).to(x.dtype)
+
+    def forecast_at(self, sigma: float) -> torch.Tensor:
+        """Every row's last full output carried to `sigma` (float32)."""
+        return torch.stack([row.carry(sigma) for row in self.rows])
 
     def _record(self, out: torch.Tensor, sigma: float):
         if len(self.rows) != out.shape[0]:
